@@ -1,0 +1,189 @@
+// bindings.cpp - the pybind11 module msld_sdk._native over the C surface in msld.h.
+// Long work (the sampling loop, aggregation) runs with the GIL released.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+#include <string>
+
+#include "msld.h"
+
+namespace py = pybind11;
+
+namespace {
+
+using farray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+void check(msld_status s, const char* what) {
+    if (s == MSLD_OK) return;
+    std::string msg = std::string(what) + ": " + msld_status_string(s);
+    if (s == MSLD_ERR_INVALID_ARG || s == MSLD_ERR_NULL_POINTER) throw py::value_error(msg);
+    throw std::runtime_error(msg);
+}
+
+msld_spacing parse_spacing(const std::string& s) {
+    if (s == "leading") return MSLD_SPACING_LEADING;
+    if (s == "trailing") return MSLD_SPACING_TRAILING;
+    throw py::value_error("timestep spacing must be 'leading' or 'trailing', got '" + s + "'");
+}
+
+// A float32, C-contiguous, writeable array the caller owns (an I/O buffer bound elsewhere).
+float* buffer(py::array& a, py::ssize_t n, const char* name) {
+    if (!py::isinstance<py::array_t<float>>(a) || !(a.flags() & py::array::c_style))
+        throw py::value_error(std::string(name) + " must be a C-contiguous float32 array");
+    if (!a.writeable()) throw py::value_error(std::string(name) + " must be writeable");
+    if (a.size() != n)
+        throw py::value_error(std::string(name) + " has " + std::to_string(a.size()) + " elements, expected " +
+                              std::to_string(n));
+    return static_cast<float*>(a.mutable_data());
+}
+
+struct PyCallbacks {
+    py::object denoise, progress;
+    py::object error;  // first Python exception raised inside a callback
+};
+
+int denoise_trampoline(void* user, const float*, const float*, float*, int32_t) {
+    auto* cb = static_cast<PyCallbacks*>(user);
+    py::gil_scoped_acquire gil;
+    try {
+        cb->denoise();
+        return 0;
+    } catch (py::error_already_set& e) {
+        cb->error = e.value();
+        return 1;
+    }
+}
+
+int progress_trampoline(void* user, int32_t done, int32_t total) {
+    auto* cb = static_cast<PyCallbacks*>(user);
+    py::gil_scoped_acquire gil;
+    try {
+        py::object r = cb->progress(done, total);
+        return (!r.is_none() && r.cast<bool>() == false) ? 1 : 0;  // returning False cancels
+    } catch (py::error_already_set& e) {
+        cb->error = e.value();
+        return 1;
+    }
+}
+
+}  // namespace
+
+#ifdef MSLD_WITH_CUDA
+void register_cuda(py::module_& m);
+#endif
+
+PYBIND11_MODULE(_native, m) {
+    m.doc() = "msld_sdk native sampler: DDIM schedule and fused update, Philox noise, aggregation";
+    m.attr("API_VERSION") = MSLD_API_VERSION;
+#ifdef MSLD_WITH_CUDA
+    m.attr("built_with_cuda") = true;
+    register_cuda(m);
+#else
+    m.attr("built_with_cuda") = false;
+#endif
+
+    m.def("ddim_timesteps", [](int T, int steps, const std::string& spacing) {
+        py::array_t<int32_t> out(steps > 0 ? steps : 0);
+        check(msld_ddim_timesteps(T, steps, parse_spacing(spacing), out.mutable_data()), "ddim_timesteps");
+        return out;
+    }, py::arg("num_train_timesteps"), py::arg("steps"), py::arg("spacing") = "trailing",
+       "Descending DDIM timesteps, as diffusers' DDIMScheduler.set_timesteps.");
+
+    m.def("ddim_step", [](farray x, farray eps, double alpha_t, double alpha_prev, float eta,
+                          py::object noise, float clip) {
+        if (x.size() != eps.size()) throw py::value_error("x and eps differ in size");
+        py::array_t<float> out(x.request().shape);
+        py::array_t<float> x0(x.request().shape);
+        std::memcpy(out.mutable_data(), x.data(), sizeof(float) * x.size());
+        const float* np = nullptr;
+        farray na;
+        if (!noise.is_none()) {
+            na = noise.cast<farray>();
+            if (na.size() != x.size()) throw py::value_error("noise differs in size from x");
+            np = na.data();
+        }
+        msld_ddim_coeffs c{0, 0, alpha_t, alpha_prev};
+        msld_status s;
+        {
+            py::gil_scoped_release rel;
+            s = msld_ddim_step(out.mutable_data(), eps.data(), np, (size_t)x.size(), &c, eta, clip, x0.mutable_data());
+        }
+        check(s, "ddim_step");
+        return py::make_tuple(out, x0);
+    }, py::arg("x"), py::arg("eps"), py::arg("alpha_t"), py::arg("alpha_prev"), py::arg("eta") = 0.0f,
+       py::arg("noise") = py::none(), py::arg("clip") = 0.0f,
+       "One fused DDIM update; returns (x_prev, x0_pred).");
+
+    m.def("gaussian", [](uint64_t seed, int hyp_begin, int n_hyp, int64_t elems, uint32_t stream) {
+        py::array_t<float> out({(py::ssize_t)n_hyp, (py::ssize_t)elems});
+        msld_status s;
+        {
+            py::gil_scoped_release rel;
+            s = msld_gaussian(seed, hyp_begin, n_hyp, elems, stream, out.mutable_data());
+        }
+        check(s, "gaussian");
+        return out;
+    }, py::arg("seed"), py::arg("hyp_begin"), py::arg("n_hyp"), py::arg("elems"), py::arg("stream"),
+       "Standard normals keyed by (seed, hypothesis, stream, element): shape (n_hyp, elems).");
+
+    m.def("aggregate", [](farray probs, float threshold) {
+        if (probs.ndim() < 2) throw py::value_error("probs must have shape (k, ...) with k >= 1");
+        auto shape = probs.request().shape;
+        int k = (int)shape[0];
+        py::ssize_t n = k ? probs.size() / k : 0;
+        std::vector<py::ssize_t> pix(shape.begin() + 1, shape.end());
+        py::array_t<bool> masks(shape);
+        py::array_t<float> mean(pix), conf(pix);
+        py::array_t<bool> cons(pix);
+        msld_status s;
+        {
+            py::gil_scoped_release rel;
+            s = msld_aggregate(probs.data(), k, n, threshold, reinterpret_cast<uint8_t*>(masks.mutable_data()),
+                               mean.mutable_data(), conf.mutable_data(), reinterpret_cast<uint8_t*>(cons.mutable_data()));
+        }
+        check(s, "aggregate");
+        return py::make_tuple(masks, mean, conf, cons);
+    }, py::arg("probs"), py::arg("threshold") = 0.5f,
+       "One pass over k hypotheses: (masks, mean probability, confidence, consensus).");
+
+    m.def("ddim_sample", [](py::object denoise, farray alphas_cumprod, int steps, const std::string& spacing,
+                            float eta, float clip, uint64_t seed, int k, int n_images,
+                            py::array x, py::array eps, py::array t, py::object progress) {
+        if (k < 1 || n_images < 1) throw py::value_error("k and n_images must be >= 1");
+        py::ssize_t batch = (py::ssize_t)k * n_images;
+        if (x.size() % batch) throw py::value_error("x size is not a multiple of k * n_images");
+        msld_sampler_params p;
+        p.num_train_timesteps = (int32_t)alphas_cumprod.size();
+        p.alphas_cumprod = alphas_cumprod.data();
+        p.steps = steps;
+        p.spacing = parse_spacing(spacing);
+        p.eta = eta;
+        p.clip = clip;
+        p.seed = seed;
+        p.k = k;
+        p.n_images = n_images;
+        p.elems = x.size() / batch;
+        float* xp = buffer(x, x.size(), "x");
+        float* ep = buffer(eps, x.size(), "eps");
+        float* tp = buffer(t, batch, "t");
+        PyCallbacks cb{denoise, progress, py::none()};
+        msld_status s;
+        {
+            py::gil_scoped_release rel;
+            s = msld_ddim_sample(&p, denoise_trampoline, &cb, progress.is_none() ? nullptr : progress_trampoline,
+                                 &cb, xp, ep, tp);
+        }
+        if (!cb.error.is_none()) {
+            PyErr_SetObject((PyObject*)Py_TYPE(cb.error.ptr()), cb.error.ptr());
+            throw py::error_already_set();
+        }
+        check(s, "ddim_sample");
+    }, py::arg("denoise"), py::arg("alphas_cumprod"), py::arg("steps"), py::arg("spacing"), py::arg("eta"),
+       py::arg("clip"), py::arg("seed"), py::arg("k"), py::arg("n_images"), py::arg("x"), py::arg("eps"),
+       py::arg("t"), py::arg("progress") = py::none(),
+       "Run the whole DDIM loop. `denoise()` is called once per step and must read the bound\n"
+       "buffers x (latents) and t (timesteps) and write eps; x holds the final latents.");
+}

@@ -1,0 +1,116 @@
+/*
+ * msld.h - stable C surface of the msld_sdk native sampler.
+ *
+ * Plain pointers, explicit error codes, no C++ types, no allocation behind the caller's back:
+ * a C or C++ host can run the fused DDIM step, the counter-based noise and the hypothesis
+ * aggregation without Python. All arrays are float32, contiguous, row-major.
+ *
+ * Layout conventions
+ *   latents: [n_hyp, elems] where elems = channels * height * width of one latent
+ *   probs:   [k, n_pix] foreground probabilities of k hypotheses for one image
+ *
+ * Determinism: noise element e of hypothesis h for stream s under seed S is a pure function
+ * of (S, h, s, e) (Philox4x32-10 + Box-Muller in IEEE double with no fused multiply-add), so
+ * the CPU and CUDA kernels give bit-identical noise and hypothesis h never depends on how
+ * many hypotheses run together.
+ */
+#ifndef MSLD_H
+#define MSLD_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MSLD_API_VERSION 1
+
+typedef enum msld_status {
+    MSLD_OK = 0,
+    MSLD_ERR_NULL_POINTER = 1,   /* a required pointer was NULL */
+    MSLD_ERR_INVALID_ARG = 2,    /* a size, count or parameter out of range */
+    MSLD_ERR_CALLBACK = 3,       /* the denoiser callback returned non-zero */
+    MSLD_ERR_CUDA = 4,           /* a CUDA call failed (CUDA entry points only) */
+    MSLD_ERR_NO_CUDA = 5,        /* the library was built without CUDA */
+    MSLD_ERR_CANCELLED = 6       /* the progress callback asked to stop */
+} msld_status;
+
+/* Human-readable text for a status code (static storage, never NULL). */
+const char* msld_status_string(msld_status s);
+
+/* Timestep spacing, as diffusers' DDIMScheduler `timestep_spacing`. */
+typedef enum msld_spacing { MSLD_SPACING_LEADING = 0, MSLD_SPACING_TRAILING = 1 } msld_spacing;
+
+/* One DDIM step's scalars (host-side, per step). */
+typedef struct msld_ddim_coeffs {
+    int32_t timestep;      /* t */
+    int32_t prev_timestep; /* t - T/steps (may be negative: then alpha_prev = 1) */
+    double alpha_t;        /* alphas_cumprod[t] */
+    double alpha_prev;     /* alphas_cumprod[prev] or 1 */
+} msld_ddim_coeffs;
+
+/* Fill `timesteps_out[steps]` (descending) exactly as diffusers' DDIMScheduler.set_timesteps
+ * with steps_offset = 0. */
+msld_status msld_ddim_timesteps(int32_t num_train_timesteps, int32_t steps, msld_spacing spacing,
+                                int32_t* timesteps_out);
+
+/* Coefficients of step `i` (0 = first, noisiest) for a schedule `alphas_cumprod[T]`. */
+msld_status msld_ddim_coeffs_for(const float* alphas_cumprod, int32_t num_train_timesteps,
+                                 int32_t steps, msld_spacing spacing, int32_t i,
+                                 msld_ddim_coeffs* out);
+
+/* Fused DDIM update over n elements, in place on x:
+ *   x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t)          (optionally clipped to [-clip, clip])
+ *   x  = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s * noise,
+ *   s  = eta * sqrt((1-a_prev)/(1-a_t) * (1 - a_t/a_prev))
+ * `noise` may be NULL when eta == 0. clip <= 0 disables clipping.
+ * x0_out, if not NULL, receives the (clipped) x0 prediction. */
+msld_status msld_ddim_step(float* x, const float* eps, const float* noise, size_t n,
+                           const msld_ddim_coeffs* c, float eta, float clip, float* x0_out);
+
+/* Standard normal noise for hypotheses [hyp_begin, hyp_begin + n_hyp), `elems` each,
+ * stream `stream` (0 = initial latent, s + 1 = noise of DDIM step s), seed `seed`. */
+msld_status msld_gaussian(uint64_t seed, int32_t hyp_begin, int32_t n_hyp, int64_t elems,
+                          uint32_t stream, float* out);
+
+/* Aggregate k hypotheses of one image in one pass.
+ *   masks_out[k*n_pix]   (uint8, may be NULL): probs > threshold
+ *   mean_out[n_pix]      mean probability (sequential float32 sum / k)
+ *   confidence_out[n_pix] 1 - 2 sqrt(p (1 - p)), p = fraction of hypotheses voting foreground
+ *   consensus_out[n_pix] (uint8, may be NULL): 2 * votes > k (majority) */
+msld_status msld_aggregate(const float* probs, int32_t k, int64_t n_pix, float threshold,
+                           uint8_t* masks_out, float* mean_out, float* confidence_out,
+                           uint8_t* consensus_out);
+
+/* The denoiser, supplied by the host: read x[batch*elems] and t[batch] (float timesteps),
+ * write eps[batch*elems]. Return 0 on success. */
+typedef int (*msld_denoise_fn)(void* user, const float* x, const float* t, float* eps, int32_t batch);
+
+/* Progress: called after each step with (step + 1, steps); return non-zero to cancel. */
+typedef int (*msld_progress_fn)(void* user, int32_t done, int32_t total);
+
+typedef struct msld_sampler_params {
+    int32_t num_train_timesteps;
+    const float* alphas_cumprod; /* [num_train_timesteps] */
+    int32_t steps;
+    msld_spacing spacing;
+    float eta;
+    float clip;                  /* <= 0: no clipping of x0 */
+    uint64_t seed;
+    int32_t k;                   /* hypotheses per image */
+    int32_t n_images;            /* batch of images; each gets hypotheses 0..k-1 */
+    int64_t elems;               /* elements of one latent */
+} msld_sampler_params;
+
+/* The whole DDIM loop on the CPU. x[n_images*k*elems] receives the final latents; eps is
+ * scratch of the same size; t is scratch of n_images*k floats. The loop draws the initial
+ * noise itself and calls `denoise` once per step with all n_images*k latents in one batch. */
+msld_status msld_ddim_sample(const msld_sampler_params* p, msld_denoise_fn denoise, void* denoise_user,
+                             msld_progress_fn progress, void* progress_user,
+                             float* x, float* eps, float* t);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MSLD_H */

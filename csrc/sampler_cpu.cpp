@@ -1,0 +1,198 @@
+// sampler_cpu.cpp - CPU implementation of the C surface in msld.h: DDIM schedule, fused update,
+// counter-based noise, aggregation, and the sampling loop that calls the host's denoiser.
+#include "msld.h"
+
+#include <algorithm>
+#include <cmath>
+#include <thread>
+#include <vector>
+
+#include "kernel_math.h"
+
+namespace {
+
+// Split [0, n) over the cores for large element-wise work; small work stays on one thread so
+// that it never competes with the inference runtime's own thread pool.
+template <class F>
+void parallel_for(int64_t n, int64_t min_per_thread, F&& body) {
+    unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+    int64_t threads = std::min<int64_t>(hw, n / std::max<int64_t>(1, min_per_thread));
+    if (threads <= 1) {
+        body(int64_t(0), n);
+        return;
+    }
+    std::vector<std::thread> pool;
+    int64_t chunk = (n + threads - 1) / threads;
+    for (int64_t i = 1; i < threads; ++i) {
+        int64_t b = i * chunk, e = std::min(n, b + chunk);
+        if (b < e) pool.emplace_back([&body, b, e] { body(b, e); });
+    }
+    body(0, std::min(n, chunk));
+    for (auto& t : pool) t.join();
+}
+
+msld::DdimScalars scalars_for(const msld_ddim_coeffs* c, float eta, float clip) {
+    double at = c->alpha_t, ap = c->alpha_prev;
+    double var = (1.0 - ap) / (1.0 - at) * (1.0 - at / ap);
+    // diffusers computes the scalars in float32; do the same so trajectories agree closely.
+    float at_f = (float)at, ap_f = (float)ap;
+    float std_f = eta * std::sqrt((float)var);
+    msld::DdimScalars s;
+    s.sqrt_beta_t = std::sqrt(1.0f - at_f);
+    s.sqrt_alpha_t = std::sqrt(at_f);
+    s.sqrt_alpha_prev = std::sqrt(ap_f);
+    float d = 1.0f - ap_f - std_f * std_f;
+    s.dir = std::sqrt(d > 0.0f ? d : 0.0f);
+    s.std = std_f;
+    s.clip = clip;
+    return s;
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* msld_status_string(msld_status s) {
+    switch (s) {
+        case MSLD_OK: return "ok";
+        case MSLD_ERR_NULL_POINTER: return "a required pointer was NULL";
+        case MSLD_ERR_INVALID_ARG: return "an argument was out of range";
+        case MSLD_ERR_CALLBACK: return "the denoiser callback failed";
+        case MSLD_ERR_CUDA: return "a CUDA call failed";
+        case MSLD_ERR_NO_CUDA: return "built without CUDA";
+        case MSLD_ERR_CANCELLED: return "cancelled by the progress callback";
+    }
+    return "unknown status";
+}
+
+msld_status msld_ddim_timesteps(int32_t T, int32_t steps, msld_spacing spacing, int32_t* out) {
+    if (!out) return MSLD_ERR_NULL_POINTER;
+    if (T < 1 || steps < 1 || steps > T) return MSLD_ERR_INVALID_ARG;
+    if (spacing == MSLD_SPACING_LEADING) {
+        // np.arange(0, steps) * (T // steps), reversed
+        int32_t ratio = T / steps;
+        for (int32_t i = 0; i < steps; ++i) out[i] = (steps - 1 - i) * ratio;
+    } else if (spacing == MSLD_SPACING_TRAILING) {
+        // np.round(np.arange(T, 0, -T / steps)) - 1 ; numpy's arange fills start + i * delta
+        double delta = -(double)T / (double)steps;
+        for (int32_t i = 0; i < steps; ++i) out[i] = (int32_t)std::nearbyint((double)T + i * delta) - 1;
+    } else {
+        return MSLD_ERR_INVALID_ARG;
+    }
+    return MSLD_OK;
+}
+
+msld_status msld_ddim_coeffs_for(const float* ac, int32_t T, int32_t steps, msld_spacing spacing,
+                                 int32_t i, msld_ddim_coeffs* out) {
+    if (!ac || !out) return MSLD_ERR_NULL_POINTER;
+    if (i < 0 || i >= steps) return MSLD_ERR_INVALID_ARG;
+    std::vector<int32_t> ts(std::max(steps, 1));
+    msld_status st = msld_ddim_timesteps(T, steps, spacing, ts.data());
+    if (st != MSLD_OK) return st;
+    int32_t t = ts[i];
+    if (t < 0 || t >= T) return MSLD_ERR_INVALID_ARG;
+    int32_t prev = t - T / steps;  // diffusers: timestep - T // num_inference_steps
+    out->timestep = t;
+    out->prev_timestep = prev;
+    out->alpha_t = ac[t];
+    out->alpha_prev = prev >= 0 ? (double)ac[prev] : 1.0;  // set_alpha_to_one
+    return MSLD_OK;
+}
+
+msld_status msld_ddim_step(float* x, const float* eps, const float* noise, size_t n,
+                           const msld_ddim_coeffs* c, float eta, float clip, float* x0_out) {
+    if (!x || !eps || !c) return MSLD_ERR_NULL_POINTER;
+    if (!(eta >= 0.0f) || !(c->alpha_t > 0.0) || !(c->alpha_t < 1.0) || !(c->alpha_prev > 0.0))
+        return MSLD_ERR_INVALID_ARG;
+    msld::DdimScalars s = scalars_for(c, eta, clip);
+    if (s.std > 0.0f && !noise) return MSLD_ERR_NULL_POINTER;
+    const float zero = 0.0f;
+    parallel_for((int64_t)n, 1 << 20, [&](int64_t b, int64_t e) {
+        for (int64_t j = b; j < e; ++j) {
+            float nz = s.std > 0.0f ? noise[j] : zero;
+            x[j] = msld::ddim_update(x[j], eps[j], nz, s, x0_out ? x0_out + j : nullptr);
+        }
+    });
+    return MSLD_OK;
+}
+
+msld_status msld_gaussian(uint64_t seed, int32_t hyp_begin, int32_t n_hyp, int64_t elems,
+                          uint32_t stream, float* out) {
+    if (!out) return MSLD_ERR_NULL_POINTER;
+    if (hyp_begin < 0 || n_hyp < 0 || elems < 0 || elems / 4 >= (int64_t)UINT32_MAX) return MSLD_ERR_INVALID_ARG;
+    int64_t blocks = (elems + 3) / 4;
+    parallel_for((int64_t)n_hyp * blocks, 1 << 16, [&](int64_t b, int64_t e) {
+        float v[4];
+        for (int64_t j = b; j < e; ++j) {
+            int64_t h = j / blocks, blk = j % blocks;
+            msld::normal4(seed, (uint32_t)(hyp_begin + h), stream, (uint32_t)blk, v);
+            float* o = out + h * elems + blk * 4;
+            int64_t m = std::min<int64_t>(4, elems - blk * 4);
+            for (int64_t q = 0; q < m; ++q) o[q] = v[q];
+        }
+    });
+    return MSLD_OK;
+}
+
+msld_status msld_aggregate(const float* probs, int32_t k, int64_t n_pix, float threshold,
+                           uint8_t* masks_out, float* mean_out, float* conf_out, uint8_t* cons_out) {
+    if (!probs || !mean_out || !conf_out) return MSLD_ERR_NULL_POINTER;
+    if (k < 1 || n_pix < 0 || k > 65535) return MSLD_ERR_INVALID_ARG;
+    const float inv_k = 1.0f / (float)k;
+    parallel_for(n_pix, 1 << 18, [&](int64_t b, int64_t e) {
+        for (int64_t p = b; p < e; ++p) {
+            float sum = 0.0f;
+            int votes = 0;
+            for (int32_t i = 0; i < k; ++i) {
+                float v = probs[(int64_t)i * n_pix + p];
+                sum += v;
+                int on = v > threshold;
+                votes += on;
+                if (masks_out) masks_out[(int64_t)i * n_pix + p] = (uint8_t)on;
+            }
+            mean_out[p] = sum * inv_k;
+            conf_out[p] = msld::confidence_from_votes(votes, k);
+            if (cons_out) cons_out[p] = (uint8_t)(2 * votes > k);
+        }
+    });
+    return MSLD_OK;
+}
+
+msld_status msld_ddim_sample(const msld_sampler_params* p, msld_denoise_fn denoise, void* duser,
+                             msld_progress_fn progress, void* puser, float* x, float* eps, float* t) {
+    if (!p || !denoise || !x || !eps || !t || !p->alphas_cumprod) return MSLD_ERR_NULL_POINTER;
+    if (p->k < 1 || p->n_images < 1 || p->elems < 1 || p->steps < 1 ||
+        p->steps > p->num_train_timesteps || !(p->eta >= 0.0f))
+        return MSLD_ERR_INVALID_ARG;
+    const int64_t per_image = (int64_t)p->k * p->elems;
+    const int32_t batch = p->k * p->n_images;
+    const int64_t n = (int64_t)batch * p->elems;
+    // Initial latents: stream 0. Every image gets hypotheses 0..k-1 of the same seed, so a
+    // batch gives exactly what each image would give alone.
+    for (int32_t b = 0; b < p->n_images; ++b) {
+        msld_status st = msld_gaussian(p->seed, 0, p->k, p->elems, 0u, x + b * per_image);
+        if (st != MSLD_OK) return st;
+    }
+    std::vector<float> noise;
+    if (p->eta > 0.0f) noise.resize((size_t)n);
+    for (int32_t i = 0; i < p->steps; ++i) {
+        msld_ddim_coeffs c;
+        msld_status st = msld_ddim_coeffs_for(p->alphas_cumprod, p->num_train_timesteps, p->steps,
+                                              p->spacing, i, &c);
+        if (st != MSLD_OK) return st;
+        std::fill(t, t + batch, (float)c.timestep);
+        if (denoise(duser, x, t, eps, batch) != 0) return MSLD_ERR_CALLBACK;
+        if (p->eta > 0.0f) {
+            for (int32_t b = 0; b < p->n_images; ++b) {
+                st = msld_gaussian(p->seed, 0, p->k, p->elems, (uint32_t)(i + 1), noise.data() + b * per_image);
+                if (st != MSLD_OK) return st;
+            }
+        }
+        st = msld_ddim_step(x, eps, p->eta > 0.0f ? noise.data() : nullptr, (size_t)n, &c, p->eta, p->clip, nullptr);
+        if (st != MSLD_OK) return st;
+        if (progress && progress(puser, i + 1, p->steps) != 0) return MSLD_ERR_CANCELLED;
+    }
+    return MSLD_OK;
+}
+
+}  // extern "C"

@@ -1,0 +1,10 @@
+"""msld_sdk: MedSegLatDiff inference. ``Segmenter(plan).run(img, k=8)`` -> k masks, mean, confidence."""
+__version__ = "0.1.0"
+
+from .errors import (BackendUnavailableError, InputError, MsldError, PlanError, PlanFormatError,  # noqa: E402
+                     PlanIntegrityError, PlanNotFoundError, PlanVersionError)
+from .result import SegmentationResult  # noqa: E402
+from .segmenter import Segmenter  # noqa: E402
+
+__all__ = ["Segmenter", "SegmentationResult", "MsldError", "PlanError", "PlanFormatError", "PlanIntegrityError",
+           "PlanNotFoundError", "PlanVersionError", "InputError", "BackendUnavailableError", "__version__"]

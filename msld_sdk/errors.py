@@ -1,0 +1,33 @@
+"""Typed errors: every failure the SDK reports names the problem and, where there is one, the fix."""
+
+
+class MsldError(Exception):
+    """Base class of every error msld_sdk raises on purpose."""
+
+
+class PlanError(MsldError):
+    """A plan file cannot be used."""
+
+
+class PlanNotFoundError(PlanError, FileNotFoundError):
+    """The plan path does not exist (or names no shipped model)."""
+
+
+class PlanFormatError(PlanError):
+    """The file is not a plan, or is truncated or malformed."""
+
+
+class PlanIntegrityError(PlanError):
+    """A blob inside the plan does not match the sha256 recorded in its manifest."""
+
+
+class PlanVersionError(PlanError):
+    """The plan was written by a newer, incompatible format version."""
+
+
+class InputError(MsldError, ValueError):
+    """An image or an argument given to ``Segmenter.run`` cannot be used."""
+
+
+class BackendUnavailableError(MsldError, RuntimeError):
+    """An explicitly requested backend cannot run here (missing package, GPU or engine)."""

@@ -1,0 +1,142 @@
+"""Turning whatever the caller has (array, PIL image, path) into the model's input, and back.
+
+Contract (also in the README):
+  * arrays: H x W (grayscale) or H x W x C with C in {1, 3, 4} (RGBA drops alpha);
+    uint8 (0..255), uint16 (0..65535) or float in [0, 1]. Floats outside [0, 1] are rescaled
+    by their min and max, with a logged warning.
+  * an RGB image given to a grayscale model is converted to luminance (ITU-R 601, as PIL's
+    "L"); a grayscale image given to an RGB model is repeated over the three channels.
+  * the image is resized (bilinear, antialiased) to the plan's size; outputs are resized back.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InputError
+
+log = logging.getLogger("msld_sdk")
+
+MAX_PIXELS = 64_000_000   # ~8000 x 8000: larger inputs are refused (documented limit)
+MIN_SIDE = 2
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def load_image(img) -> np.ndarray:
+    """Any supported input -> float32 H x W x C (C in 1 or 3) in [0, 1]."""
+    if isinstance(img, (str, os.PathLike)):
+        img = _read_path(Path(img))
+    if isinstance(img, Image.Image):
+        img = _from_pil(img)
+    if not isinstance(img, np.ndarray):
+        raise InputError(f"unsupported image type {type(img).__name__}: give a numpy array, a PIL image or a path")
+    return _normalise_array(img)
+
+
+def _read_path(p: Path):
+    if not p.exists():
+        raise InputError(f"image file not found: {p}")
+    if p.suffix.lower() == ".npy":
+        try:
+            return np.load(p, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise InputError(f"{p}: not a readable .npy array: {e}") from e
+    try:
+        with Image.open(p) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"{p}: cannot be read as an image: {e}") from e
+
+
+def _from_pil(im: Image.Image) -> np.ndarray:
+    if im.mode in ("I;16", "I;16B", "I;16L"):
+        return np.asarray(im, dtype=np.uint16)
+    if im.mode in ("I", "F"):
+        return np.asarray(im, dtype=np.float32 if im.mode == "F" else np.int64)
+    if im.mode not in ("L", "RGB", "RGBA", "LA"):
+        im = im.convert("RGBA" if "A" in im.mode else "RGB")
+    return np.asarray(im)
+
+
+def _normalise_array(a: np.ndarray) -> np.ndarray:
+    if a.ndim not in (2, 3):
+        raise InputError(f"image must be H x W or H x W x C, got an array of rank {a.ndim} with shape {a.shape}")
+    if a.ndim == 3 and a.shape[2] not in (1, 2, 3, 4):
+        raise InputError(f"image has {a.shape[2]} channels (shape {a.shape}); expected 1, 3 or 4 "
+                         "(channels last: H x W x C)")
+    h, w = a.shape[:2]
+    if h < MIN_SIDE or w < MIN_SIDE:
+        raise InputError(f"image is {h} x {w} pixels; each side must be at least {MIN_SIDE}")
+    if h * w > MAX_PIXELS:
+        raise InputError(f"image is {h} x {w} = {h * w} pixels, over the {MAX_PIXELS} pixel limit")
+    if a.dtype == np.bool_:
+        a = a.astype(np.float32)
+    elif a.dtype == np.uint8:
+        a = a.astype(np.float32) / 255.0
+    elif a.dtype == np.uint16:
+        a = a.astype(np.float32) / 65535.0
+    elif np.issubdtype(a.dtype, np.integer):
+        a = a.astype(np.float64)
+        a = _rescale(a, "integer")
+    elif np.issubdtype(a.dtype, np.floating):
+        a = a.astype(np.float32, copy=False)
+        if not np.isfinite(a).all():
+            bad = int((~np.isfinite(a)).sum())
+            raise InputError(f"image contains {bad} NaN or infinite value(s); clean or mask them first")
+        lo, hi = float(a.min()), float(a.max())
+        if lo < 0.0 or hi > 1.0:
+            a = _rescale(a, f"float range [{lo:.4g}, {hi:.4g}]")
+    else:
+        raise InputError(f"unsupported image dtype {a.dtype}; use uint8, uint16 or float")
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.shape[2] == 4:       # RGBA -> RGB
+        a = a[:, :, :3]
+    elif a.shape[2] == 2:     # gray + alpha -> gray
+        a = a[:, :, :1]
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _rescale(a: np.ndarray, what: str) -> np.ndarray:
+    lo, hi = float(a.min()), float(a.max())
+    log.warning("msld_sdk: image values are outside [0, 1] (%s); rescaling by min/max to [0, 1]", what)
+    if hi - lo <= 0:
+        return np.zeros(a.shape, np.float32)
+    return ((a - lo) / (hi - lo)).astype(np.float32)
+
+
+def convert_channels(a: np.ndarray, channels: int) -> np.ndarray:
+    """H x W x C float -> H x W x channels (luminance or repetition)."""
+    c = a.shape[2]
+    if c == channels:
+        return a
+    if channels == 1 and c == 3:
+        return (a @ _LUMA)[:, :, None].astype(np.float32)
+    if channels == 3 and c == 1:
+        return np.repeat(a, 3, axis=2)
+    raise InputError(f"cannot convert a {c}-channel image to the model's {channels} channels")
+
+
+def resize_planes(planes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear (antialiased) resize of N x H x W float32 planes to N x size[0] x size[1]."""
+    h, w = size
+    if planes.shape[1:] == (h, w):
+        return planes
+    out = np.empty((planes.shape[0], h, w), np.float32)
+    for i, pl in enumerate(planes):
+        out[i] = np.asarray(Image.fromarray(pl, mode="F").resize((w, h), Image.BILINEAR))
+    return out
+
+
+def to_model_input(a: np.ndarray, size: tuple[int, int], channels: int, mean, std) -> np.ndarray:
+    """H x W x C [0,1] -> 1 x C x h x w normalised float32, as the encoder graph expects."""
+    a = convert_channels(a, channels)
+    planes = resize_planes(np.ascontiguousarray(a.transpose(2, 0, 1)), size)
+    m = np.asarray(mean, np.float32)[:, None, None]
+    s = np.asarray(std, np.float32)[:, None, None]
+    return ((planes - m) / s)[None].astype(np.float32)

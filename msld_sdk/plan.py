@@ -1,0 +1,227 @@
+"""The plan file: one uncompressed zip holding ``manifest.json`` and the model's blobs.
+
+Layout::
+
+    manifest.json              format, model config, schedule, input spec, defaults, blobs, provenance
+    graphs/encoder.onnx        image -> image latent
+    graphs/denoiser.onnx       (noisy latent, timestep, image latent) -> noise
+    graphs/decoder.onnx        mask latent -> foreground probability
+    engines/<key>/<part>.engine   TensorRT engines, added later by ``msld build``
+
+Reading never executes code (zip + JSON only), every blob is checked against the sha256 in
+the manifest before use, and every failure raises a ``PlanError`` subclass naming the file
+and the problem.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import PlanFormatError, PlanIntegrityError, PlanNotFoundError, PlanVersionError
+
+FORMAT_NAME = "msld-plan"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 4 << 20          # a manifest is a few KB; refuse anything absurd
+MAX_BLOB_BYTES = 2 << 30
+GRAPH_PARTS = ("encoder", "denoiser", "decoder")
+REQUIRED_KEYS = ("format", "format_version", "model", "schedule", "input", "latent", "defaults", "blobs")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Plan:
+    """A validated plan: its manifest and the verified bytes of its blobs."""
+
+    path: str
+    manifest: dict
+    _blobs: dict = field(default_factory=dict, repr=False)
+
+    # ---- reading -----------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike, verify: bool = True) -> "Plan":
+        p = Path(path)
+        if not p.exists():
+            raise PlanNotFoundError(f"plan file not found: {p}")
+        if p.is_dir():
+            raise PlanFormatError(f"{p}: is a directory, not a plan file")
+        try:
+            zf = zipfile.ZipFile(p)
+        except zipfile.BadZipFile as e:
+            raise PlanFormatError(
+                f"{p}: not a plan file (not a zip container, or truncated: {e}); "
+                "make plans with `msld export`") from e
+        except OSError as e:
+            raise PlanFormatError(f"{p}: cannot be read: {e}") from e
+        with zf:
+            manifest = cls._read_manifest(zf, p)
+            blobs = {}
+            for name, entry in manifest["blobs"].items():
+                blobs[name] = cls._read_blob(zf, p, name, entry, verify)
+        return cls(str(p), manifest, blobs)
+
+    @staticmethod
+    def _read_manifest(zf: zipfile.ZipFile, p: Path) -> dict:
+        try:
+            info = zf.getinfo(MANIFEST_NAME)
+        except KeyError:
+            raise PlanFormatError(f"{p}: not a plan file (zip has no {MANIFEST_NAME})") from None
+        if info.file_size > MAX_MANIFEST_BYTES:
+            raise PlanFormatError(f"{p}: manifest is {info.file_size} bytes, over the {MAX_MANIFEST_BYTES} limit")
+        try:
+            raw = zf.read(info)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise PlanFormatError(f"{p}: manifest cannot be read (truncated or damaged file?): {e}") from e
+        try:
+            m = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PlanFormatError(f"{p}: manifest is not valid JSON: {e}") from e
+        if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+            raise PlanFormatError(f"{p}: not an msld plan (manifest 'format' is not {FORMAT_NAME!r})")
+        version = m.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise PlanFormatError(f"{p}: manifest 'format_version' must be an integer")
+        if version > FORMAT_VERSION:
+            raise PlanVersionError(
+                f"{p}: plan format version {version} is newer than this msld_sdk supports "
+                f"({FORMAT_VERSION}); upgrade msld_sdk or re-export the plan")
+        if version < 1:
+            raise PlanFormatError(f"{p}: invalid plan format version {version}")
+        missing = [k for k in REQUIRED_KEYS if k not in m]
+        if missing:
+            raise PlanFormatError(f"{p}: manifest lacks {missing}")
+        if not isinstance(m["blobs"], dict):
+            raise PlanFormatError(f"{p}: manifest 'blobs' must be an object")
+        for part in GRAPH_PARTS:
+            if part not in m["blobs"]:
+                raise PlanFormatError(f"{p}: manifest names no '{part}' graph")
+        _validate_manifest_values(m, p)
+        return m
+
+    @staticmethod
+    def _read_blob(zf: zipfile.ZipFile, p: Path, name: str, entry: Any, verify: bool) -> bytes:
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) \
+                or not isinstance(entry.get("sha256"), str):
+            raise PlanFormatError(f"{p}: manifest entry for blob '{name}' needs 'path' and 'sha256'")
+        try:
+            info = zf.getinfo(entry["path"])
+        except KeyError:
+            raise PlanFormatError(f"{p}: blob '{name}' ({entry['path']}) is missing from the file") from None
+        if info.file_size > MAX_BLOB_BYTES:
+            raise PlanFormatError(f"{p}: blob '{name}' is {info.file_size} bytes, over the limit")
+        try:
+            data = zf.read(info)
+        except zipfile.BadZipFile as e:  # zip's own CRC check: the bytes changed
+            raise PlanIntegrityError(f"{p}: blob '{name}' is damaged ({e}); the file was modified or "
+                                     "corrupted - re-download or re-export it") from e
+        except (OSError, EOFError, ValueError, zipfile.LargeZipFile) as e:
+            raise PlanFormatError(f"{p}: blob '{name}' cannot be read (truncated file?): {e}") from e
+        if verify and sha256_bytes(data) != entry["sha256"]:
+            raise PlanIntegrityError(
+                f"{p}: blob '{name}' fails its sha256 check (expected {entry['sha256'][:12]}..., "
+                f"got {sha256_bytes(data)[:12]}...); the file was modified or corrupted")
+        return data
+
+    # ---- access ------------------------------------------------------------------------------
+    def blob(self, name: str) -> bytes:
+        try:
+            return self._blobs[name]
+        except KeyError:
+            raise PlanFormatError(f"{self.path}: has no blob '{name}' (it has {sorted(self._blobs)})") from None
+
+    def blob_names(self) -> list[str]:
+        return sorted(self._blobs)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        h, w = self.manifest["input"]["size"]
+        return int(h), int(w)
+
+    @property
+    def channels(self) -> int:
+        return int(self.manifest["input"]["channels"])
+
+    @property
+    def defaults(self) -> dict:
+        return self.manifest["defaults"]
+
+    def summary(self) -> str:
+        """Human-readable manifest digest (for ``msld info``)."""
+        m = self.manifest
+        lines = [f"plan: {self.path}", f"format: {m['format']} v{m['format_version']}",
+                 f"model: {m['model'].get('name')}  input {m['input']['size']} x{m['input']['channels']}ch "
+                 f"latent {m['latent']['channels']}x{m['latent']['size']}",
+                 f"schedule: T={m['schedule']['num_train_timesteps']} {m['schedule']['spacing']} spacing, "
+                 f"{m['schedule']['prediction']}-prediction",
+                 f"defaults: {m['defaults']}"]
+        for name, e in sorted(m["blobs"].items()):
+            lines.append(f"blob {name}: {e['path']} {e.get('size', '?')} bytes sha256 {e['sha256'][:16]}...")
+        for k, v in sorted(m.get("provenance", {}).items()):
+            lines.append(f"provenance.{k}: {v}")
+        return "\n".join(lines)
+
+
+def _validate_manifest_values(m: dict, p: Path) -> None:
+    """Types and ranges of the fields the runtime relies on (a hand-edited manifest fails here)."""
+    try:
+        size = m["input"]["size"]
+        ch = m["input"]["channels"]
+        assert isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and 1 <= s <= 8192 for s in size)
+        assert ch in (1, 3)
+        assert len(m["input"]["mean"]) == ch and len(m["input"]["std"]) == ch
+        assert all(float(s) > 0 for s in m["input"]["std"])
+        lat = m["latent"]
+        assert isinstance(lat["channels"], int) and lat["channels"] > 0
+        assert isinstance(lat["size"], list) and len(lat["size"]) == 2
+        sch = m["schedule"]
+        T = sch["num_train_timesteps"]
+        ac = sch["alphas_cumprod"]
+        assert isinstance(T, int) and T >= 1 and isinstance(ac, list) and len(ac) == T
+        assert all(isinstance(a, (int, float)) and 0.0 < a < 1.0 for a in ac)
+        assert sch["spacing"] in ("leading", "trailing") and sch["prediction"] == "epsilon"
+        d = m["defaults"]
+        assert 1 <= d["k"] <= d["max_k"] and 1 <= d["steps"] <= T
+    except (AssertionError, KeyError, TypeError, ValueError) as e:
+        raise PlanFormatError(f"{p}: manifest has a missing or invalid field ({type(e).__name__}: {e})") from None
+
+
+# ---- writing ----------------------------------------------------------------------------------
+def write_plan(path: str | os.PathLike, manifest: Mapping, blobs: Mapping[str, tuple[str, bytes]]) -> dict:
+    """Write a plan. ``blobs`` maps a blob name to (path inside the zip, bytes).
+
+    Fills ``manifest['blobs']`` with each blob's path, size and sha256 and returns the final
+    manifest. Written to a temporary file and renamed, so a reader never sees half a plan.
+    """
+    m = json.loads(json.dumps(manifest))  # deep copy, and proves it is plain JSON
+    m["format"] = FORMAT_NAME
+    m["format_version"] = FORMAT_VERSION
+    m["blobs"] = {name: {"path": arc, "size": len(data), "sha256": sha256_bytes(data)}
+                  for name, (arc, data) in blobs.items()}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.writestr(MANIFEST_NAME, json.dumps(m, indent=1, sort_keys=True))
+        for name, (arc, data) in blobs.items():
+            zf.writestr(arc, data)
+    os.replace(tmp, path)
+    return m
+
+
+def add_blobs(plan_path: str | os.PathLike, new_blobs: Mapping[str, tuple[str, bytes]],
+              manifest_update: Mapping | None = None, out_path: str | os.PathLike | None = None) -> dict:
+    """Rewrite a plan with extra (or replaced) blobs, keeping every existing one."""
+    plan = Plan.open(plan_path)
+    blobs = {name: (plan.manifest["blobs"][name]["path"], plan.blob(name)) for name in plan.blob_names()}
+    blobs.update(new_blobs)
+    manifest = dict(plan.manifest)
+    if manifest_update:
+        manifest.update(manifest_update)
+    return write_plan(out_path or plan_path, manifest, blobs)

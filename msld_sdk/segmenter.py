@@ -1,0 +1,177 @@
+"""``Segmenter``: the SDK's front door. Image in; k masks, their mean and a confidence map out.
+
+The image is encoded once; all k hypotheses (times the number of images in a batch) go
+through the denoiser together, once per DDIM step, inside the native loop (``_native``).
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import _native
+from .backends import select_backend
+from .errors import InputError, PlanNotFoundError
+from .image_input import load_image, resize_planes, to_model_input
+from .plan import Plan
+from .result import SegmentationResult
+
+log = logging.getLogger("msld_sdk")
+
+SHIPPED_MODELS = ("lidc", "polyp")
+DEFAULT_MODEL = "lidc"
+MAX_SEED = 2**64 - 1
+
+
+def shipped_plan_path(name: str) -> Path:
+    return Path(str(resources.files("msld_sdk") / "models" / f"{name}.plan"))
+
+
+def resolve_plan_path(plan: str | Path | None) -> Path:
+    """None -> the embedded default; a shipped model's name -> its plan; else a file path."""
+    if plan is None:
+        plan = DEFAULT_MODEL
+    if isinstance(plan, str) and plan in SHIPPED_MODELS:
+        p = shipped_plan_path(plan)
+        if not p.exists():
+            have = [m for m in SHIPPED_MODELS if shipped_plan_path(m).exists()]
+            raise PlanNotFoundError(f"model '{plan}' is not shipped in this build of msld_sdk "
+                                    f"(shipped: {have}); pass a plan file path instead")
+        return p
+    return Path(plan)
+
+
+class Segmenter:
+    """Load a plan once, then call ``run`` as often as needed (thread-safe).
+
+    plan:     path of a plan file, a shipped model name ("lidc", "polyp") or None (default).
+    backend:  "auto" (TensorRT when an engine for this GPU exists, else ONNX Runtime),
+              "onnxruntime" or "tensorrt".
+    threads:  CPU threads for ONNX Runtime (default: all cores available to this process).
+    progress: show a progress bar over the DDIM steps.
+    """
+
+    def __init__(self, plan: str | Path | None = None, backend: str = "auto", threads: int | None = None,
+                 progress: bool = False):
+        self.plan = Plan.open(resolve_plan_path(plan))
+        m = self.plan.manifest
+        self.backend = select_backend(self.plan, backend, threads=threads)
+        self.progress = progress
+        self._alphas = np.asarray(m["schedule"]["alphas_cumprod"], np.float32)
+        self._spacing = m["schedule"]["spacing"]
+        self._clip = float(m["schedule"].get("clip_sample", 0.0))
+        self._in = m["input"]
+        self.defaults = dict(m["defaults"])
+
+    # ---- public API ------------------------------------------------------------------------
+    def run(self, img, k: int | None = None, steps: int | None = None, seed: int | None = None,
+            eta: float = 0.0, threshold: float | None = None):
+        """Segment one image (array, PIL image or path) or a list of them.
+
+        Returns a ``SegmentationResult`` (a list of them for a list input). ``seed`` makes
+        the result reproducible; hypothesis i is the same whatever ``k`` is.
+        """
+        batch = isinstance(img, (list, tuple))
+        images = list(img) if batch else [img]
+        if batch and not images:
+            raise InputError("empty list of images")
+        results = self._run(images, k, steps, seed, eta, threshold)
+        return results if batch else results[0]
+
+    __call__ = run
+
+    # ---- internals -------------------------------------------------------------------------
+    def _check_args(self, k, steps, seed, eta, threshold):
+        d = self.defaults
+        k = d["k"] if k is None else k
+        steps = d["steps"] if steps is None else steps
+        threshold = d.get("threshold", 0.5) if threshold is None else threshold
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= d["max_k"]:
+            raise InputError(f"k must be an integer from 1 to {d['max_k']} (this plan's limit), got {k!r}")
+        T = len(self._alphas)
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
+            raise InputError(f"steps must be an integer from 1 to {T}, got {steps!r}")
+        if not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
+            raise InputError(f"eta must be a number in [0, 1], got {eta!r}")
+        if not (isinstance(threshold, (int, float)) and 0.0 <= threshold < 1.0):
+            raise InputError(f"threshold must be in [0, 1), got {threshold!r}")
+        if seed is None:
+            seed = secrets.randbits(63)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+            raise InputError(f"seed must be an integer from 0 to 2**64-1, got {seed!r}")
+        return int(k), int(steps), int(seed), float(eta), float(threshold)
+
+    def _run(self, images: Sequence, k, steps, seed, eta, threshold) -> list[SegmentationResult]:
+        k, steps, seed, eta, threshold = self._check_args(k, steps, seed, eta, threshold)
+        t0 = time.perf_counter()
+        size = tuple(self._in["size"])
+        arrays = [load_image(im) for im in images]
+        x_in = np.concatenate([to_model_input(a, size, self._in["channels"], self._in["mean"], self._in["std"])
+                               for a in arrays])
+        t1 = time.perf_counter()
+        cond = self.backend.encode(x_in)
+        t2 = time.perf_counter()
+
+        n = len(arrays)
+        buf = self.backend.buffers(n * k)
+        buf.cond[...] = np.repeat(cond, k, axis=0)
+        denoise_s = [0.0]
+
+        def denoise():
+            s = time.perf_counter()
+            self.backend.denoise_bound(buf)
+            denoise_s[0] += time.perf_counter() - s
+
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=steps, desc="DDIM", unit="step", leave=False)
+
+        def progress(done, total):
+            bar.update(1)
+
+        _native.ddim_sample(denoise, self._alphas, steps, self._spacing, eta, self._clip, seed, k, n,
+                            buf.x, buf.eps, buf.t, progress if bar is not None else None)
+        if bar is not None:
+            bar.close()
+        t3 = time.perf_counter()
+        probs = self.backend.decode(buf.x)[:, 0]          # (n*k) x h x w
+        t4 = time.perf_counter()
+
+        results = []
+        agg_s = post_s = 0.0
+        for i, a in enumerate(arrays):
+            s = time.perf_counter()
+            p = resize_planes(np.ascontiguousarray(probs[i * k:(i + 1) * k]), a.shape[:2])
+            np.clip(p, 0.0, 1.0, out=p)  # bilinear resize stays in range; guard against rounding
+            s2 = time.perf_counter()
+            masks, mean, conf, cons = _native.aggregate(p, threshold)
+            s3 = time.perf_counter()
+            post_s += s2 - s
+            agg_s += s3 - s2
+            results.append(SegmentationResult(masks=masks, mean=mean, confidence=conf, consensus=cons, probs=p,
+                                              seed=seed, steps=steps, eta=eta))
+        t5 = time.perf_counter()
+        loop_s = t3 - t2
+        timings = {
+            "preprocess_ms": (t1 - t0) * 1e3,
+            "encode_ms": (t2 - t1) * 1e3,
+            "denoise_ms": denoise_s[0] * 1e3,
+            "loop_overhead_ms": (loop_s - denoise_s[0]) * 1e3,  # DDIM update, noise, callbacks
+            "decode_ms": (t4 - t3) * 1e3,
+            "postprocess_ms": post_s * 1e3,
+            "aggregate_ms": agg_s * 1e3,
+            "total_ms": (t5 - t0) * 1e3,
+            "images": n,
+        }
+        for r in results:
+            r.timings = dict(timings)
+        return results
+
+    def __repr__(self) -> str:
+        return f"Segmenter({self.plan.path!r}, backend={self.backend.name!r})"
