@@ -46,7 +46,7 @@ setup(
     extras_require={
         "export": ["torch==2.13.0", "onnx", "onnxscript", "safetensors", "diffusers"],
         "tensorrt": ["tensorrt-rtx-cu13", "cuda-python"],
-        "test": ["pytest", "pytest-benchmark", "torch==2.13.0", "onnx", "onnxscript", "safetensors",
+        "test": ["pytest", "pytest-benchmark", "scipy", "hypothesis", "torch==2.13.0", "onnx", "onnxscript", "safetensors",
                  "diffusers", "tensorrt-rtx-cu13"],
     },
     entry_points={"console_scripts": ["msld=msld_sdk.cli:main"]},

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs everything the tests need (the package with its native extension, torch 2.13 CPU,
+# diffusers, onnx, TensorRT-RTX, ...) and runs the test suite. CI runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+# -v shows CMake's lines, among them whether the CUDA kernels were compiled with nvcc.
+python3 -m pip install -v -e ".[test]" > build.log 2>&1 || { tail -50 build.log; exit 1; }
+grep -E "msld: |Successfully installed" build.log || true
+python3 -c "import msld_sdk._native as n; print('native extension built; CUDA kernels compiled:', n.built_with_cuda)"
+python3 -m pytest -q tests "$@"

@@ -1,0 +1,93 @@
+"""Image input contract: accepted forms, conversions, and typed errors for bad inputs."""
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from msld_sdk import InputError, Segmenter
+from msld_sdk.image_input import convert_channels, load_image
+
+
+@pytest.fixture(scope="module")
+def seg(tiny_plan):
+    return Segmenter(tiny_plan)
+
+
+def test_forms_agree(seg, tmp_path, rng):
+    u8 = rng.integers(0, 256, (45, 37), dtype=np.uint8)
+    Image.fromarray(u8).save(tmp_path / "a.png")
+    np.save(tmp_path / "a.npy", u8)
+    runs = [seg.run(x, k=2, steps=3, seed=5) for x in
+            (u8, u8.astype(np.float32) / 255, Image.fromarray(u8), tmp_path / "a.png", str(tmp_path / "a.npy"),
+             u8[:, :, None], (u8.astype(np.uint16) * 257))]
+    for r in runs:
+        assert r.masks.shape == (2, 45, 37)
+        np.testing.assert_allclose(r.mean, runs[0].mean, atol=1e-5)
+
+
+def test_rgb_to_gray_model_uses_luminance(seg, rng):
+    g = rng.random((32, 32), dtype=np.float32)
+    rgb = np.repeat(g[:, :, None], 3, axis=2)
+    rgba = np.concatenate([rgb, np.ones((32, 32, 1), np.float32)], axis=2)
+    a, b, c = (seg.run(x, k=2, steps=3, seed=1) for x in (g, rgb, rgba))
+    np.testing.assert_allclose(a.mean, b.mean, atol=1e-5)
+    np.testing.assert_allclose(a.mean, c.mean, atol=1e-5)
+    px = np.array([[[1.0, 0.0, 0.0]]], np.float32)
+    assert convert_channels(px, 1)[0, 0, 0] == pytest.approx(0.299)
+
+
+def test_gray_to_rgb_model(tiny_rgb_plan, rng):
+    seg = Segmenter(tiny_rgb_plan)
+    g = rng.random((20, 30), dtype=np.float32)
+    a = seg.run(g, k=2, steps=3, seed=1)
+    b = seg.run(np.repeat(g[:, :, None], 3, axis=2), k=2, steps=3, seed=1)
+    np.testing.assert_allclose(a.mean, b.mean, atol=1e-5)
+    assert a.masks.shape == (2, 20, 30)
+
+
+def test_float_out_of_range_rescaled_with_warning(caplog):
+    a = np.linspace(-1000, 400, 64, dtype=np.float32).reshape(8, 8)  # e.g. CT in Hounsfield units
+    with caplog.at_level(logging.WARNING, logger="msld_sdk"):
+        x = load_image(a)
+    assert "outside [0, 1]" in caplog.text
+    assert x.min() == 0 and x.max() == 1
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (np.full((8, 8), np.nan, np.float32), "NaN or infinite"),
+    (np.array([[0.1, np.inf], [0.2, 0.3]], np.float32), "NaN or infinite"),
+    (np.zeros((0, 10), np.uint8), "at least 2"),
+    (np.zeros((1, 1), np.uint8), "at least 2"),
+    (np.zeros((4, 4, 4, 4), np.uint8), "rank 4"),
+    (np.zeros(10, np.uint8), "rank 1"),
+    (np.zeros((8, 8, 5), np.uint8), "5 channels"),
+    (np.zeros((8, 8), np.complex64), "dtype"),
+    ("no/such/file.png", "not found"),
+    (12345, "unsupported image type"),
+])
+def test_bad_images_raise_input_error(seg, bad, msg):
+    with pytest.raises(InputError, match=msg):
+        seg.run(bad, k=1, steps=1, seed=0)
+
+
+def test_unreadable_file(seg, tmp_path):
+    f = tmp_path / "broken.png"
+    f.write_bytes(b"not really a png")
+    with pytest.raises(InputError, match="broken.png.*cannot be read"):
+        seg.run(f, k=1, steps=1)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"k": 0}, "k must be"), ({"k": 33}, "k must be"), ({"k": 2.5}, "k must be"),
+    ({"steps": 0}, "steps must be"), ({"steps": 1001}, "steps must be"),
+    ({"eta": -0.1}, "eta"), ({"seed": -1}, "seed"), ({"seed": 2**64}, "seed"), ({"threshold": 1.5}, "threshold"),
+])
+def test_bad_arguments(seg, kw, msg):
+    with pytest.raises(InputError, match=msg):
+        seg.run(np.zeros((8, 8), np.float32), **kw)
+
+
+def test_empty_batch(seg):
+    with pytest.raises(InputError, match="empty"):
+        seg.run([])
