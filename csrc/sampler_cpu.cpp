@@ -7,6 +7,7 @@
 #include <thread>
 #include <vector>
 
+#include "ddim_scalars.h"
 #include "kernel_math.h"
 
 namespace {
@@ -29,23 +30,6 @@ void parallel_for(int64_t n, int64_t min_per_thread, F&& body) {
     }
     body(0, std::min(n, chunk));
     for (auto& t : pool) t.join();
-}
-
-msld::DdimScalars scalars_for(const msld_ddim_coeffs* c, float eta, float clip) {
-    double at = c->alpha_t, ap = c->alpha_prev;
-    double var = (1.0 - ap) / (1.0 - at) * (1.0 - at / ap);
-    // diffusers computes the scalars in float32; do the same so trajectories agree closely.
-    float at_f = (float)at, ap_f = (float)ap;
-    float std_f = eta * std::sqrt((float)var);
-    msld::DdimScalars s;
-    s.sqrt_beta_t = std::sqrt(1.0f - at_f);
-    s.sqrt_alpha_t = std::sqrt(at_f);
-    s.sqrt_alpha_prev = std::sqrt(ap_f);
-    float d = 1.0f - ap_f - std_f * std_f;
-    s.dir = std::sqrt(d > 0.0f ? d : 0.0f);
-    s.std = std_f;
-    s.clip = clip;
-    return s;
 }
 
 }  // namespace
@@ -102,9 +86,8 @@ msld_status msld_ddim_coeffs_for(const float* ac, int32_t T, int32_t steps, msld
 msld_status msld_ddim_step(float* x, const float* eps, const float* noise, size_t n,
                            const msld_ddim_coeffs* c, float eta, float clip, float* x0_out) {
     if (!x || !eps || !c) return MSLD_ERR_NULL_POINTER;
-    if (!(eta >= 0.0f) || !(c->alpha_t > 0.0) || !(c->alpha_t < 1.0) || !(c->alpha_prev > 0.0))
-        return MSLD_ERR_INVALID_ARG;
-    msld::DdimScalars s = scalars_for(c, eta, clip);
+    if (!msld::ddim_coeffs_valid(c, eta)) return MSLD_ERR_INVALID_ARG;
+    msld::DdimScalars s = msld::ddim_scalars(c, eta, clip);
     if (s.std > 0.0f && !noise) return MSLD_ERR_NULL_POINTER;
     const float zero = 0.0f;
     parallel_for((int64_t)n, 1 << 20, [&](int64_t b, int64_t e) {
