@@ -45,7 +45,7 @@ setup(
     install_requires=["numpy", "onnxruntime", "pillow", "tqdm"],
     extras_require={
         "export": ["torch==2.13.0", "onnx", "onnxscript", "safetensors", "diffusers"],
-        "tensorrt": ["tensorrt-rtx-cu13", "cuda-python"],
+        "tensorrt": ["tensorrt-rtx-cu13", "cuda-python", "onnx"],
         "test": ["pytest", "pytest-benchmark", "scipy", "hypothesis", "torch==2.13.0", "onnx", "onnxscript", "safetensors",
                  "diffusers", "tensorrt-rtx-cu13"],
     },

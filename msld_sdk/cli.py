@@ -63,6 +63,16 @@ def cmd_info(a) -> int:
     return 0
 
 
+def cmd_build(a) -> int:
+    from .engine_build import build_engines
+    from .segmenter import resolve_plan_path
+
+    build_engines(resolve_plan_path(a.plan), a.out, fp32=a.fp32, k_max=a.k_max, opt_k=a.opt_k,
+                  compute_capabilities=a.compute_capability, timing_cache=a.timing_cache,
+                  progress=not a.quiet)
+    return 0
+
+
 def cmd_export(a, rest) -> int:
     # export/ is a sibling of msld_sdk/ in the repository (it needs torch; the runtime does not).
     for root in (Path(__file__).resolve().parents[1], Path.cwd()):
@@ -95,6 +105,20 @@ def main(argv=None) -> int:
     p.add_argument("plan", nargs="?", default=None, help="plan file or shipped model name (default: lidc)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
+    p = sub.add_parser("build", parents=[common], help="build TensorRT engines for a plan and store them in it "
+                       "(needs tensorrt-rtx-cu13 or tensorrt; TensorRT-RTX builds without a GPU)")
+    p.add_argument("plan", help="plan file (or shipped model name); engines are added to it unless --out is given")
+    p.add_argument("--out", default=None, help="write the plan with engines here instead of in place")
+    p.add_argument("--fp32", action="store_true", help="fp32 engines (default: fp16 convolutions/matmuls)")
+    p.add_argument("--k-max", type=int, default=32, help="largest denoiser/decoder batch, images x k (default: 32)")
+    p.add_argument("--opt-k", type=int, default=8, help="batch the engines are tuned for (default: 8)")
+    p.add_argument("--compute-capability", nargs="+", action="extend", default=None, metavar="CC",
+                   help="GPU compute capabilities to target, e.g. 8.6 8.9 (TensorRT-RTX; default: all it "
+                        "supports from 8.0; full TensorRT: the local GPU)")
+    p.add_argument("--timing-cache", default=None, metavar="PATH",
+                   help="timing cache file (default: OUT.timing.cache; used where the TensorRT flavour has one)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
     sub.add_parser("export", help="checkpoint -> plan (needs PyTorch); `msld export --help` for options",
                    add_help=False)
 
@@ -104,7 +128,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
     try:
-        return {"segment": cmd_segment, "info": cmd_info}[a.cmd](a)
+        return {"segment": cmd_segment, "info": cmd_info, "build": cmd_build}[a.cmd](a)
     except MsldError as e:
         print(f"msld: error: {e}", file=sys.stderr)
         return 1

@@ -57,21 +57,23 @@ class OnnxRuntimeBackend:
         self.decoder = ort.InferenceSession(plan.blob("decoder"), opts, providers=self.providers)
         lat = plan.manifest["latent"]
         self.latent_shape = (int(lat["channels"]), int(lat["size"][0]), int(lat["size"][1]))
-        self._buffers: dict[tuple[int, int], DenoiserBuffers] = {}
-        self._lock = threading.Lock()
+        self._local = threading.local()  # per-thread buffers, freed with their thread
 
     def encode(self, image: np.ndarray) -> np.ndarray:
         """B x C x H x W normalised image -> B x c x h x w image latent."""
         return self.encoder.run(None, {"image": image})[0]
 
     def buffers(self, batch: int) -> DenoiserBuffers:
-        """Bound buffers for this batch size, one set per thread (so threads never share memory)."""
-        key = (threading.get_ident(), batch)
-        with self._lock:
-            buf = self._buffers.get(key)
-            if buf is None:
-                buf = self._buffers[key] = DenoiserBuffers(self.denoiser, batch, self.latent_shape)
-            return buf
+        """Bound buffers for this batch size, one set per thread (so threads never share memory).
+
+        Allocated on first use and reused for every later call of the same batch size."""
+        cache = getattr(self._local, "buffers", None)
+        if cache is None:
+            cache = self._local.buffers = {}
+        buf = cache.get(batch)
+        if buf is None:
+            buf = cache[batch] = DenoiserBuffers(self.denoiser, batch, self.latent_shape)
+        return buf
 
     def denoise_bound(self, buf: DenoiserBuffers) -> None:
         """One denoiser call on the bound buffers: reads buf.x, buf.t, buf.cond; writes buf.eps."""

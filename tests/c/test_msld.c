@@ -1,0 +1,108 @@
+/* Uses the native sampler through its C surface only (csrc/include/msld.h), as a vendor's
+ * C or C++ host would: schedule, noise, fused step, aggregation and the whole loop with a
+ * C denoiser callback. Prints "N passed, M failed" and exits non-zero on any failure. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "msld.h"
+
+static int passed = 0, failed = 0;
+#define CHECK(cond, what)                                              \
+    do {                                                               \
+        if (cond) { ++passed; }                                        \
+        else { ++failed; fprintf(stderr, "FAIL %s (line %d)\n", what, __LINE__); } \
+    } while (0)
+
+/* A toy denoiser: eps = 0.5 * x + 0.001 * t. Counts its calls. */
+typedef struct { int calls; int batch_seen; } toy_state;
+static int toy_denoise(void* user, const float* x, const float* t, float* eps, int32_t batch) {
+    toy_state* s = (toy_state*)user;
+    s->calls++;
+    s->batch_seen = batch;
+    for (int32_t b = 0; b < batch; ++b)
+        for (int e = 0; e < 16; ++e) eps[b * 16 + e] = 0.5f * x[b * 16 + e] + 0.001f * t[b];
+    return 0;
+}
+static int failing_denoise(void* u, const float* x, const float* t, float* eps, int32_t b) {
+    (void)u; (void)x; (void)t; (void)eps; (void)b;
+    return 7;
+}
+static int cancel_after_two(void* u, int32_t done, int32_t total) { (void)u; (void)total; return done >= 2; }
+
+int main(void) {
+    /* schedule */
+    int32_t ts[20];
+    CHECK(msld_ddim_timesteps(1000, 20, MSLD_SPACING_TRAILING, ts) == MSLD_OK, "timesteps ok");
+    CHECK(ts[0] == 999 && ts[19] == 49, "trailing timesteps 999..49");
+    CHECK(msld_ddim_timesteps(1000, 20, MSLD_SPACING_LEADING, ts) == MSLD_OK && ts[0] == 950 && ts[19] == 0,
+          "leading timesteps 950..0");
+    CHECK(msld_ddim_timesteps(1000, 0, MSLD_SPACING_TRAILING, ts) == MSLD_ERR_INVALID_ARG, "steps 0 rejected");
+    CHECK(msld_ddim_timesteps(1000, 5, MSLD_SPACING_TRAILING, NULL) == MSLD_ERR_NULL_POINTER, "NULL rejected");
+    CHECK(strlen(msld_status_string(MSLD_ERR_CUDA)) > 0, "status strings");
+
+    /* noise: deterministic, keyed by hypothesis */
+    float a[3 * 10], b[2 * 10];
+    CHECK(msld_gaussian(42, 0, 3, 10, 0, a) == MSLD_OK, "gaussian ok");
+    CHECK(msld_gaussian(42, 1, 2, 10, 0, b) == MSLD_OK, "gaussian subrange ok");
+    CHECK(memcmp(a + 10, b, sizeof(b)) == 0, "hypotheses 1..2 independent of the range asked");
+    double s = 0, s2 = 0;
+    float big[4096];
+    msld_gaussian(7, 0, 1, 4096, 3, big);
+    for (int i = 0; i < 4096; ++i) { s += big[i]; s2 += (double)big[i] * big[i]; }
+    CHECK(fabs(s / 4096) < 0.05 && fabs(s2 / 4096 - 1.0) < 0.1, "noise mean 0, variance 1");
+
+    /* fused step: eta = 0 reduces to the closed form */
+    float x[4] = {1.0f, -2.0f, 0.5f, 3.0f}, eps[4] = {0.1f, 0.2f, -0.3f, 0.0f}, x0[4];
+    msld_ddim_coeffs c = {500, 450, 0.25, 0.36};
+    float expect[4];
+    for (int i = 0; i < 4; ++i) {
+        float p = (x[i] - sqrtf(0.75f) * eps[i]) / 0.5f;
+        expect[i] = 0.6f * p + sqrtf(1.0f - 0.36f) * eps[i];
+    }
+    CHECK(msld_ddim_step(x, eps, NULL, 4, &c, 0.0f, 0.0f, x0) == MSLD_OK, "step ok");
+    int close = 1;
+    for (int i = 0; i < 4; ++i) close &= fabsf(x[i] - expect[i]) < 1e-5f;
+    CHECK(close, "step matches closed form");
+    CHECK(msld_ddim_step(x, eps, NULL, 4, &c, 1.0f, 0.0f, NULL) == MSLD_ERR_NULL_POINTER, "eta>0 needs noise");
+    msld_ddim_coeffs bad = {500, 450, 1.5, 0.36};
+    CHECK(msld_ddim_step(x, eps, NULL, 4, &bad, 0.0f, 0.0f, NULL) == MSLD_ERR_INVALID_ARG, "alpha > 1 rejected");
+
+    /* aggregation */
+    float probs[3 * 2] = {0.9f, 0.1f, 0.8f, 0.6f, 0.2f, 0.4f}; /* k=3, 2 pixels */
+    unsigned char masks[6], cons[2];
+    float mean[2], conf[2];
+    CHECK(msld_aggregate(probs, 3, 2, 0.5f, masks, mean, conf, cons) == MSLD_OK, "aggregate ok");
+    CHECK(masks[0] == 1 && masks[1] == 0 && masks[3] == 1 && masks[4] == 0, "masks thresholded");
+    CHECK(cons[0] == 1 && cons[1] == 0, "consensus is the majority");
+    CHECK(fabsf(mean[0] - (0.9f + 0.8f + 0.2f) / 3) < 1e-6f, "mean probability");
+    CHECK(fabsf(conf[0] - (1.0f - 2.0f * sqrtf((2.0f / 3) * (1.0f / 3)))) < 1e-6f, "confidence from votes");
+    CHECK(msld_aggregate(probs, 0, 2, 0.5f, NULL, mean, conf, NULL) == MSLD_ERR_INVALID_ARG, "k=0 rejected");
+
+    /* the whole loop */
+    float ac[1000];
+    double prod = 1.0;
+    for (int i = 0; i < 1000; ++i) { prod *= 1.0 - (1e-4 + (0.02 - 1e-4) * i / 999.0); ac[i] = (float)prod; }
+    msld_sampler_params p = {1000, ac, 10, MSLD_SPACING_TRAILING, 0.0f, 0.0f, 123, 3, 2, 16};
+    float lx[6 * 16], le[6 * 16], lt[6];
+    toy_state st = {0, 0};
+    CHECK(msld_ddim_sample(&p, toy_denoise, &st, NULL, NULL, lx, le, lt) == MSLD_OK, "loop ok");
+    CHECK(st.calls == 10 && st.batch_seen == 6, "one denoiser call per step for all hypotheses");
+    CHECK(memcmp(lx, lx + 3 * 16, 3 * 16 * sizeof(float)) == 0, "each image of a batch gets the same hypotheses");
+    int finite = 1;
+    for (int i = 0; i < 6 * 16; ++i) finite &= isfinite(lx[i]);
+    CHECK(finite, "finite latents");
+    CHECK(msld_ddim_sample(&p, failing_denoise, NULL, NULL, NULL, lx, le, lt) == MSLD_ERR_CALLBACK,
+          "callback failure reported");
+    st.calls = 0;
+    CHECK(msld_ddim_sample(&p, toy_denoise, &st, cancel_after_two, NULL, lx, le, lt) == MSLD_ERR_CANCELLED &&
+              st.calls == 2, "progress callback cancels");
+    p.eta = 1.0f;
+    CHECK(msld_ddim_sample(&p, toy_denoise, &st, NULL, NULL, lx, le, lt) == MSLD_OK, "loop with eta=1 ok");
+    p.k = 0;
+    CHECK(msld_ddim_sample(&p, toy_denoise, &st, NULL, NULL, lx, le, lt) == MSLD_ERR_INVALID_ARG, "k=0 rejected");
+
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
