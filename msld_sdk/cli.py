@@ -73,19 +73,88 @@ def cmd_build(a) -> int:
     return 0
 
 
-def cmd_export(a, rest) -> int:
-    # export/ is a sibling of msld_sdk/ in the repository (it needs torch; the runtime does not).
+def _repo_export_package(what: str):
+    """Import the repository's torch-side ``export`` package (a sibling of msld_sdk/), or say
+    how to get it. The runtime itself never needs torch."""
     for root in (Path(__file__).resolve().parents[1], Path.cwd()):
         if (root / "export" / "export_plan.py").exists() and str(root) not in sys.path:
             sys.path.insert(0, str(root))
     try:
         import torch  # noqa: F401
-        from export.export_plan import main as export_main
+        import export  # noqa: F401
     except ImportError as e:
-        print(f"msld export needs PyTorch and the repository's export/ package ({e}); "
-              "install with: pip install -e '.[export]' and run from the repository root", file=sys.stderr)
+        raise MsldError(f"{what} needs PyTorch and the repository's export/ package ({e}); install with "
+                        "pip install -e '.[export]' and run from the repository root") from None
+
+
+def cmd_export(a, rest) -> int:
+    try:
+        _repo_export_package("msld export")
+    except MsldError as e:
+        print(f"msld: error: {e}", file=sys.stderr)
         return 2
+    from export.export_plan import main as export_main
     return export_main(rest)
+
+
+def cmd_bench(a) -> int:
+    import platform
+    import statistics
+
+    from . import bench
+    from .image_input import load_image
+    from .segmenter import Segmenter
+
+    seg = Segmenter(a.plan, backend=a.backend, threads=a.threads)
+    threads = getattr(seg.backend, "threads", a.threads or 0)
+    image_path = a.image or str(Path(__file__).resolve().parent / "samples" / "lidc_0974_n0_s2" / "image.png")
+    img = load_image(image_path)
+    rows = []
+    for k in a.k:
+        for steps in a.steps:
+            row = bench.bench_sdk(seg, img, k, steps, a.repeats, seed=a.seed)
+            row["denoiser_gflops_per_s"] = bench.denoiser_gflops(seg.plan, k) / (row["denoise_ms_per_step"] * 1e-3)
+            rows.append(row)
+            if not a.quiet:
+                print(f"  k={k:>2} steps={steps:>3}: median {row['median_ms']:.1f} ms", file=sys.stderr)
+    report = {"plan": seg.plan.path, "backend": seg.backend.name, "image": image_path,
+              "machine": bench.machine_info(threads), "python": platform.python_version(),
+              "gemm_fp32_gflops_per_s": bench.gemm_gflops(threads), "rows": rows,
+              "peak_rss_mb": bench.peak_rss_mb()}
+    for r in rows:
+        r["denoiser_fraction_of_gemm"] = r["denoiser_gflops_per_s"] / report["gemm_fp32_gflops_per_s"]
+    main_row = rows[0]
+    report.update(k=main_row["k"], steps=main_row["steps"], sdk_ms=main_row["median_ms"],
+                  overhead_fraction=main_row["overhead_fraction"])
+    if a.baselines:
+        _repo_export_package("msld bench --baselines")
+        from export.baselines import measure_baselines
+
+        k, steps = main_row["k"], main_row["steps"]
+        sdk_probs = seg.run(img, k=k, steps=steps, seed=a.seed).probs
+        base = measure_baselines(seg.plan, img[:, :, 0] if img.shape[2] == 1 else img, sdk_probs, k, steps,
+                                 a.seed, a.baseline_repeats, threads)
+        # the SDK measured again right after the baselines, so that the ratios come from one run
+        sdk_again = statistics.median(bench.time_calls(lambda: seg.run(img, k=k, steps=steps, seed=a.seed),
+                                                       a.repeats))
+        report.update(base)
+        report["sdk_ms"] = min(main_row["median_ms"], sdk_again)
+        report["speedup_vs_torch_eager_per_hypothesis"] = report["torch_eager_per_hypothesis_ms"] / report["sdk_ms"]
+        report["speedup_vs_ort_per_hypothesis"] = report["ort_per_hypothesis_ms"] / report["sdk_ms"]
+    print(bench.format_table(rows))
+    print(f"fp32 GEMM (ONNX Runtime MatMul, {threads} threads): {report['gemm_fp32_gflops_per_s']:.0f} GFLOP/s; "
+          f"denoiser at k={main_row['k']}: {main_row['denoiser_gflops_per_s']:.0f} GFLOP/s "
+          f"({100 * main_row['denoiser_fraction_of_gemm']:.0f}% of it); peak RSS {report['peak_rss_mb']:.0f} MB")
+    if a.baselines:
+        print(f"k={report['k']} steps={report['steps']}: SDK {report['sdk_ms']:.1f} ms | "
+              f"(a) PyTorch eager per hypothesis {report['torch_eager_per_hypothesis_ms']:.1f} ms "
+              f"= {report['speedup_vs_torch_eager_per_hypothesis']:.2f}x | "
+              f"(b) ONNX Runtime per hypothesis {report['ort_per_hypothesis_ms']:.1f} ms "
+              f"= {report['speedup_vs_ort_per_hypothesis']:.2f}x | overhead {100 * report['overhead_fraction']:.2f}%")
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=1))
+        print(f"wrote {a.json}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -119,6 +188,22 @@ def main(argv=None) -> int:
                    help="timing cache file (default: OUT.timing.cache; used where the TensorRT flavour has one)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("bench", parents=[common], help="latency benchmark (median, p90, stage shares, GFLOP/s); "
+                       "--baselines adds PyTorch-eager and ONNX-Runtime per-hypothesis runs (needs torch)")
+    p.add_argument("--plan", default=None, help="plan file or shipped model name (default: lidc)")
+    p.add_argument("--k", type=int, nargs="+", default=[8], help="hypotheses, one or more (default: 8)")
+    p.add_argument("--steps", type=int, nargs="+", default=[20], help="DDIM steps, one or more (default: 20)")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per setting (default: 10)")
+    p.add_argument("--baselines", action="store_true", help="also time the research-code and per-hypothesis "
+                   "ONNX Runtime ways on the same weights, k, steps and seed (first --k/--steps)")
+    p.add_argument("--baseline-repeats", type=int, default=3, help="timed runs per baseline (default: 3)")
+    p.add_argument("--image", default=None, help="image to segment (default: a shipped LIDC sample)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
+    p.add_argument("-q", "--quiet", action="store_true")
+
     sub.add_parser("export", help="checkpoint -> plan (needs PyTorch); `msld export --help` for options",
                    add_help=False)
 
@@ -128,7 +213,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
     try:
-        return {"segment": cmd_segment, "info": cmd_info, "build": cmd_build}[a.cmd](a)
+        return {"segment": cmd_segment, "info": cmd_info, "build": cmd_build, "bench": cmd_bench}[a.cmd](a)
     except MsldError as e:
         print(f"msld: error: {e}", file=sys.stderr)
         return 1

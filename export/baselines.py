@@ -1,0 +1,163 @@
+"""The ways of running MedSegLatDiff that the SDK is compared with, on the plan's own weights.
+
+(a) research code: PyTorch eager, one hypothesis at a time, the image encoder re-run for
+    every hypothesis, diffusers' DDIMScheduler for the update;
+(b) ONNX Runtime on the plan's graphs, called once per hypothesis (batch 1), numpy update.
+
+Both draw the same initial noise as the SDK (hypothesis i from the same seed), so with eta=0
+they compute the same masks; ``check_same_result`` asserts it before anything is timed.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from diffusers import DDIMScheduler
+
+from msld_sdk import _native
+from msld_sdk.plan import Plan
+
+from .checkpoint import load_checkpoint, random_model
+from .config import ModelConfig
+from .model import ExportDecoder, ExportDenoiser, ExportEncoder, MedSegLatDiff
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINT_DIRS = (REPO / "export" / "checkpoints", REPO / "runs")
+
+
+def _sha256(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def torch_model_for_plan(plan: Plan) -> MedSegLatDiff:
+    """The PyTorch model whose weights the plan's graphs hold, proven by comparing outputs."""
+    prov = plan.manifest.get("provenance", {})
+    cfg = ModelConfig.from_dict(plan.manifest["model"])
+    if prov.get("trained"):
+        name, sha = prov.get("checkpoint"), prov.get("checkpoint_sha256")
+        found = [p for d in CHECKPOINT_DIRS if d.exists() for p in d.rglob(name or "?")]
+        found = [p for p in found if _sha256(p) == sha]
+        if not found:
+            raise FileNotFoundError(f"checkpoint {name} (sha256 {str(sha)[:12]}...) of {plan.path} not found under "
+                                    f"{[str(d) for d in CHECKPOINT_DIRS]}")
+        model, _ = load_checkpoint(found[0])
+    else:
+        model = random_model(cfg, int(prov.get("random_seed", 0)))
+    verify_against_plan(model, plan)
+    return model
+
+
+def verify_against_plan(model: MedSegLatDiff, plan: Plan, tol: float = 1e-4) -> None:
+    cfg, g = model.cfg, torch.Generator().manual_seed(0)
+    L, S = cfg.latent_size, cfg.image_size
+    z = torch.randn(2, cfg.latent_channels, L, L, generator=g)
+    cases = {
+        "encoder": (ExportEncoder(model), {"image": torch.randn(2, cfg.image_channels, S, S, generator=g)}),
+        "denoiser": (ExportDenoiser(model), {"x": z, "t": torch.tensor([900.0, 50.0]), "cond": z.flip(0)}),
+        "decoder": (ExportDecoder(model), {"z": z}),
+    }
+    for part, (mod, feeds) in cases.items():
+        sess = ort.InferenceSession(plan.blob(part), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+        with torch.no_grad():
+            ref = mod(*feeds.values()).numpy()
+        err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12))
+        if err > tol:
+            raise ValueError(f"{plan.path}: PyTorch weights do not match the plan's {part} graph (rel err {err:.1e})")
+
+
+def _scheduler(plan: Plan, steps: int) -> DDIMScheduler:
+    sch = plan.manifest["schedule"]
+    s = DDIMScheduler(num_train_timesteps=sch["num_train_timesteps"], beta_schedule=sch["beta_schedule"],
+                      beta_start=sch["beta_start"], beta_end=sch["beta_end"], clip_sample=False,
+                      set_alpha_to_one=True, steps_offset=0, timestep_spacing=sch["spacing"])
+    s.set_timesteps(steps)
+    return s
+
+
+def _normalise(plan: Plan, img01: np.ndarray) -> np.ndarray:
+    """H x W (x C) in [0,1] at the plan's size -> 1 x C x H x W."""
+    inp = plan.manifest["input"]
+    a = img01 if img01.ndim == 3 else img01[:, :, None]
+    m = np.asarray(inp["mean"], np.float32)[:, None, None]
+    s = np.asarray(inp["std"], np.float32)[:, None, None]
+    return ((a.transpose(2, 0, 1) - m) / s)[None].astype(np.float32)
+
+
+def torch_eager_per_hypothesis(model: MedSegLatDiff, plan: Plan, img01: np.ndarray, k: int, steps: int,
+                               seed: int) -> np.ndarray:
+    """(a) k x H x W probabilities, the research-code way."""
+    sched = _scheduler(plan, steps)
+    cfg = model.cfg
+    L, C = cfg.latent_size, cfg.latent_channels
+    x_img = torch.from_numpy(_normalise(plan, img01))
+    out = []
+    with torch.no_grad():
+        for i in range(k):
+            cond = model.image_vae.encode(x_img)[0]  # re-run per hypothesis, as research code does
+            x = torch.from_numpy(_native.gaussian(seed, i, 1, C * L * L, 0).reshape(1, C, L, L))
+            for t in sched.timesteps:
+                eps = model.denoiser(x, t.float().view(1), cond)
+                x = sched.step(eps, t, x, eta=0.0).prev_sample
+            out.append(torch.sigmoid(model.mask_ae.dec(x / cfg.mask_latent_scale))[0, 0].numpy())
+    return np.stack(out)
+
+
+class OrtPerHypothesis:
+    """(b) ONNX Runtime on the plan's graphs, one hypothesis (batch 1) per call, numpy DDIM."""
+
+    def __init__(self, plan: Plan, threads: int):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.plan = plan
+        self.sess = {p: ort.InferenceSession(plan.blob(p), opts, providers=["CPUExecutionProvider"])
+                     for p in ("encoder", "denoiser", "decoder")}
+        self.ac = np.asarray(plan.manifest["schedule"]["alphas_cumprod"], np.float32)
+        self.T = len(self.ac)
+
+    def __call__(self, img01: np.ndarray, k: int, steps: int, seed: int) -> np.ndarray:
+        C, (L, _) = self.plan.manifest["latent"]["channels"], self.plan.manifest["latent"]["size"]
+        ts = _native.ddim_timesteps(self.T, steps, self.plan.manifest["schedule"]["spacing"])
+        x_img = _normalise(self.plan, img01)
+        out = []
+        for i in range(k):
+            cond = self.sess["encoder"].run(None, {"image": x_img})[0]
+            x = _native.gaussian(seed, i, 1, C * L * L, 0).reshape(1, C, L, L)
+            for t in ts:
+                eps = self.sess["denoiser"].run(None, {"x": x, "t": np.array([t], np.float32), "cond": cond})[0]
+                a_t = self.ac[t]
+                prev = t - self.T // steps
+                a_p = self.ac[prev] if prev >= 0 else np.float32(1.0)
+                x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
+                x = (np.sqrt(a_p) * x0 + np.sqrt(1 - a_p) * eps).astype(np.float32)
+            out.append(self.sess["decoder"].run(None, {"z": x})[0][0, 0])
+        return np.stack(out)
+
+
+def check_same_result(sdk_probs: np.ndarray, *others: np.ndarray, tol: float = 1e-3) -> None:
+    for o in others:
+        err = float(np.abs(sdk_probs - o).max())
+        if err > tol:
+            raise AssertionError(f"baseline disagrees with the SDK: max |prob diff| {err:.2e} > {tol}")
+
+
+def measure_baselines(plan: Plan, img01: np.ndarray, sdk_probs: np.ndarray, k: int, steps: int, seed: int,
+                      repeats: int, threads: int) -> dict:
+    """Median ms of (a) and (b) on the same image, k, steps and seed as the SDK run whose
+    probabilities are ``sdk_probs``; both are first checked to give the same result."""
+    from msld_sdk.bench import time_calls
+
+    torch.set_num_threads(threads)
+    model = torch_model_for_plan(plan)
+    ort_b = OrtPerHypothesis(plan, threads)
+    check_same_result(sdk_probs, torch_eager_per_hypothesis(model, plan, img01, k, steps, seed),
+                      ort_b(img01, k, steps, seed))
+    ta = time_calls(lambda: torch_eager_per_hypothesis(model, plan, img01, k, steps, seed), repeats)
+    tb = time_calls(lambda: ort_b(img01, k, steps, seed), repeats)
+    return {"torch_eager_per_hypothesis_ms": float(np.median(ta)), "ort_per_hypothesis_ms": float(np.median(tb)),
+            "torch_eager_per_hypothesis_all_ms": ta, "ort_per_hypothesis_all_ms": tb,
+            "baselines_checked_same_result": True, "torch": torch.__version__}

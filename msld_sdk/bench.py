@@ -1,0 +1,121 @@
+"""Latency benchmark of the SDK (``msld bench``): medians, p90, stage shares, GFLOP/s vs the machine.
+
+Everything here runs without torch. The research-code baselines that need torch live in
+``export/baselines.py`` and are measured in the same process when asked for.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import time
+
+import numpy as np
+
+from .flops import graph_flops
+
+STAGES = ("preprocess_ms", "encode_ms", "denoise_ms", "loop_overhead_ms", "decode_ms", "postprocess_ms",
+          "aggregate_ms")
+
+
+def percentile(xs, q: float) -> float:
+    return float(np.percentile(np.asarray(xs, np.float64), q))
+
+
+def time_calls(fn, repeats: int, warmup: int = 1) -> list[float]:
+    """Wall-clock milliseconds of ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def gemm_gflops(threads: int, n: int = 1024, repeats: int = 20) -> float:
+    """fp32 GEMM rate of this machine through ONNX Runtime's MatMul (the same MLAS kernels
+    its Conv uses), with the same thread count as the SDK."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
+                           helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
+                          [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    s = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {"a": rng.standard_normal((n, n), dtype=np.float32), "b": rng.standard_normal((n, n), dtype=np.float32)}
+    ms = time_calls(lambda: s.run(None, feeds), repeats, warmup=3)
+    return 2 * n ** 3 / (statistics.median(ms) * 1e-3) / 1e9
+
+
+def bench_sdk(seg, img, k: int, steps: int, repeats: int, seed: int = 0, warmup: int = 1) -> dict:
+    """Median/p90 latency and mean stage times of ``seg.run(img, k, steps, seed)``."""
+    results = []
+
+    def call():
+        results.append(seg.run(img, k=k, steps=steps, seed=seed))
+
+    for _ in range(warmup):
+        call()
+    results.clear()
+    totals = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        totals.append((time.perf_counter() - t0) * 1e3)
+    stages = {s: statistics.mean(r.timings[s] for r in results) for s in STAGES}
+    ort_ms = stages["encode_ms"] + stages["denoise_ms"] + stages["decode_ms"]
+    med = statistics.median(totals)
+    return {
+        "k": k, "steps": steps, "repeats": repeats,
+        "median_ms": med, "p90_ms": percentile(totals, 90), "min_ms": min(totals),
+        "hypotheses_per_s": k / (med * 1e-3),
+        "stages_ms": stages,
+        "stage_share": {s: v / statistics.mean(totals) for s, v in stages.items()},
+        # everything outside the ONNX Runtime calls: preprocessing, the native DDIM updates and
+        # noise, Python callbacks, resizing, aggregation
+        "overhead_fraction": max(0.0, 1.0 - ort_ms / statistics.mean(totals)),
+        "denoise_ms_per_step": stages["denoise_ms"] / steps,
+    }
+
+
+def denoiser_gflops(plan, batch: int) -> float:
+    return graph_flops(plan.blob("denoiser"), batch) / 1e9
+
+
+def machine_info(threads: int) -> dict:
+    info = {"cpu_count": os.cpu_count(), "threads": threads}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import onnxruntime as ort
+    info["onnxruntime"] = ort.__version__
+    return info
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'k':>3} {'steps':>5} {'median ms':>10} {'p90 ms':>8} {'hyp/s':>7} {'denoise':>8} {'decode':>7} " \
+           f"{'overhead':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        sh = r["stage_share"]
+        lines.append(f"{r['k']:>3} {r['steps']:>5} {r['median_ms']:>10.1f} {r['p90_ms']:>8.1f} "
+                     f"{r['hypotheses_per_s']:>7.1f} {100 * sh['denoise_ms']:>7.1f}% {100 * sh['decode_ms']:>6.1f}% "
+                     f"{100 * r['overhead_fraction']:>7.2f}%")
+    return "\n".join(lines)
