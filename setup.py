@@ -46,7 +46,8 @@ setup(
     extras_require={
         "export": ["torch==2.13.0", "onnx", "onnxscript", "safetensors", "diffusers"],
         "tensorrt": ["tensorrt-rtx-cu13", "cuda-python", "onnx"],
-        "test": ["pytest", "pytest-benchmark", "scipy", "hypothesis", "torch==2.13.0", "onnx", "onnxscript", "safetensors",
+        "dicom": ["pydicom"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "torchmetrics", "hypothesis", "pydicom", "atheris", "torch==2.13.0", "onnx", "onnxscript", "safetensors",
                  "diffusers", "tensorrt-rtx-cu13"],
     },
     entry_points={"console_scripts": ["msld=msld_sdk.cli:main"]},

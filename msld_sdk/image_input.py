@@ -6,6 +6,8 @@ Contract (also in the README):
     by their min and max, with a logged warning.
   * an RGB image given to a grayscale model is converted to luminance (ITU-R 601, as PIL's
     "L"); a grayscale image given to an RGB model is repeated over the three channels.
+  * paths: PNG, JPEG, TIFF, NPY (no pickles) and DICOM (pydicom; rescale slope/intercept,
+    then the file's display window, else its value range; MONOCHROME1 inverted).
   * the image is resized (bilinear, antialiased) to the plan's size; outputs are resized back.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .errors import InputError
 
@@ -37,20 +39,66 @@ def load_image(img) -> np.ndarray:
     return _normalise_array(img)
 
 
+def _is_dicom(p: Path) -> bool:
+    if p.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    try:
+        with open(p, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def _read_dicom(p: Path) -> np.ndarray:
+    """DICOM -> [0, 1]: stored values, then RescaleSlope/Intercept (e.g. to Hounsfield units),
+    then the file's first display window (WindowCenter/Width), else the value range."""
+    try:
+        import pydicom
+    except ImportError:
+        raise InputError(f"{p}: reading DICOM needs pydicom (pip install pydicom)") from None
+    try:
+        ds = pydicom.dcmread(str(p))
+        a = ds.pixel_array.astype(np.float64)
+    except Exception as e:  # pydicom raises many types for damaged files
+        raise InputError(f"{p}: cannot be read as DICOM: {type(e).__name__}: {e}") from e
+    if a.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
+        raise InputError(f"{p}: multi-frame DICOM ({a.shape[0]} frames); pass one frame as an array")
+    a = a * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
+    wc, ww = ds.get("WindowCenter"), ds.get("WindowWidth")
+    first = lambda v: float(v[0]) if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else float(v)
+    if wc is not None and ww is not None and first(ww) > 0:
+        lo = first(wc) - first(ww) / 2
+        a = np.clip((a - lo) / first(ww), 0.0, 1.0)
+    else:
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":  # bright = low values
+        a = 1.0 - a
+    return a.astype(np.float32)
+
+
 def _read_path(p: Path):
     if not p.exists():
         raise InputError(f"image file not found: {p}")
+    if p.is_dir():
+        raise InputError(f"{p}: is a directory, not an image")
+    if _is_dicom(p):
+        return _read_dicom(p)
     if p.suffix.lower() == ".npy":
         try:
-            return np.load(p, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise InputError(f"{p}: not a readable .npy array: {e}") from e
+            a = np.load(p, allow_pickle=False)
+        except Exception as e:  # numpy raises ValueError, EOFError, OSError... for damaged files
+            raise InputError(f"{p}: not a readable .npy array: {type(e).__name__}: {e}") from e
+        if not isinstance(a, np.ndarray):
+            raise InputError(f"{p}: holds several arrays; give a single-array .npy file")
+        return a
     try:
         with Image.open(p) as im:
             im.load()
             return im.copy()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InputError(f"{p}: cannot be read as an image: {e}") from e
+    except Exception as e:  # decoders raise OSError, SyntaxError, EOFError, struct.error... on damage
+        raise InputError(f"{p}: cannot be read as an image: {type(e).__name__}: {e}") from e
 
 
 def _from_pil(im: Image.Image) -> np.ndarray:

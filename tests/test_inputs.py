@@ -91,3 +91,46 @@ def test_bad_arguments(seg, kw, msg):
 def test_empty_batch(seg):
     with pytest.raises(InputError, match="empty"):
         seg.run([])
+
+
+def _write_dicom(path, pixels: np.ndarray, slope=1.0, intercept=0.0, window=None, photometric="MONOCHROME2"):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    pydicom.dcmwrite(str(path), ds, enforce_file_format=True)
+
+
+def test_dicom_rescale_and_window(tmp_path):
+    stored = np.arange(64, dtype=np.uint16).reshape(8, 8) * 40          # 0 .. 2520
+    f = tmp_path / "ct.dcm"
+    _write_dicom(f, stored, slope=1.0, intercept=-1024.0, window=(-600, 1200))  # lung window in HU
+    got = load_image(f)[:, :, 0]
+    hu = stored.astype(np.float64) - 1024
+    want = np.clip((hu - (-600 - 600)) / 1200, 0, 1)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    g = tmp_path / "noext"
+    _write_dicom(g, stored, photometric="MONOCHROME1")  # found by its DICM magic, inverted
+    got = load_image(g)[:, :, 0]
+    np.testing.assert_allclose(got, 1 - stored / stored.max(), atol=1e-6)
+
+
+def test_damaged_dicom(tmp_path, seg):
+    f = tmp_path / "bad.dcm"
+    f.write_bytes(b"\x00" * 128 + b"DICM" + b"\x01\x02garbage")
+    with pytest.raises(InputError, match="bad.dcm.*DICOM"):
+        seg.run(f, k=1, steps=1)

@@ -1,0 +1,51 @@
+"""Bounded fuzzing in CI: damaged plans and arbitrary image bytes/arrays raise only documented errors.
+The long run (100k+ inputs per target) is scripts/fuzz.py; its figures are in the README."""
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fuzz_targets as ft
+
+N = int(os.environ.get("MSLD_FUZZ_EXAMPLES", "300"))
+cfg = settings(max_examples=N, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+
+
+@pytest.fixture(scope="module")
+def seed_plan(tiny_plan):
+    return tiny_plan.read_bytes()
+
+
+@cfg
+@given(st.binary(max_size=4096))
+def test_plan_reader_random_bytes(data):
+    ft.plan_target(data)
+
+
+@cfg
+@given(data=st.binary(min_size=0, max_size=64))
+def test_plan_reader_mutated_plans(seed_plan, data):
+    ft.plan_mutation_target(seed_plan, data)
+
+
+@cfg
+@given(data=st.one_of(st.binary(max_size=512), st.text(max_size=300).map(str.encode),
+                      st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                                   lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c,
+                                                                                       max_size=4))
+                      .map(lambda v: __import__("json").dumps(v).encode())))
+def test_manifest_fuzz(seed_plan, data):
+    ft.manifest_target(seed_plan, data)
+
+
+@cfg
+@given(st.binary(max_size=2048))
+def test_image_file_bytes(data):
+    ft.image_file_target(data)
+
+
+@cfg
+@given(st.binary(min_size=4, max_size=512))
+def test_image_arrays(data):
+    ft.image_array_target(data)
