@@ -157,6 +157,34 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def cmd_eval(a) -> int:
+    from tqdm import tqdm
+
+    from .evaluate import Sample, evaluate, format_report, to_json
+    from .segmenter import Segmenter
+
+    seg = Segmenter(a.plan, backend=a.backend, threads=a.threads)
+    # the data-set readers and splits are shared with training (export/data.py)
+    _repo_export_package("msld eval")
+    from export.data import data_kind_for, load_split
+
+    kind = a.kind or data_kind_for(seg.plan.manifest["model"]["name"])
+    data = load_split(kind, a.data, a.split, seg.plan.image_size[0], limit=a.limit)
+    samples = (Sample(data.images[i].transpose(1, 2, 0).astype(np.float32) / 255.0, data.masks[i] > 0, data.ids[i])
+               for i in range(len(data)))
+    bar = tqdm(total=len(data), desc=f"eval {kind}/{a.split}", unit="img", disable=a.quiet)
+    rep = evaluate(seg, samples, k=a.k or seg.defaults["k"], steps=a.steps, seed=a.seed,
+                   progress=lambda n: bar.update(n - bar.n))
+    bar.close()
+    rep.update(plan=seg.plan.path, data=str(a.data), kind=kind, split=a.split,
+               trained=seg.plan.manifest.get("provenance", {}).get("trained"))
+    print(format_report(rep))
+    if a.json:
+        Path(a.json).write_text(to_json(rep))
+        print(f"wrote {a.json}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="msld", description="MedSegLatDiff: k plausible segmentations, their mean "
                                  "and a confidence map.")
@@ -204,6 +232,23 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
     p.add_argument("-q", "--quiet", action="store_true")
 
+    p = sub.add_parser("eval", parents=[common], help="Dice/IoU (and GED, HM-IoU, ECE for multi-annotator data) "
+                       "of a plan on a labelled split (needs the repository's export/ package for the data readers)")
+    p.add_argument("--plan", default=None, help="plan file or shipped model name (default: lidc)")
+    p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
+                   help="data root holding lidc/, kvasir-seg/, cvc-clinicdb/ (default: ../shared/data)")
+    p.add_argument("--kind", choices=["lidc", "polyp", "kvasir", "cvc"], default=None,
+                   help="data set (default: from the plan's model name)")
+    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--k", type=int, default=None, help="hypotheses per image (default: the plan's)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the plan's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="first N items of the split only")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, metavar="FILE")
+    p.add_argument("-q", "--quiet", action="store_true")
+
     sub.add_parser("export", help="checkpoint -> plan (needs PyTorch); `msld export --help` for options",
                    add_help=False)
 
@@ -213,7 +258,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
     try:
-        return {"segment": cmd_segment, "info": cmd_info, "build": cmd_build, "bench": cmd_bench}[a.cmd](a)
+        return {"segment": cmd_segment, "info": cmd_info, "build": cmd_build, "bench": cmd_bench,
+                "eval": cmd_eval}[a.cmd](a)
     except MsldError as e:
         print(f"msld: error: {e}", file=sys.stderr)
         return 1
