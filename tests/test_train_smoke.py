@@ -1,0 +1,111 @@
+"""Smoke test of the training recipe (export/train.py) and the data splits (export/data.py).
+
+Uses the real data under ../shared/data (or $MSLD_DATA); skipped when it is absent.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.checkpoint import load_checkpoint
+from export.config import tiny_config
+from export.data import cvc_split, default_data_root, dihedral, kvasir_split, lidc_split, load_split
+from export.train import main as train_main
+
+ROOT = default_data_root()
+needs_lidc = pytest.mark.skipif(not (ROOT / "lidc").is_dir(), reason=f"LIDC data not found under {ROOT}")
+needs_polyp = pytest.mark.skipif(not ((ROOT / "cvc-clinicdb").is_dir() and (ROOT / "kvasir-seg").is_dir()),
+                                 reason=f"CVC-ClinicDB / Kvasir-SEG data not found under {ROOT}")
+
+FAST = ["--iters1", "4", "--iters2", "4", "--batch1", "4", "--batch-vae", "2", "--batch2", "4",
+        "--log-every", "2", "--eval-images", "2", "--eval-k", "2", "--eval-steps", "2", "--ae-crop", "16",
+        "--limit", "8", "--nice", "0", "--quiet"]
+
+
+def _tiny(tmp_path, name, channels=1):
+    cfg = tiny_config(name=name, image_channels=channels, image_mean=(0.5,) * channels, image_std=(0.5,) * channels)
+    p = tmp_path / f"{name}.json"
+    p.write_text(json.dumps(cfg.to_dict()))
+    return p
+
+
+@needs_lidc
+def test_train_both_stages_lidc(tmp_path):
+    torch.set_num_threads(2)
+    cfg = _tiny(tmp_path, "lidc-tiny")
+    out = tmp_path / "run"
+    # a run stopped by the time budget at once leaves a resumable checkpoint ...
+    assert train_main(["--config", str(cfg), "--data", str(ROOT), "--out", str(out), "--max-minutes", "0"] + FAST) == 3
+    info = load_checkpoint(out / "last.safetensors")[1]
+    assert info["stage"] == 1 and info["step"] == 0 and not info["stage1_done"]
+    # ... and the same command without the budget finishes both stages
+    assert train_main(["--config", str(cfg), "--data", str(ROOT), "--out", str(out)] + FAST) == 0
+    model, info = load_checkpoint(out / "model.safetensors")
+    assert info["stage"] == 2 and info["complete"] and info["step"] == 4
+    assert model.cfg.image_size == 32 and model.cfg.mask_latent_scale != 1.0
+    assert math.isfinite(model.cfg.mask_latent_scale) and model.cfg.mask_latent_scale > 0
+    log = json.loads((out / "log.json").read_text())
+    assert math.isfinite(log["stage2"]["final_loss"])
+    assert all(math.isfinite(v) for k, v in log["stage1"]["final"].items())
+    assert log["stage1"]["iters"] == 4 and log["stage2"]["iters"] == 4
+    assert 0.0 <= log["stage1"]["val_mask_ae"]["dice_nonempty"] <= 1.0
+    # the exported parts run on the loaded weights
+    with torch.no_grad():
+        lat = model.image_vae.encode(torch.zeros(1, 1, 32, 32))[0]
+        eps = model.denoiser(torch.zeros(1, 4, 8, 8), torch.tensor([10]), lat)
+    assert lat.shape == (1, 4, 8, 8) and torch.isfinite(eps).all()
+    # a finished run started again does nothing more
+    assert train_main(["--config", str(cfg), "--data", str(ROOT), "--out", str(out)] + FAST) == 0
+    assert load_checkpoint(out / "model.safetensors")[1]["step"] == 4
+
+
+@needs_polyp
+def test_train_polyp_rgb(tmp_path):
+    torch.set_num_threads(2)
+    cfg = _tiny(tmp_path, "polyp-tiny", channels=3)
+    out = tmp_path / "run"
+    assert train_main(["--config", str(cfg), "--data", str(ROOT), "--out", str(out)] + FAST + ["--limit", "4", "--eval-images", "0"]) == 0
+    model, info = load_checkpoint(out / "model.safetensors")
+    assert model.cfg.image_channels == 3 and info["complete"]
+
+
+@needs_lidc
+def test_lidc_split_by_patient():
+    s = lidc_split(ROOT)
+    assert s["train"] and s["val"]
+    assert not set(s["train"]) & set(s["val"])
+    assert sorted(s["train"] + s["val"]) == s["train"] + s["val"]   # val = the last patients
+    assert abs(len(s["val"]) / (len(s["train"]) + len(s["val"])) - 0.15) < 0.01
+    tr = load_split("lidc", ROOT, "train", 32, limit=20)
+    va = load_split("lidc", ROOT, "val", 32, limit=20)
+    assert set(tr.groups) <= set(s["train"]) and set(va.groups) <= set(s["val"])
+    assert tr.masks.shape[1:] == (4, 32, 32) and tr.images.shape[1:] == (1, 32, 32)
+    item = tr[0]
+    assert item["image"].dtype == torch.float32 and 0 <= item["image"].min() and item["image"].max() <= 1
+    assert set(np.unique(item["mask"].numpy())) <= {0.0, 1.0}
+
+
+@needs_polyp
+def test_cvc_split_contiguous_and_kvasir_disjoint():
+    s = cvc_split(ROOT)
+    tr, va = s["train"], s["val"]
+    assert tr == list(range(tr[0], tr[-1] + 1)) and va == list(range(va[0], va[-1] + 1))
+    assert tr[-1] + 1 == va[0]
+    assert 0.08 < len(va) / (len(tr) + len(va)) < 0.22
+    k = kvasir_split(ROOT)
+    assert not set(k["train"]) & set(k["val"]) and len(k["train"]) == 700
+    d = load_split("polyp", ROOT, "val", 32, limit=3)
+    assert d.images.shape == (6, 3, 32, 32) and d.masks.shape == (6, 1, 32, 32)
+
+
+def test_dihedral_augmentation_consistent():
+    x = torch.arange(2 * 16, dtype=torch.float32).view(2, 1, 4, 4)
+    for t in range(8):
+        y = dihedral(x, [t, t])
+        assert torch.equal(y[0], y[1] - 16)          # same transform on every sample
+    assert len({tuple(dihedral(x[:1], [t]).flatten().tolist()) for t in range(8)}) == 8
