@@ -142,7 +142,8 @@ def main(argv=None) -> int:
     if a.random:
         cfg = ModelConfig.load(a.config) if a.config else ModelConfig()
         model = random_model(cfg, a.seed)
-        prov = {"checkpoint": None, "trained": False, "note": f"untrained random weights, seed {a.seed}"}
+        prov = {"checkpoint": None, "trained": False, "random_seed": a.seed,
+                "note": f"untrained random weights, seed {a.seed}"}
     else:
         if not a.checkpoint:
             ap.error("give a checkpoint, or --random")
