@@ -47,7 +47,7 @@ setup(
         "export": ["torch==2.13.0", "onnx", "onnxscript", "safetensors", "diffusers"],
         "tensorrt": ["tensorrt-rtx-cu13", "cuda-python", "onnx"],
         "dicom": ["pydicom"],
-        "test": ["pytest", "pytest-benchmark", "scipy", "torchmetrics", "hypothesis", "pydicom", "atheris", "torch==2.13.0", "onnx", "onnxscript", "safetensors",
+        "test": ["pytest", "pytest-benchmark", "scipy", "torchmetrics", "matplotlib", "hypothesis", "pydicom", "atheris", "torch==2.13.0", "onnx", "onnxscript", "safetensors",
                  "diffusers", "tensorrt-rtx-cu13"],
     },
     entry_points={"console_scripts": ["msld=msld_sdk.cli:main"]},

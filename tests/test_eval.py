@@ -66,3 +66,17 @@ def test_eval_command_on_real_lidc_is_reproducible(tiny_plan, tmp_path, capsys):
     import json
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
     assert a["metrics"] == b["metrics"] and a["ece"] == b["ece"]
+
+
+@pytest.mark.skipif(not (DATA / "lidc").is_dir(), reason=f"no LIDC data at {DATA}")
+def test_dice_vs_steps_writes_csv_and_plot(tiny_plan, tmp_path):
+    pytest.importorskip("matplotlib")
+    import csv
+    from export.dice_vs_steps import main as curve_main
+    out = tmp_path / "curve"
+    assert curve_main(["--plan", str(tiny_plan), "--kind", "lidc", "--steps", "1", "3", "--k", "2", "--limit", "3",
+                       "--data", str(DATA), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert [int(r["steps"]) for r in rows] == [1, 3]
+    assert all(0 <= float(r["dice_consensus"]) <= 1 and float(r["ged"]) >= 0 for r in rows)
+    assert out.with_suffix(".png").stat().st_size > 1000
