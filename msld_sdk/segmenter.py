@@ -118,29 +118,40 @@ class Segmenter:
         t2 = time.perf_counter()
 
         n = len(arrays)
-        buf = self.backend.buffers(n * k)
-        buf.cond[...] = np.repeat(cond, k, axis=0)
         denoise_s = [0.0]
-
-        def denoise():
-            s = time.perf_counter()
-            self.backend.denoise_bound(buf)
-            denoise_s[0] += time.perf_counter() - s
-
         bar = None
         if self.progress:
             from tqdm import tqdm
             bar = tqdm(total=steps, desc="DDIM", unit="step", leave=False)
 
-        def progress(done, total):
-            bar.update(1)
+        run_loop = getattr(self.backend, "run_loop", None)
+        if run_loop is not None:
+            # Device-resident loop (TensorRT): noise, denoiser and DDIM updates never leave the GPU,
+            # so the host cannot time them apart; the whole loop is reported as denoise_ms.
+            latents = run_loop(cond, k, n, steps, self._spacing, eta, self._clip, seed, self._alphas)
+            if bar is not None:
+                bar.update(steps)
+        else:
+            buf = self.backend.buffers(n * k)
+            buf.cond[...] = np.repeat(cond, k, axis=0)
 
-        _native.ddim_sample(denoise, self._alphas, steps, self._spacing, eta, self._clip, seed, k, n,
-                            buf.x, buf.eps, buf.t, progress if bar is not None else None)
+            def denoise():
+                s = time.perf_counter()
+                self.backend.denoise_bound(buf)
+                denoise_s[0] += time.perf_counter() - s
+
+            def progress(done, total):
+                bar.update(1)
+
+            _native.ddim_sample(denoise, self._alphas, steps, self._spacing, eta, self._clip, seed, k, n,
+                                buf.x, buf.eps, buf.t, progress if bar is not None else None)
+            latents = buf.x
         if bar is not None:
             bar.close()
         t3 = time.perf_counter()
-        probs = self.backend.decode(buf.x)[:, 0]          # (n*k) x h x w
+        if run_loop is not None:
+            denoise_s[0] = t3 - t2                        # loop_overhead_ms is then 0
+        probs = self.backend.decode(latents)[:, 0]        # (n*k) x h x w
         t4 = time.perf_counter()
 
         results = []

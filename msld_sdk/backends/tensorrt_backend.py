@@ -1,19 +1,43 @@
 """TensorRT backend: the plan's engines on an NVIDIA GPU (TensorRT or TensorRT-RTX).
 
 UNVERIFIED ON A GPU. This module was written from the TensorRT / TensorRT-RTX and
-cuda-python API documentation on a machine without a GPU; it has never been run. What is
-verified on the CPU is only that the engines it loads are built and stored correctly
-(``tests/test_engine_build.py``). Run ``tests/test_backend_selection.py`` on a GPU machine
-(its GPU tests are skipped elsewhere) before relying on it.
+cuda-python API documentation on a machine without a GPU; IT HAS NEVER BEEN RUN, neither the
+host-driven interface nor the device-resident loop (``run_loop``) nor its CUDA-graph capture.
+What is verified on the CPU is only that the engines it loads are built and stored correctly
+(``tests/test_engine_build.py``), and (``tests/test_tensorrt_backend.py``) that the DDIM
+schedule and timestep tables ``run_loop`` uploads are the CPU loop's and that its step sequence,
+run with the CPU twins of the CUDA kernels, gives the CPU loop's latents bit for bit. Run
+``tests/test_backend_selection.py`` and ``tests/test_tensorrt_backend.py`` on a GPU machine
+(their GPU tests are skipped elsewhere) before relying on it.
 
-Same interface as the ONNX Runtime backend: ``encode``, ``buffers(batch)`` (host numpy
-x/t/cond/eps for the CPU-driven native DDIM loop), ``denoise_bound(buf)`` and ``decode``.
-Each engine gets one execution context; device buffers are allocated once per batch size
-(cuda-python ``cudaMalloc``), bound with ``set_input_shape`` / ``set_tensor_address`` and
-run with ``execute_async_v3`` on one CUDA stream. The denoiser's host buffers are copied to
-the device before and back after every call for now (the DDIM loop runs on the CPU);
-a device-resident loop is future work. Batches above an engine's profile maximum are run in
-chunks.
+Two ways to sample:
+
+* ``run_loop`` (what ``Segmenter`` uses when a backend has it): the whole DDIM loop on the
+  GPU. Per batch size: one denoiser execution context of its own, device buffers for x, eps,
+  cond, the bound t and the seed word, allocated once. Per call: cond goes up once and is
+  repeated k times per image on the device, the initial latents come from the native Philox
+  kernel (stream 0, hypotheses 0..k-1 for every image, seed read from the device word), then
+  per step a device-to-device copy of that step's timesteps (tables uploaded once per
+  schedule) into the bound t, ``execute_async_v3`` and the fused native DDIM update (eta noise,
+  Philox stream step + 1, generated inside the kernel), all on one stream; one copy of the
+  latents back at the end. The first call for a (batch, k, schedule, eta, clip) runs those
+  steps one by one (this is also the warm-up enqueue TensorRT needs before capture: shapes
+  and addresses are fixed by then) and then captures them into a CUDA graph; later calls
+  only write the seed word and cond, launch the initial noise and replay the graph. If the
+  capture fails, one warning is logged and that configuration keeps running step by step.
+  Without the native CUDA kernels, or for a k above the engine's batch maximum, ``run_loop``
+  drives the loop from the CPU instead (below), with the same results.
+* ``encode``, ``buffers(batch)``, ``denoise_bound(buf)``, ``decode`` (the ONNX Runtime
+  backend's interface): host numpy x/t/cond/eps for the CPU-driven native loop; every
+  denoiser call copies x, t, cond to the device and eps back.
+
+Each engine gets one execution context for the host interface; device buffers are allocated
+once per batch size (cuda-python ``cudaMalloc``), bound with ``set_input_shape`` /
+``set_tensor_address`` and run with ``execute_async_v3`` on one CUDA stream (``run_loop`` has
+a non-blocking stream of its own, so no other work can slip into a capture).
+Batches above an engine's profile maximum are run in chunks (``run_loop``: in groups of
+whole images; an image's noise does not depend on its place in the batch, so only the
+denoiser's arithmetic for another batch size can differ).
 
 Imported lazily by ``backends.select_backend``; importing it needs neither TensorRT nor
 cuda-python (they are loaded when a backend is constructed).
@@ -22,10 +46,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 
-from .. import trt_compat
+from .. import _native, trt_compat
 from ..errors import BackendUnavailableError
 from ..plan import GRAPH_PARTS, Plan
 
@@ -42,6 +67,41 @@ def _cuda_call(result, what: str):
     if not rest:
         return None
     return rest[0] if len(rest) == 1 else rest
+
+
+@dataclass(frozen=True)
+class DdimSchedule:
+    """The host-side scalars of one DDIM schedule, exactly as ``msld_ddim_coeffs_for`` (the CPU
+    loop) computes them: timesteps from ``_native.ddim_timesteps``; alpha_t = alphas[t] and
+    alpha_prev = alphas[t - T // steps] (1 when that is negative), float32 values as doubles."""
+
+    timesteps: np.ndarray   # int32 (steps,), descending
+    alpha_t: np.ndarray     # float64 (steps,)
+    alpha_prev: np.ndarray  # float64 (steps,)
+
+    def steps(self):
+        """(step i, alpha_t, alpha_prev, Philox stream of its eta noise = i + 1) per step."""
+        for i in range(len(self.timesteps)):
+            yield i, float(self.alpha_t[i]), float(self.alpha_prev[i]), i + 1
+
+    def key(self) -> tuple:
+        return (self.timesteps.tobytes(), self.alpha_t.tobytes(), self.alpha_prev.tobytes())
+
+
+def ddim_schedule(alphas_cumprod: np.ndarray, steps: int, spacing: str) -> DdimSchedule:
+    ac = np.ascontiguousarray(alphas_cumprod, dtype=np.float32)
+    T = int(ac.shape[0])
+    ts = np.asarray(_native.ddim_timesteps(T, int(steps), spacing), dtype=np.int32)
+    prev = ts.astype(np.int64) - T // int(steps)
+    alpha_t = ac[ts].astype(np.float64)
+    alpha_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)].astype(np.float64), 1.0)
+    return DdimSchedule(ts, alpha_t, alpha_prev)
+
+
+def timestep_table(schedule: DdimSchedule, batch: int, dtype=np.float32) -> np.ndarray:
+    """(steps, batch): row i is what the CPU loop writes into t before step i ((float)t)."""
+    t = schedule.timesteps.astype(np.float32)[:, None]
+    return np.ascontiguousarray(np.broadcast_to(t, (len(t), batch)).astype(dtype))
 
 
 class _EnginePart:
@@ -142,6 +202,101 @@ class DenoiserBuffers:
         self.cond = np.zeros((batch, c, h, w), np.float32)
 
 
+def _loop_context(engine, flavour):
+    """A denoiser execution context of the device loop's own (shapes and addresses never change
+    after its first enqueue, as a captured graph requires). Where the API allows: activation
+    memory supplied by us (USER_MANAGED, so nothing is allocated inside enqueue; TensorRT-RTX
+    asks for it when capturing), and TensorRT-RTX compiling its shape-specialised kernels
+    eagerly, on the warm-up enqueue rather than during capture. Returns (context, user_memory)."""
+    trt = flavour.trt
+    user = getattr(getattr(trt, "ExecutionContextAllocationStrategy", None), "USER_MANAGED", None)
+    if flavour.is_rtx and hasattr(engine, "create_runtime_config"):
+        cfg = engine.create_runtime_config()
+        if user is not None:
+            cfg.set_execution_context_allocation_strategy(user)
+        eager = getattr(getattr(trt, "DynamicShapesKernelSpecializationStrategy", None), "EAGER", None)
+        if eager is not None:
+            cfg.dynamic_shapes_kernel_specialization_strategy = eager
+        ctx = engine.create_execution_context(cfg)
+    elif user is not None:
+        ctx = engine.create_execution_context(user)
+    else:
+        ctx = engine.create_execution_context()
+    if ctx is None:
+        raise RuntimeError("TensorRT could not create an execution context for the denoiser loop")
+    return ctx, user is not None
+
+
+class _LoopState:
+    """Device side of ``run_loop`` for one batch size: context, buffers, t tables and graphs."""
+
+    def __init__(self, backend: "TensorRTBackend", batch: int, latent_shape: tuple[int, int, int]):
+        self.cudart = backend.cudart
+        den = backend.parts["denoiser"]
+        self.batch, self.elems = batch, int(np.prod(latent_shape))
+        self.t_dtype = den.dtypes["t"]
+        self._ptrs: list[int] = []
+        self.tables: dict[tuple, int] = {}    # schedule key -> device (steps, batch) t table
+        self.graphs: dict[tuple, object] = {}  # graph key -> cudaGraphExec_t
+        self.no_graph: dict[tuple, str] = {}   # graph key -> why capture failed
+        self.context = None
+        try:
+            self._setup(den, backend.flavour, (batch,) + tuple(latent_shape))
+        except BaseException:
+            self.free()
+            raise
+
+    def _setup(self, den, flavour, shape: tuple) -> None:
+        self.context, user_memory = _loop_context(den.engine, flavour)
+        lat = int(np.prod(shape)) * 4
+        self.x, self.eps, self.cond, self.cond_img = (self._malloc(lat) for _ in range(4))
+        self.t = self._malloc(self.batch * self.t_dtype.itemsize)
+        self.seed = self._malloc(8)
+        # every input shape is set before the first enqueue and never changes for this context
+        for name, shp in (("x", shape), ("cond", shape), ("t", (self.batch,))):
+            if not self.context.set_input_shape(name, shp):
+                raise ValueError(f"denoiser engine rejects input {name} of shape {shp}")
+        if tuple(self.context.get_tensor_shape("eps")) != shape:
+            raise ValueError(f"denoiser engine gives eps of shape {tuple(self.context.get_tensor_shape('eps'))}, "
+                             f"expected {shape}")
+        if user_memory:
+            size = int(self.context.update_device_memory_size_for_shapes()
+                       if hasattr(self.context, "update_device_memory_size_for_shapes")
+                       else den.engine.get_device_memory_size_for_profile_v2(0))
+            self.context.set_device_memory(self._malloc(size), size)  # cudaMalloc: 256-byte aligned
+        for name in ("x", "t", "cond", "eps"):
+            if not self.context.set_tensor_address(name, getattr(self, name)):
+                raise RuntimeError(f"denoiser engine refused the address of {name}")
+
+    def _malloc(self, nbytes: int) -> int:
+        p = int(_cuda_call(self.cudart.cudaMalloc(max(int(nbytes), 1)), "cudaMalloc"))
+        self._ptrs.append(p)
+        return p
+
+    def table(self, schedule: DdimSchedule, stream) -> int:
+        """Device copy of ``timestep_table`` for this schedule (uploaded on first use only)."""
+        key = schedule.key()
+        ptr = self.tables.get(key)
+        if ptr is None:
+            host = timestep_table(schedule, self.batch, self.t_dtype)
+            ptr = self._malloc(host.nbytes)
+            cudart = self.cudart
+            _cuda_call(cudart.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes,
+                                              cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream), "t table upload")
+            _cuda_call(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+            self.tables[key] = ptr
+        return ptr
+
+    def free(self) -> None:
+        for g in self.graphs.values():
+            self.cudart.cudaGraphExecDestroy(g)
+        self.graphs.clear()
+        self.context = None  # before the memory it uses
+        for p in self._ptrs:
+            self.cudart.cudaFree(p)
+        self._ptrs.clear()
+
+
 class TensorRTBackend:
     name = "tensorrt"
 
@@ -160,6 +315,10 @@ class TensorRTBackend:
         self.runtime = trt.Runtime(self.logger)
         try:
             self.stream = _cuda_call(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
+            # run_loop's own stream: nothing else is ever enqueued on it, so a capture records
+            # only the loop; non-blocking: no implicit syncs with the legacy default stream
+            self.loop_stream = _cuda_call(self.cudart.cudaStreamCreateWithFlags(
+                getattr(self.cudart, "cudaStreamNonBlocking", 1)), "cudaStreamCreateWithFlags")
         except RuntimeError as e:
             raise BackendUnavailableError(f"cannot create a CUDA stream: {e}") from e
         self.parts: dict[str, _EnginePart] = {}
@@ -181,6 +340,11 @@ class TensorRTBackend:
         self.threads = 1
         self._buffers: dict[tuple[int, int], DenoiserBuffers] = {}
         self._lock = threading.Lock()
+        self._loops: dict[tuple, _LoopState] = {}  # run_loop state per (batch, latent shape)
+        self._loop_lock = threading.Lock()         # one device loop at a time (shared buffers)
+        self.use_cuda_graph = True                 # False: run_loop neither captures nor replays graphs
+        self.last_loop_mode: str | None = None     # "graph", "steps" or "host" (diagnostics)
+        self._host_reasons: set[str] = set()       # why run_loop fell back to the host loop (logged once)
 
     def encode(self, image: np.ndarray) -> np.ndarray:
         """B x C x H x W normalised image -> B x c x h x w image latent."""
@@ -199,16 +363,153 @@ class TensorRTBackend:
         """One denoiser call: copies x, t, cond to the GPU, runs, copies eps back into buf.eps."""
         self.parts["denoiser"].run({"x": buf.x, "t": buf.t, "cond": buf.cond}, {"eps": buf.eps})
 
+    # ---- the device-resident DDIM loop --------------------------------------------------------
+    def run_loop(self, cond: np.ndarray, k: int, n_images: int, steps: int, spacing: str, eta: float,
+                 clip: float, seed: int, alphas_cumprod: np.ndarray) -> np.ndarray:
+        """The whole DDIM loop (``msld_ddim_sample``) for ``cond`` (n_images, C, h, w), the
+        encoder's output: returns the final latents (n_images * k, C, h, w) float32, laid out
+        [image][hypothesis] and equal to the CPU loop's up to the denoiser's arithmetic."""
+        cond = np.ascontiguousarray(cond, dtype=np.float32)
+        if cond.shape[0] != n_images:
+            raise ValueError(f"cond holds {cond.shape[0]} images, expected {n_images}")
+        schedule = ddim_schedule(alphas_cumprod, steps, spacing)
+        den = self.parts["denoiser"]
+        group = den.max_batch // k  # whole images per denoiser batch
+        why = (f"k={k} is above the denoiser engine's batch maximum {den.max_batch} (the eta-noise kernel "
+               "cannot split an image's hypotheses)" if group < 1 else
+               "msld_sdk._native was built without the CUDA kernels" if not getattr(_native, "built_with_cuda", False)
+               else "the denoiser engine's x/cond/eps are not float32"
+               if any(den.dtypes.get(n) != np.dtype(np.float32) for n in ("x", "cond", "eps")) else None)
+        if why is not None:
+            if why not in self._host_reasons:
+                self._host_reasons.add(why)
+                log.info("msld_sdk: TensorRT DDIM loop driven from the CPU (%s)", why)
+            self.last_loop_mode = "host"
+            return self._host_loop(cond, k, n_images, steps, spacing, eta, clip, seed, alphas_cumprod)
+        out = np.empty((n_images * k,) + cond.shape[1:], np.float32)
+        for start in range(0, n_images, group):
+            m = min(group, n_images - start)
+            self._device_loop(cond[start:start + m], k, schedule, float(eta), float(clip), int(seed),
+                              out[start * k:(start + m) * k])
+        return out
+
+    def _host_loop(self, cond, k, n_images, steps, spacing, eta, clip, seed, alphas_cumprod) -> np.ndarray:
+        """The CPU-driven loop on this backend's host buffers (what Segmenter did before run_loop)."""
+        buf = self.buffers(n_images * k)
+        buf.cond[...] = np.repeat(cond, k, axis=0)
+        _native.ddim_sample(lambda: self.denoise_bound(buf), np.ascontiguousarray(alphas_cumprod, np.float32),
+                            steps, spacing, eta, clip, seed, k, n_images, buf.x, buf.eps, buf.t)
+        return buf.x.copy()
+
+    def _device_loop(self, cond: np.ndarray, k: int, schedule: DdimSchedule, eta: float, clip: float, seed: int,
+                     out: np.ndarray) -> None:
+        cudart, stream = self.cudart, self.loop_stream
+        s = int(stream)
+        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        d2d = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        n, per = cond.shape[0], cond[0].nbytes
+        with self._loop_lock:
+            st = self._loops.get((n * k, cond.shape[1:]))
+            if st is None:
+                st = self._loops[(n * k, cond.shape[1:])] = _LoopState(self, n * k, cond.shape[1:])
+            table = st.table(schedule, stream)
+            # this call's inputs: seed word, cond (up once, then k copies per image on the device),
+            # initial latents (Philox stream 0, hypotheses 0..k-1 for every image)
+            seed_host = np.array([seed], np.uint64)  # pageable H2D copies are staged before the call returns
+            _cuda_call(cudart.cudaMemcpyAsync(st.seed, seed_host.ctypes.data, 8, h2d, stream), "seed upload")
+            _cuda_call(cudart.cudaMemcpyAsync(st.cond_img, cond.ctypes.data, cond.nbytes, h2d, stream), "cond upload")
+            for b in range(n):
+                for j in range(k):
+                    _cuda_call(cudart.cudaMemcpyAsync(st.cond + (b * k + j) * per, st.cond_img + b * per, per, d2d,
+                                                      stream), "cond repeat")
+            _native.cuda_gaussian_dev(st.seed, 0, k, n, st.elems, 0, st.x, s)
+            key = (k, n, eta, clip) + schedule.key()
+            graph = st.graphs.get(key) if self.use_cuda_graph else None
+            if graph is not None:
+                _cuda_call(cudart.cudaGraphLaunch(graph, stream), "cudaGraphLaunch")
+                self.last_loop_mode = "graph"
+            else:
+                self._enqueue_steps(st, table, schedule, k, n, eta, clip)
+                self.last_loop_mode = "steps"
+            _cuda_call(cudart.cudaMemcpyAsync(out.ctypes.data, st.x, out.nbytes,
+                                              cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream), "latents D2H")
+            _cuda_call(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+            if graph is None and self.use_cuda_graph and key not in st.no_graph:
+                # the steps just run were the warm-up enqueue; capture them for the next calls
+                graph, why = self._capture(st, table, schedule, k, n, eta, clip)
+                if graph is None:
+                    st.no_graph[key] = why
+                    log.warning("msld_sdk: CUDA graph capture of the TensorRT DDIM loop failed (%s); "
+                                "running it step by step", why)
+                else:
+                    st.graphs[key] = graph
+
+    def _enqueue_steps(self, st: _LoopState, table: int, schedule: DdimSchedule, k: int, n: int, eta: float,
+                       clip: float) -> None:
+        """Enqueue every step on the stream (no host copy, no sync): t <- row i of the table,
+        denoiser, fused DDIM update in place on x (eta noise generated in the kernel)."""
+        cudart, stream = self.cudart, self.loop_stream
+        s = int(stream)
+        d2d = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        row = st.batch * st.t_dtype.itemsize
+        for i, alpha_t, alpha_prev, noise_stream in schedule.steps():
+            _cuda_call(cudart.cudaMemcpyAsync(st.t, table + i * row, row, d2d, stream), "t copy")
+            if not st.context.execute_async_v3(s):
+                raise RuntimeError(f"TensorRT execute_async_v3 failed for the denoiser (step {i})")
+            if eta > 0.0:
+                _native.cuda_ddim_step_noise_dev(st.x, st.eps, alpha_t, alpha_prev, eta, clip, st.seed, k, n,
+                                                 st.elems, noise_stream, s)
+            else:
+                _native.cuda_ddim_step(st.x, st.eps, 0, st.batch * st.elems, alpha_t, alpha_prev, 0.0, clip, s)
+
+    def _capture(self, st: _LoopState, table: int, schedule: DdimSchedule, k: int, n: int, eta: float,
+                 clip: float):
+        """Capture ``_enqueue_steps`` into an instantiated CUDA graph: (graph exec, None) or (None, why)."""
+        cudart, stream = self.cudart, self.loop_stream
+        capturable = getattr(st.context, "is_stream_capturable", None)
+        if capturable is not None and not capturable(int(stream)):
+            return None, (f"{self.flavour.display} reports the denoiser context cannot be captured on this stream"
+                          + (" (engines need the REQUIRE_USER_ALLOCATION build flag)" if self.flavour.is_rtx else ""))
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        try:
+            _cuda_call(cudart.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
+        except RuntimeError as e:
+            return None, str(e)
+        failed = None
+        try:
+            self._enqueue_steps(st, table, schedule, k, n, eta, clip)
+        except Exception as e:  # noqa: BLE001 - any failure inside capture means: no graph
+            failed = f"{type(e).__name__}: {e}"
+        err, graph = cudart.cudaStreamEndCapture(stream)  # always end, even after a failure
+        if failed is None and int(err) != 0:
+            failed = f"cudaStreamEndCapture: {getattr(err, 'name', err)}"
+        try:
+            if failed is None:
+                err, exe = cudart.cudaGraphInstantiate(graph, 0)
+                if int(err) != 0:
+                    failed = f"cudaGraphInstantiate: {getattr(err, 'name', err)}"
+        finally:
+            if graph is not None and int(graph) != 0:
+                cudart.cudaGraphDestroy(graph)  # the executable graph does not need it
+        if failed is not None:
+            cudart.cudaGetLastError()  # leave no error behind for the step-by-step runs
+            return None, failed
+        return exe, None
+
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """N x c x h x w latents -> N x 1 x H x W foreground probabilities."""
         return self.parts["decoder"]({"z": latents})["prob"]
 
     def close(self) -> None:
+        for st in getattr(self, "_loops", {}).values():
+            st.free()
+        getattr(self, "_loops", {}).clear()
         for p in getattr(self, "parts", {}).values():
             p.free()
-        if getattr(self, "stream", None) is not None:
-            self.cudart.cudaStreamDestroy(self.stream)
-            self.stream = None
+        for name in ("stream", "loop_stream"):
+            if getattr(self, name, None) is not None:
+                self.cudart.cudaStreamDestroy(getattr(self, name))
+                setattr(self, name, None)
 
     def __del__(self):  # best effort; the process exit frees everything anyway
         try:

@@ -1,0 +1,315 @@
+"""The device-resident TensorRT loop (``TensorRTBackend.run_loop``) and the Segmenter hook that uses it.
+
+On a CPU-only machine (no faking of TensorRT, CUDA or the GPU):
+  * the DDIM schedule and the per-step timestep tables ``run_loop`` uploads are exactly those of the
+    CPU loop (``_native.ddim_timesteps``, ``msld_ddim_coeffs_for``, the t the CPU loop writes) and of
+    the verified torch GPU loop (``export.gpu_sampler.ddim_schedule``);
+  * the step sequence ``run_loop`` enqueues (initial noise on Philox stream 0 with hypotheses 0..k-1
+    for every image, then per step t, denoiser, DDIM update with the noise of stream step + 1), run
+    with the CPU twins of the CUDA kernels, gives ``_native.ddim_sample``'s latents bit for bit;
+  * ``Segmenter`` calls ``run_loop`` when (and only when) a backend has one, decodes what it returns,
+    and, when ``run_loop`` is the CPU loop, gives exactly the ONNX Runtime path's results.
+
+On a GPU with TensorRT and cuda-python (skipped elsewhere, with the reason): ``run_loop`` against the
+CPU loop (masks equal except within 1e-4 of the threshold), against the same engine driven from the
+host, and CUDA-graph replay against step by step.
+"""
+from __future__ import annotations
+
+import inspect
+import shutil
+
+import numpy as np
+import pytest
+
+import msld_sdk.segmenter as segmenter_module
+from msld_sdk import Segmenter, _native, trt_compat
+from msld_sdk.backends.onnxruntime_backend import OnnxRuntimeBackend
+from msld_sdk.backends.tensorrt_backend import TensorRTBackend, ddim_schedule, timestep_table
+from msld_sdk.image_input import resize_planes
+from msld_sdk.plan import Plan
+
+GPU_REASON = "needs a GPU with TensorRT and cuda-python"
+
+
+def plan_alphas(path) -> np.ndarray:
+    return np.asarray(Plan.open(path).manifest["schedule"]["alphas_cumprod"], np.float32)
+
+
+def toy_denoiser(x: np.ndarray, t: np.ndarray, cond: np.ndarray) -> np.ndarray:
+    """A deterministic stand-in for the network (float32 in, float32 out)."""
+    tt = (t.astype(np.float32) / np.float32(1000.0))[:, None, None, None]
+    return np.tanh(np.float32(0.5) * x + np.float32(0.3) * cond - tt).astype(np.float32)
+
+
+def cpu_loop(alphas, steps, spacing, eta, clip, seed, k, cond, record_t=None):
+    """``_native.ddim_sample`` (the CPU loop) with ``toy_denoiser``; returns the final latents."""
+    n = cond.shape[0]
+    x = np.zeros((n * k,) + cond.shape[1:], np.float32)
+    eps, t = np.zeros_like(x), np.zeros((n * k,), np.float32)
+    cond_k = np.repeat(cond, k, axis=0)
+
+    def denoise():
+        if record_t is not None:
+            record_t.append(t.copy())
+        eps[...] = toy_denoiser(x, t, cond_k)
+
+    _native.ddim_sample(denoise, alphas, steps, spacing, eta, clip, seed, k, n, x, eps, t)
+    return x
+
+
+# ---- schedule and timestep tables ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("steps", [1, 3, 10, 20, 50])
+def test_schedule_is_the_cpu_loops(tiny_plan, spacing, steps):
+    ac = plan_alphas(tiny_plan)
+    T = len(ac)
+    steps = min(steps, T)
+    s = ddim_schedule(ac, steps, spacing)
+    np.testing.assert_array_equal(s.timesteps, _native.ddim_timesteps(T, steps, spacing))
+    for i, t in enumerate(s.timesteps.tolist()):
+        prev = t - T // steps                       # msld_ddim_coeffs_for
+        assert s.alpha_t[i] == float(ac[t])
+        assert s.alpha_prev[i] == (float(ac[prev]) if prev >= 0 else 1.0)
+    assert [st[3] for st in s.steps()] == list(range(1, steps + 1))   # eta-noise stream of step i: i + 1
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_schedule_is_the_verified_gpu_loops(tiny_plan, spacing):
+    gpu_sampler = pytest.importorskip("export.gpu_sampler", reason="needs torch (export/)")
+    ac = plan_alphas(tiny_plan)
+    for steps in (1, 4, 20):
+        ref = gpu_sampler.ddim_schedule(ac, steps, spacing)
+        s = ddim_schedule(ac, steps, spacing)
+        assert [(c.timestep, c.alpha_t, c.alpha_prev) for c in ref] == \
+               list(zip(s.timesteps.tolist(), s.alpha_t.tolist(), s.alpha_prev.tolist()))
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_timestep_table_is_what_the_cpu_loop_writes(tiny_plan, spacing, n_images, rng):
+    ac, k, steps = plan_alphas(tiny_plan), 3, 7
+    cond = rng.standard_normal((n_images, 2, 4, 4)).astype(np.float32)
+    seen = []
+    cpu_loop(ac, steps, spacing, 0.0, 0.0, 11, k, cond, record_t=seen)
+    table = timestep_table(ddim_schedule(ac, steps, spacing), n_images * k)
+    assert table.dtype == np.float32 and table.shape == (steps, n_images * k) and table.flags.c_contiguous
+    np.testing.assert_array_equal(np.stack(seen), table)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_device_step_sequence_with_cpu_kernels_is_the_cpu_loop(tiny_plan, rng, eta, clip, spacing, n_images):
+    """What run_loop enqueues, with each CUDA kernel replaced by its CPU twin (bit-identical by
+    msld_cuda.h, checked on a GPU by test_cuda_kernels.py), equals the CPU loop bit for bit."""
+    ac, k, steps, seed = plan_alphas(tiny_plan), 3, 6, 2**63 + 5
+    cond = rng.standard_normal((n_images, 2, 4, 4)).astype(np.float32)
+    elems = int(np.prod(cond.shape[1:]))
+    sched = ddim_schedule(ac, steps, spacing)
+    table = timestep_table(sched, n_images * k)
+    cond_k = np.repeat(cond, k, axis=0)
+
+    def per_image_noise(stream):  # cuda_gaussian_dev / the in-kernel noise: hypotheses 0..k-1 per image
+        return np.concatenate([_native.gaussian(seed, 0, k, elems, stream)] * n_images).reshape(-1)
+
+    x = per_image_noise(0)
+    for i, alpha_t, alpha_prev, stream in sched.steps():
+        eps = toy_denoiser(x.reshape(cond_k.shape), table[i], cond_k).reshape(-1)
+        noise = per_image_noise(stream) if eta > 0 else None
+        x, _ = _native.ddim_step(x, eps, alpha_t, alpha_prev, eta, noise, clip)
+    ref = cpu_loop(ac, steps, spacing, eta, clip, seed, k, cond)
+    np.testing.assert_array_equal(x.reshape(ref.shape), ref)
+
+
+# ---- the Segmenter hook ---------------------------------------------------------------------------------
+
+class CpuLoopBackend:
+    """A backend with ``run_loop`` that runs the CPU loop on a wrapped ONNX Runtime backend. It has no
+    ``buffers`` / ``denoise_bound``, so the Segmenter can only get latents through ``run_loop``."""
+
+    name = "cpu-run-loop"
+
+    def __init__(self, inner: OnnxRuntimeBackend):
+        self.inner, self.calls, self.decoded, self.returned = inner, [], [], []
+
+    def encode(self, image):
+        return self.inner.encode(image)
+
+    def decode(self, latents):
+        self.decoded.append(latents)
+        return self.inner.decode(latents)
+
+    def run_loop(self, cond, k, n_images, steps, spacing, eta, clip, seed, alphas_cumprod):
+        self.calls.append(dict(cond=cond.copy(), k=k, n_images=n_images, steps=steps, spacing=spacing, eta=eta,
+                               clip=clip, seed=seed, alphas=np.array(alphas_cumprod)))
+        buf = self.inner.buffers(n_images * k)
+        buf.cond[...] = np.repeat(cond, k, axis=0)
+        _native.ddim_sample(lambda: self.inner.denoise_bound(buf), alphas_cumprod, steps, spacing, eta, clip, seed,
+                            k, n_images, buf.x, buf.eps, buf.t)
+        out = buf.x.copy()
+        self.returned.append(out)
+        return out
+
+
+class CountingNative:
+    """``_native`` with its ddim_sample calls counted (everything else passes through)."""
+
+    def __init__(self):
+        self.ddim_sample_calls = 0
+
+    def __getattr__(self, name):
+        return getattr(_native, name)
+
+    def ddim_sample(self, *a, **kw):
+        self.ddim_sample_calls += 1
+        return _native.ddim_sample(*a, **kw)
+
+
+def test_only_the_tensorrt_backend_has_run_loop():
+    assert not hasattr(OnnxRuntimeBackend, "run_loop")
+    params = list(inspect.signature(TensorRTBackend.run_loop).parameters)
+    assert params == ["self", "cond", "k", "n_images", "steps", "spacing", "eta", "clip", "seed", "alphas_cumprod"]
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_segmenter_routes_through_run_loop_and_equals_the_cpu_path(tiny_plan, rng, monkeypatch, eta, n_images):
+    counting = CountingNative()
+    monkeypatch.setattr(segmenter_module, "_native", counting)
+    imgs = [rng.random((40, 50), dtype=np.float32) for _ in range(n_images)]
+    plain = Segmenter(tiny_plan, backend="onnxruntime")
+    ref = plain.run(imgs, k=3, steps=5, seed=9, eta=eta)
+    assert counting.ddim_sample_calls == 1                  # no run_loop: the native CPU loop
+
+    hooked = Segmenter(tiny_plan, backend="onnxruntime")
+    fake = hooked.backend = CpuLoopBackend(hooked.backend)
+    got = hooked.run(imgs, k=3, steps=5, seed=9, eta=eta)
+    assert counting.ddim_sample_calls == 1                  # the Segmenter did not run its own loop
+    assert len(fake.calls) == 1
+    c = fake.calls[0]
+    assert (c["k"], c["n_images"], c["steps"], c["spacing"], c["eta"], c["clip"], c["seed"]) == \
+           (3, n_images, 5, plain._spacing, eta, plain._clip, 9)
+    np.testing.assert_array_equal(c["alphas"], plain._alphas)
+    assert c["cond"].shape[0] == n_images
+    assert len(fake.decoded) == 1 and fake.decoded[0] is fake.returned[0]   # what run_loop returned is decoded
+    for a, b in zip(got, ref):
+        for field in ("masks", "probs", "mean", "confidence", "consensus"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+        assert a.seed == b.seed == 9
+        assert set(a.timings) == set(b.timings)
+        assert a.timings["loop_overhead_ms"] == 0.0 and a.timings["denoise_ms"] > 0.0
+
+
+def test_segmenter_decodes_exactly_the_latents_run_loop_returns(tiny_plan, rng):
+    seg = Segmenter(tiny_plan, backend="onnxruntime")
+    inner = seg.backend
+    k, img = 4, rng.random((30, 20), dtype=np.float32)
+    known = rng.standard_normal((k,) + inner.latent_shape).astype(np.float32)
+
+    class KnownLatents(CpuLoopBackend):
+        def run_loop(self, cond, k, n_images, steps, spacing, eta, clip, seed, alphas_cumprod):
+            self.calls.append(k)
+            return known
+
+    seg.backend = KnownLatents(inner)
+    r = seg.run(img, k=k, steps=3, seed=1)
+    assert seg.backend.decoded[0] is known
+    probs = resize_planes(np.ascontiguousarray(inner.decode(known)[:, 0]), img.shape)
+    np.clip(probs, 0.0, 1.0, out=probs)
+    np.testing.assert_array_equal(r.probs, probs)
+    masks, mean, conf, cons = _native.aggregate(probs, 0.5)
+    np.testing.assert_array_equal(r.masks, masks)
+    np.testing.assert_array_equal(r.mean, mean)
+
+
+# ---- on a GPU -------------------------------------------------------------------------------------------
+
+def _gpu_skip_reason() -> str | None:
+    ccs, why = trt_compat.gpu_compute_capabilities()
+    if not ccs:
+        return f"{GPU_REASON} ({why})"
+    if not trt_compat.installed_flavours():
+        return f"{GPU_REASON} (no TensorRT module: {trt_compat.install_hint()})"
+    if not trt_compat.cuda_python_installed():
+        return f"{GPU_REASON} (cuda-python is not installed)"
+    if not getattr(_native, "built_with_cuda", False):
+        return f"{GPU_REASON}, and msld_sdk._native built with the CUDA kernels (it was built without nvcc)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def gpu_plan(tiny_plan, tmp_path_factory):
+    why = _gpu_skip_reason()
+    if why:
+        pytest.skip(why)
+    from msld_sdk.engine_build import build_engines  # pragma: no cover - GPU only from here
+    fl = trt_compat.load()
+    cc = trt_compat.gpu_compute_capabilities()[0][0]
+    if fl.supported_targets() is not None and cc not in fl.supported_targets():
+        pytest.skip(f"{GPU_REASON}: {fl.display} cannot target this GPU (compute capability {cc})")
+    path = tmp_path_factory.mktemp("trt") / "loop.plan"
+    shutil.copy(tiny_plan, path)
+    build_engines(path, fp32=True, compute_capabilities=[cc], progress=False, echo=lambda s: None)
+    return path
+
+
+def _near(probs, thr=0.5, tol=1e-4):
+    return np.abs(probs - thr) < tol
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_gpu_run_loop_masks_equal_the_cpu_loop(gpu_plan, eta):  # pragma: no cover - GPU only
+    rng = np.random.default_rng(3)
+    imgs = [rng.random((40, 50), dtype=np.float32) for _ in range(2)]
+    trt_seg = Segmenter(gpu_plan, backend="tensorrt")
+    ort_seg = Segmenter(gpu_plan, backend="onnxruntime")
+    for _ in range(2):  # first call step by step (then captured), second replayed where capture works
+        got = trt_seg.run(imgs, k=3, steps=6, seed=21, eta=eta)
+        assert trt_seg.backend.last_loop_mode in ("steps", "graph")
+        ref = ort_seg.run(imgs, k=3, steps=6, seed=21, eta=eta)
+        for a, b in zip(got, ref):
+            assert not ((a.masks != b.masks) & ~_near(b.probs)).any()
+            np.testing.assert_allclose(a.probs, b.probs, atol=2e-3)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_gpu_run_loop_equals_the_host_driven_loop_on_the_same_engine(gpu_plan, eta):  # pragma: no cover
+    seg = Segmenter(gpu_plan, backend="tensorrt")
+    b = seg.backend
+    b.use_cuda_graph = False
+    cond = b.encode(np.random.default_rng(4).random((2, Plan.open(gpu_plan).channels,
+                                                     *Plan.open(gpu_plan).image_size)).astype(np.float32))
+    args = (3, 2, 6, seg._spacing, eta, seg._clip, 77, seg._alphas)
+    dev = b.run_loop(cond, *args)
+    assert b.last_loop_mode == "steps"
+    host = b._host_loop(cond, *args)
+    np.testing.assert_allclose(dev, host, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_gpu_graph_replay_equals_step_by_step(gpu_plan, eta, caplog):  # pragma: no cover - GPU only
+    seg = Segmenter(gpu_plan, backend="tensorrt")
+    b = seg.backend
+    pl = Plan.open(gpu_plan)
+    cond = b.encode(np.random.default_rng(5).random((2, pl.channels, *pl.image_size)).astype(np.float32))
+
+    def run(seed):
+        return b.run_loop(cond, 4, 2, 8, seg._spacing, eta, seg._clip, seed, seg._alphas)
+
+    first = run(1)                      # step by step, then capture
+    assert b.last_loop_mode == "steps"
+    replay = run(1)
+    if b.last_loop_mode != "graph":
+        fails = [r.getMessage() for r in caplog.records if "CUDA graph capture" in r.getMessage()]
+        pytest.skip(f"CUDA graph capture did not succeed here: {fails}")
+    np.testing.assert_allclose(replay, first, rtol=0, atol=1e-6)
+    other = run(2**64 - 3)              # a new seed through the device word, same graph
+    assert b.last_loop_mode == "graph"
+    b.use_cuda_graph = False
+    other_steps = run(2**64 - 3)
+    assert b.last_loop_mode == "steps"
+    np.testing.assert_allclose(other, other_steps, rtol=0, atol=1e-6)
+    assert not np.allclose(other, first)
