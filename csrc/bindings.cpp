@@ -9,6 +9,7 @@
 #include <string>
 
 #include "msld.h"
+#include "py_status.h"
 
 namespace py = pybind11;
 
@@ -16,12 +17,7 @@ namespace {
 
 using farray = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
-void check(msld_status s, const char* what) {
-    if (s == MSLD_OK) return;
-    std::string msg = std::string(what) + ": " + msld_status_string(s);
-    if (s == MSLD_ERR_INVALID_ARG || s == MSLD_ERR_NULL_POINTER) throw py::value_error(msg);
-    throw std::runtime_error(msg);
-}
+using msld_py::check;
 
 msld_spacing parse_spacing(const std::string& s) {
     if (s == "leading") return MSLD_SPACING_LEADING;

@@ -14,30 +14,13 @@
 #include <string>
 
 #include "msld_cuda.h"
+#include "py_status.h"
 
 namespace py = pybind11;
 
 namespace {
 
-const char* status_text(msld_status s) {
-    switch (s) {
-        case MSLD_OK: return "ok";
-        case MSLD_ERR_NULL_POINTER: return "a required pointer was NULL";
-        case MSLD_ERR_INVALID_ARG: return "an argument was out of range";
-        case MSLD_ERR_CALLBACK: return "the denoiser callback failed";
-        case MSLD_ERR_CUDA: return "a CUDA call failed";
-        case MSLD_ERR_NO_CUDA: return "built without CUDA";
-        case MSLD_ERR_CANCELLED: return "cancelled by the progress callback";
-    }
-    return "unknown status";
-}
-
-void check(msld_status s, const char* what) {
-    if (s == MSLD_OK) return;
-    std::string msg = std::string(what) + ": " + status_text(s);
-    if (s == MSLD_ERR_INVALID_ARG || s == MSLD_ERR_NULL_POINTER) throw py::value_error(msg);
-    throw std::runtime_error(msg);
-}
+using msld_py::check;
 
 template <class T>
 T* ptr(std::uintptr_t p) { return reinterpret_cast<T*>(p); }
