@@ -6,6 +6,7 @@ through the denoiser together, once per DDIM step, inside the native loop (``_na
 from __future__ import annotations
 
 import logging
+import numbers
 import secrets
 import time
 from importlib import resources
@@ -96,9 +97,9 @@ class Segmenter:
         T = len(self._alphas)
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
             raise InputError(f"steps must be an integer from 1 to {T}, got {steps!r}")
-        if not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
+        if isinstance(eta, bool) or not (isinstance(eta, numbers.Real) and 0.0 <= eta <= 1.0):
             raise InputError(f"eta must be a number in [0, 1], got {eta!r}")
-        if not (isinstance(threshold, (int, float)) and 0.0 <= threshold < 1.0):
+        if isinstance(threshold, bool) or not (isinstance(threshold, numbers.Real) and 0.0 <= threshold < 1.0):
             raise InputError(f"threshold must be in [0, 1), got {threshold!r}")
         if seed is None:
             seed = secrets.randbits(63)
