@@ -4,9 +4,11 @@
         [--stage 1|2|all] [--minutes1 15 --minutes2 45] [--iters1 N --iters2 N] [--max-minutes N]
 
 Stage 1 trains the image VAE (L1 recon + small KL) and the mask autoencoder (weighted BCE with
-``cfg.fg_weight`` + soft Dice), then sets ``cfg.mask_latent_scale = 1 / std(mask latents)``.
-Stage 2 trains the latent denoiser on the frozen autoencoders (DDPM, T=1000, epsilon MSE),
-with an EMA of its weights.
+``cfg.fg_weight`` + soft Dice + a small L2 on its latents), re-centres the mask latents so that
+an empty mask encodes to 0, then sets ``cfg.mask_latent_scale = 1 / std(mask latents)``.
+Stage 2 trains the latent denoiser on the frozen autoencoders (DDPM, T=1000, epsilon
+prediction, MSE weighted per timestep by clip((1-abar)/abar, 1, 20)), with an EMA of its weights.
+Why the centring and the weighting: export/TRAINING.md.
 
 Files in ``--out``:
   last.safetensors / last_state.safetensors  resumable state (weights / optimizer+EMA+RNG)
@@ -35,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig
 from .data import SegData, data_kind_for, default_data_root, dihedral, intensity_jitter, load_split
 from .model import MedSegLatDiff, alphas_cumprod, weighted_bce
@@ -51,6 +53,7 @@ class TrainOptions:
     lr1: float = 2e-3
     kl_weight: float = 1e-4
     dice_weight: float = 1.0
+    latent_l2: float = 1e-2         # mask AE: penalty on mean(z^2) -> zero-centred mask latents (see TRAINING.md)
     prefer_nonempty: float = 0.75   # LIDC: share of AE samples drawn among non-empty masks
     vae_every: int = 1              # train the image VAE every N-th stage-1 step
     ae_crop: int = 64               # >0: mask-AE steps on crops of this size around foreground...
@@ -61,6 +64,7 @@ class TrainOptions:
     batch2: int = 32
     lr2: float = 4e-4
     ema_decay: float = 0.999
+    snr_weight_max: float = 20.0    # eps-MSE weight clip((1-abar)/abar, 1, this) per timestep; 0 = plain MSE
     latent_cache: bool = True
     jitter_variants: int = 4        # stage-2 image intensity variants cached per (image, flip)
     # both
@@ -82,8 +86,8 @@ class TrainOptions:
 # helpers
 
 def normalize(img: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    mean = torch.tensor(cfg.image_mean, dtype=img.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(cfg.image_std, dtype=img.dtype).view(1, -1, 1, 1)
+    mean = torch.tensor(cfg.image_mean, dtype=img.dtype, device=img.device).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.image_std, dtype=img.dtype, device=img.device).view(1, -1, 1, 1)
     return (img - mean) / std
 
 
@@ -93,6 +97,22 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     t = target.flatten(1)
     inter = (p * t).sum(1)
     return (1 - (2 * inter + smooth) / (p.sum(1) + t.sum(1) + smooth)).mean()
+
+
+def timestep_weights(ac: torch.Tensor, wmax: float) -> torch.Tensor:
+    """Per-timestep weight of the epsilon MSE: clip((1 - abar) / abar, 1, wmax), normalised to
+    mean 1 over the timesteps (all ones when wmax <= 1).
+
+    With epsilon prediction an error in the predicted clean latent costs only SNR(t) times as
+    much, so at high noise - where the image condition decides the mask - the loss hardly cares
+    about getting the mask right and the denoiser learns to ignore the image.  Raising those
+    timesteps' weight (like an x0-loss, truncated at ``wmax``) fixes this; for each timestep the
+    optimum is unchanged.
+    """
+    if wmax <= 1:
+        return torch.ones_like(ac)
+    w = ((1 - ac) / ac).clamp(1.0, wmax)
+    return w / w.mean()
 
 
 def crop_around_foreground(m: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
@@ -189,6 +209,27 @@ def mask_ae_dice(model: MedSegLatDiff, data: SegData, small_frac: float = 0.01, 
 
 
 @torch.no_grad()
+def empty_mask_latent(model: MedSegLatDiff) -> torch.Tensor:
+    """Per-channel latent of an empty mask (interior mean, unscaled) - the background value."""
+    dev = next(model.parameters()).device
+    s = model.cfg.image_size
+    z = model.mask_ae.encode(torch.zeros(1, 1, s, s, device=dev))[0]
+    return z[:, 1:-1, 1:-1].mean(dim=(1, 2))
+
+
+@torch.no_grad()
+def recenter_mask_latents(model: MedSegLatDiff) -> list:
+    """Shift the mask AE's latent space so that an empty mask encodes to ~0 (exact inside the
+    latent, approximate in its 1-pixel border ring where the decoder's stem sees zero padding):
+    encoder head bias -= b, decoder stem bias += W * b."""
+    b = empty_mask_latent(model)
+    model.mask_ae.enc.head.bias -= b
+    w = model.mask_ae.dec.stem.weight  # [out, latent, 3, 3]
+    model.mask_ae.dec.stem.bias += w.sum(dim=(2, 3)) @ b
+    return b.tolist()
+
+
+@torch.no_grad()
 def mask_latent_std(model: MedSegLatDiff, data: SegData, n: int = 512, seed: int = 0) -> float:
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(data), size=min(n, len(data)), replace=False)
@@ -215,6 +256,39 @@ def ddim_sample(model: MedSegLatDiff, cond: torch.Tensor, steps: int, generator=
         x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
     return torch.sigmoid(model.mask_ae.dec(x / cfg.mask_latent_scale))
+
+
+@torch.no_grad()
+def cond_sensitivity(model: MedSegLatDiff, data: SegData, n: int = 64, ts=(300, 500, 650, 800),
+                     seed: int = 0) -> dict:
+    """Does the denoiser use the image?  Epsilon MSE inside the (dilated, latent-resolution)
+    foreground region with the true image latent vs. the image latents of other samples
+    (rolled by one in the batch).  ``ratio`` = shuffled / true > 1 means the image helps; a model
+    that ignores its condition gives 1.0 (and samples an image-independent mask)."""
+    model.eval()
+    dev = next(model.parameters()).device
+    cfg = model.cfg
+    ne = data.nonempty()
+    cand = np.nonzero(ne[:, 0])[0]
+    idx = cand[np.linspace(0, len(cand) - 1, min(n, len(cand))).round().astype(int)]
+    img = torch.from_numpy(data.images[idx].astype(np.float32) / 255.0).to(dev)
+    msk = torch.from_numpy(data.masks[idx, 0][:, None].astype(np.float32)).to(dev)
+    f = cfg.image_size // cfg.latent_size
+    reg = F.max_pool2d(F.max_pool2d(msk, f), 3, 1, 1).expand(-1, cfg.latent_channels, -1, -1) > 0
+    ac = alphas_cumprod(cfg).to(dev)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    cond = model.image_vae.encode(normalize(img, cfg))[0]
+    x0 = model.mask_ae.encode(msk) * cfg.mask_latent_scale
+    out = {}
+    for t in ts:
+        a = ac[t]
+        noise = torch.randn(x0.shape, generator=g, device=dev)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        tt = torch.full((len(idx),), int(t), device=dev)
+        e_true = float((model.denoiser(xt, tt, cond) - noise).pow(2)[reg].mean())
+        e_shuf = float((model.denoiser(xt, tt, cond.roll(1, 0)) - noise).pow(2)[reg].mean())
+        out[str(t)] = {"mse_true": e_true, "mse_shuffled": e_shuf, "ratio": e_shuf / max(e_true, 1e-12)}
+    return out
 
 
 @torch.no_grad()
@@ -299,7 +373,8 @@ class Log:
 
 class Trainer:
     def __init__(self, cfg: ModelConfig, train: SegData, val: SegData | None, out: Path,
-                 opts: TrainOptions, fresh: bool = False, quiet: bool = False, device: str = "cpu"):
+                 opts: TrainOptions, fresh: bool = False, quiet: bool = False, device: str = "cpu",
+                 init: str | None = None):
         self.cfg, self.train, self.val, self.out, self.o = cfg, train, val, Path(out), opts
         self.dev = torch.device(device)  # batches are made on the CPU and moved here
         self.out.mkdir(parents=True, exist_ok=True)
@@ -310,9 +385,19 @@ class Trainer:
         torch.manual_seed(opts.seed)
         self.rng = np.random.default_rng(opts.seed)
         self.model = MedSegLatDiff(cfg)
+        self.init = None
         self.info = {"stage": 1, "step": 0, "stage_elapsed_s": 0.0, "stage1_done": False, "complete": False}
         self.state_tensors = self.state_meta = None
         last = self.out / "last.safetensors"
+        if init and not (last.exists() and not fresh):
+            # start stage 1 from another checkpoint's weights (the latent scale is recomputed)
+            m, _ = load_checkpoint(init)
+            if m.cfg.to_dict() | {"mask_latent_scale": 0, "fg_weight": 0} != \
+                    cfg.to_dict() | {"mask_latent_scale": 0, "fg_weight": 0}:
+                raise SystemExit(f"{init} has another architecture than {cfg.name}")
+            self.model.load_state_dict(m.state_dict())
+            self.init = init
+            self.print(f"initialised from {init}")
         if last.exists() and not fresh:
             m, info = load_checkpoint(last)
             if m.cfg.to_dict() | {"mask_latent_scale": 0, "fg_weight": 0} != \
@@ -371,12 +456,17 @@ class Trainer:
         step = int(self.info["step"]) if self.info["stage"] == 1 else 0
         if step:
             self._restore_opt(opt, 1)
+        elif self.init:
+            lg0 = self.log.d.setdefault("stage1", {})
+            lg0["init"] = str(self.init)
+            lg0["recentred_by"] = recenter_mask_latents(model)
+            self.print("mask latents re-centred by", [round(v, 3) for v in lg0["recentred_by"]])
         elapsed0 = float(self.info["stage_elapsed_s"]) if self.info["stage"] == 1 else 0.0
         t0 = time.time()
         budget = o.minutes1 * 60 if o.minutes1 else None
         lg = self.log.d.setdefault("stage1", {})
         curve = lg.setdefault("curve", [])
-        win = {"vae_l1": [], "kl": [], "mask_bce": [], "mask_dice": []}
+        win = {"vae_l1": [], "kl": [], "mask_bce": [], "mask_dice": [], "mask_z2": []}
         bar = self._bar(o.iters1, step, "stage1")
         last_save = time.time()
         nA = self.train.num_annotators
@@ -408,10 +498,12 @@ class Trainer:
             if o.ae_crop and o.ae_crop < cfg.image_size and self.rng.random() < o.ae_crop_prob:
                 m = crop_around_foreground(m, o.ae_crop, self.rng)
             m = m.to(self.dev).contiguous(memory_format=torch.channels_last)
-            logits = model.mask_ae(m)
+            z = model.mask_ae.encode(m)
+            logits = model.mask_ae.dec(z)
             bce = weighted_bce(logits, m, cfg.fg_weight)
             dl = soft_dice_loss(logits, m)
-            loss = bce + o.dice_weight * dl
+            zl2 = z.float().pow(2).mean()
+            loss = bce + o.dice_weight * dl + o.latent_l2 * zl2
             if l1 is not None:
                 loss = loss + l1 + o.kl_weight * kl
             opt.zero_grad(set_to_none=True)
@@ -419,7 +511,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
             opt.step()
             step += 1
-            for k, v in zip(win, (l1, kl, bce, dl)):
+            for k, v in zip(win, (l1, kl, bce, dl, zl2)):
                 if v is not None:
                     win[k].append(v.item())
             if not math.isfinite(loss.item()):
@@ -447,6 +539,9 @@ class Trainer:
         model.eval()
         model.image_vae.to(memory_format=torch.contiguous_format)
         model.mask_ae.to(memory_format=torch.contiguous_format)
+        lg["empty_mask_latent_unscaled"] = empty_mask_latent(model).tolist()
+        # remove what the latent L2 left of the background offset (near-exact, see TRAINING.md)
+        lg["recentred_at_end_by"] = recenter_mask_latents(model)
         std = mask_latent_std(model, self.train, seed=o.seed)
         cfg.mask_latent_scale = 1.0 / std
         lg["mask_latent_std"] = std
@@ -543,6 +638,7 @@ class Trainer:
         ac = alphas_cumprod(cfg).to(self.dev)
         T = cfg.num_train_timesteps
         scale = cfg.mask_latent_scale
+        tw = timestep_weights(ac, o.snr_weight_max)
         elapsed0 = float(self.info["stage_elapsed_s"]) if self.info["stage"] == 2 else 0.0
         t0 = time.time()
         budget = o.minutes2 * 60 if o.minutes2 else None
@@ -575,9 +671,10 @@ class Trainer:
             noise = torch.randn_like(x0)
             a = ac[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            loss = F.mse_loss(model.denoiser(xt, t, cond), noise)
+            err = (model.denoiser(xt, t, cond) - noise).pow(2).mean(dim=(1, 2, 3))
+            loss = err.mean()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (err * tw[t]).mean().backward()
             torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
             opt.step()
             step += 1
@@ -604,14 +701,18 @@ class Trainer:
             self.print(f"time budget reached in stage 2 at step {step}; saved {self.out}")
             return False
         self._save2(opt, ema, step, el, complete=True)
-        if o.eval_images and self.val is not None and len(self.val):
+        if self.val is not None and len(self.val):
             live = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
             ema.copy_to(model.denoiser)
             model.cpu()
-            lg["val_sampled"] = sampled_val_dice(model, self.val, o.eval_images, o.eval_k, o.eval_steps, o.seed)
+            lg["val_cond_sensitivity"] = cond_sensitivity(model, self.val, seed=o.seed)
+            self.print("stage 2 val (EMA) image-condition check, foreground eps-MSE shuffled/true:",
+                       {t: round(v["ratio"], 3) for t, v in lg["val_cond_sensitivity"].items()})
+            if o.eval_images:
+                lg["val_sampled"] = sampled_val_dice(model, self.val, o.eval_images, o.eval_k, o.eval_steps, o.seed)
+                self.print("stage 2 val (EMA, sampled):", json.dumps(lg["val_sampled"]))
             model.to(self.dev)
             model.denoiser.load_state_dict(live)
-            self.print("stage 2 val (EMA, sampled):", json.dumps(lg["val_sampled"]))
             self.log.write()
         self.print(f"stage 2 done: {step} iters, {el/60:.1f} min; model: {self.out/'model.safetensors'}")
         return True
@@ -648,9 +749,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default=None, help="data set: lidc|polyp|kvasir|cvc (default: from config name)")
     p.add_argument("--stage", default="all", choices=["1", "2", "all"])
     p.add_argument("--fresh", action="store_true", help="ignore an existing last.safetensors in --out")
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help="start from this checkpoint's weights (when --out has no last.safetensors)")
     p.add_argument("--fg-weight", type=float, default=None, help="override cfg.fg_weight (ablation)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N items of each split (tests)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared 2-core machine 2 threads were 5-10x slower per step)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when available)")
     p.add_argument("--nice", type=int, default=19, help="raise this process's niceness to this value")
     p.add_argument("--quiet", action="store_true")
@@ -699,7 +803,8 @@ def main(argv=None) -> int:
         print(f"data {kind}: {len(train)} train / {len(val)} val items, loaded in {time.time()-t:.1f}s; "
               f"threads={torch.get_num_threads()} device={args.device}", flush=True)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    tr = Trainer(cfg, train, val, Path(args.out), opts, fresh=args.fresh, quiet=args.quiet, device=device)
+    tr = Trainer(cfg, train, val, Path(args.out), opts, fresh=args.fresh, quiet=args.quiet, device=device,
+                 init=args.init)
     ok = tr.run(args.stage)
     return 0 if ok else 3
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ needs_polyp = pytest.mark.skipif(not ((ROOT / "cvc-clinicdb").is_dir() and (ROOT
 
 FAST = ["--iters1", "4", "--iters2", "4", "--batch1", "4", "--batch-vae", "2", "--batch2", "4",
         "--log-every", "2", "--eval-images", "2", "--eval-k", "2", "--eval-steps", "2", "--ae-crop", "16",
-        "--limit", "8", "--nice", "0", "--quiet"]
+        "--limit", "8", "--nice", "0", "--threads", "1", "--quiet"]
 
 
 def _tiny(tmp_path, name, channels=1):
@@ -36,7 +35,7 @@ def _tiny(tmp_path, name, channels=1):
 
 @needs_lidc
 def test_train_both_stages_lidc(tmp_path):
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     cfg = _tiny(tmp_path, "lidc-tiny")
     out = tmp_path / "run"
     # a run stopped by the time budget at once leaves a resumable checkpoint ...
@@ -54,6 +53,7 @@ def test_train_both_stages_lidc(tmp_path):
     assert all(math.isfinite(v) for k, v in log["stage1"]["final"].items())
     assert log["stage1"]["iters"] == 4 and log["stage2"]["iters"] == 4
     assert 0.0 <= log["stage1"]["val_mask_ae"]["dice_nonempty"] <= 1.0
+    assert all(math.isfinite(v["ratio"]) for v in log["stage2"]["val_cond_sensitivity"].values())
     # the exported parts run on the loaded weights
     with torch.no_grad():
         lat = model.image_vae.encode(torch.zeros(1, 1, 32, 32))[0]
@@ -66,7 +66,7 @@ def test_train_both_stages_lidc(tmp_path):
 
 @needs_polyp
 def test_train_polyp_rgb(tmp_path):
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     cfg = _tiny(tmp_path, "polyp-tiny", channels=3)
     out = tmp_path / "run"
     assert train_main(["--config", str(cfg), "--data", str(ROOT), "--out", str(out)] + FAST + ["--limit", "4", "--eval-images", "0"]) == 0
@@ -109,3 +109,22 @@ def test_dihedral_augmentation_consistent():
         y = dihedral(x, [t, t])
         assert torch.equal(y[0], y[1] - 16)          # same transform on every sample
     assert len({tuple(dihedral(x[:1], [t]).flatten().tolist()) for t in range(8)}) == 8
+
+
+def test_recenter_mask_latents_is_exact_inside():
+    from export.checkpoint import random_model
+    from export.train import empty_mask_latent, recenter_mask_latents
+    torch.set_num_threads(1)
+    model = random_model(tiny_config(image_size=64), seed=1)
+    with torch.no_grad():
+        model.mask_ae.enc.head.bias += torch.tensor([1.0, -2.0, 0.5, 3.0])  # a large background offset
+        m = torch.zeros(2, 1, 64, 64)
+        m[:, :, 28:36, 26:34] = 1
+        before = model.mask_ae.dec.stem(model.mask_ae.encode(m))
+        b = recenter_mask_latents(model)
+        after = model.mask_ae.dec.stem(model.mask_ae.encode(m))
+    assert max(abs(v) for v in b) > 0.4
+    assert empty_mask_latent(model).abs().max() < 1e-5
+    # the decoder's first layer sees the same input except in the latent's 1-pixel border ring
+    # (zero padding); on trained LIDC weights val reconstruction Dice went 0.9927 -> 0.9924
+    assert torch.allclose(before[..., 1:-1, 1:-1], after[..., 1:-1, 1:-1], atol=1e-4)
