@@ -32,9 +32,12 @@ def cmd_segment(a) -> int:
     seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, progress=not a.quiet)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    for path in a.images:
+    stems = [Path(p).stem for p in a.images]
+    # one folder per image, named by its file; by parent folder too when names repeat (x/image.png)
+    names = stems if len(set(stems)) == len(stems) else [f"{Path(p).parent.name}_{Path(p).stem}" for p in a.images]
+    for path, name in zip(a.images, names):
         r = seg.run(path, k=a.k, steps=a.steps, seed=a.seed, eta=a.eta)
-        d = out / Path(path).stem if len(a.images) > 1 else out
+        d = out / name if len(a.images) > 1 else out
         d.mkdir(parents=True, exist_ok=True)
         for i, m in enumerate(r.masks):
             Image.fromarray(m.astype(np.uint8) * 255).save(d / f"mask_{i:02d}.png")

@@ -77,3 +77,13 @@ def test_runtime_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_segment_several_images_with_the_same_file_name(tmp_path, tiny_plan):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(np.full((20, 20), 100 if sub == "a" else 200, np.uint8)).save(tmp_path / sub / "image.png")
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "a" / "image.png"), str(tmp_path / "b" / "image.png"), "--plan",
+                 str(tiny_plan), "-k", "1", "--steps", "1", "--seed", "0", "-o", str(out), "-q"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a_image", "b_image"]
