@@ -435,6 +435,18 @@ class Trainer:
         return tqdm(total=total, initial=initial, desc=desc, disable=self.quiet, dynamic_ncols=tty,
                     mininterval=0.5 if tty else 60, smoothing=0.05)
 
+    def _schedule(self, opt, lr: float, step: int, iters: int, elapsed: float, budget) -> str | None:
+        """Per-step bookkeeping shared by both stages: sets the learning rate and returns None to
+        go on, "budget" when the stage's minutes are spent, "deadline" at --max-minutes."""
+        if budget and elapsed >= budget:
+            return "budget"
+        if self.out_of_time():
+            return "deadline"
+        prog = max(step / iters, elapsed / budget if budget else 0.0)
+        for g in opt.param_groups:
+            g["lr"] = lr * lr_factor(step, prog, self.o.warmup)
+        return None
+
     def _restore_opt(self, opt, stage):
         if self.state_tensors is not None and json.loads(self.state_meta["info"]).get("stage") == stage:
             _optim_from_tensors(opt, self.state_tensors, self.state_meta["param_groups"], "opt")
@@ -472,15 +484,10 @@ class Trainer:
         nA = self.train.num_annotators
         stop = False
         while step < o.iters1:
-            el = elapsed0 + time.time() - t0
-            if budget and el >= budget:
+            why = self._schedule(opt, o.lr1, step, o.iters1, elapsed0 + time.time() - t0, budget)
+            if why:
+                stop = why == "deadline"
                 break
-            if self.out_of_time():
-                stop = True
-                break
-            prog = max(step / o.iters1, el / budget if budget else 0.0)
-            for g in opt.param_groups:
-                g["lr"] = o.lr1 * lr_factor(step, prog, o.warmup)
             # image VAE
             if step % max(1, o.vae_every) == 0:
                 idx = self.rng.integers(0, len(self.train), o.batch_vae)
@@ -649,15 +656,10 @@ class Trainer:
         last_save = time.time()
         stop = False
         while step < o.iters2:
-            el = elapsed0 + time.time() - t0
-            if budget and el >= budget:
+            why = self._schedule(opt, o.lr2, step, o.iters2, elapsed0 + time.time() - t0, budget)
+            if why:
+                stop = why == "deadline"
                 break
-            if self.out_of_time():
-                stop = True
-                break
-            prog = max(step / o.iters2, el / budget if budget else 0.0)
-            for g in opt.param_groups:
-                g["lr"] = o.lr2 * lr_factor(step, prog, o.warmup)
             idx = self.rng.integers(0, len(self.train), o.batch2)
             ann = self.train.pick_annotators(idx, self.rng)  # uniform over the 4 (empty included)
             if o.latent_cache:

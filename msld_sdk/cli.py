@@ -82,12 +82,12 @@ def _repo_export_package(what: str):
     for root in (Path(__file__).resolve().parents[1], Path.cwd()):
         if (root / "export" / "export_plan.py").exists() and str(root) not in sys.path:
             sys.path.insert(0, str(root))
-    try:
-        import torch  # noqa: F401
-        import export  # noqa: F401
-    except ImportError as e:
-        raise MsldError(f"{what} needs PyTorch and the repository's export/ package ({e}); install with "
-                        "pip install -e '.[export]' and run from the repository root") from None
+    import importlib.util
+
+    missing = [m for m in ("torch", "export") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MsldError(f"{what} needs PyTorch and the repository's export/ package (missing: {missing}); "
+                        "install with pip install -e '.[export]' and run from the repository root")
 
 
 def cmd_export(a, rest) -> int:
