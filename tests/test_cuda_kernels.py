@@ -13,19 +13,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch is not installed (the GPU tests drive the kernels through it)")
 
 from msld_sdk import _native  # noqa: E402
+from export.gpu_sampler import cuda_unavailable_reason  # noqa: E402  (the GPU path's own check)
 
-
-def _skip_reason() -> str | None:
-    if not getattr(_native, "built_with_cuda", False):
-        return "msld_sdk._native was built without CUDA (no nvcc at build time, or MSLD_CUDA=OFF)"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU: torch.cuda.is_available() is False"
-    if _native.cuda_device_count() < 1:
-        return "the native CUDA runtime sees no device"
-    return None
-
-
-_REASON = _skip_reason()
+_REASON = cuda_unavailable_reason()
 # Tests that run kernels need a GPU; the argument checks below only need a CUDA build.
 gpu = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 cuda_build = pytest.mark.skipif(not getattr(_native, "built_with_cuda", False),
