@@ -100,7 +100,7 @@ def torch_eager_per_hypothesis(model: MedSegLatDiff, plan: Plan, img01: np.ndarr
             cond = model.image_vae.encode(x_img)[0]  # re-run per hypothesis, as research code does
             x = torch.from_numpy(_native.gaussian(seed, i, 1, C * L * L, 0).reshape(1, C, L, L))
             for t in sched.timesteps:
-                eps = model.denoiser(x, t.float().view(1), cond)
+                eps = model.predict_eps(x, t.float().view(1), cond)
                 x = sched.step(eps, t, x, eta=0.0).prev_sample
             out.append(torch.sigmoid(model.mask_ae.dec(x / cfg.mask_latent_scale))[0, 0].numpy())
     return np.stack(out)

@@ -37,6 +37,10 @@ class ModelConfig:
     beta_schedule: str = "linear"
     beta_start: float = 1e-4
     beta_end: float = 0.02
+    # What the denoiser network predicts: "epsilon" (the noise) or "sample" (the clean mask
+    # latent, x0).  The exported denoiser graph always returns epsilon (converted inside the
+    # graph), so the runtime's DDIM loop is the same for both.  Why "sample": TRAINING.md.
+    prediction_type: str = "epsilon"
     # Defaults the runtime uses when the caller gives none.
     default_k: int = 8
     default_steps: int = 20

@@ -3,6 +3,7 @@
 Three parts are exported to ONNX for the runtime:
   * ``ImageEncoder``  image (B,C,H,W) in normalised units -> image latent (B,4,h,w) (VAE mean)
   * ``LatentDenoiser`` (noisy mask latent, timestep, image latent) -> predicted noise
+    (or the clean latent, converted to noise in the exported graph)
   * ``MaskDecoder``   scaled mask latent -> foreground probability (B,1,H,W)
 The image VAE's decoder and the mask encoder exist for training only.
 """
@@ -204,6 +205,21 @@ class MedSegLatDiff(nn.Module):
         self.mask_ae = MaskAutoencoder(cfg)
         self.denoiser = LatentDenoiser(cfg)
         self.register_buffer("alphas_cumprod", alphas_cumprod(cfg), persistent=False)
+        if cfg.prediction_type not in ("epsilon", "sample"):
+            raise ValueError(f"unknown prediction_type {cfg.prediction_type!r} (expected 'epsilon' or 'sample')")
+
+    def predict_eps(self, x, t, cond):
+        """The noise estimate the DDIM update needs, whatever the network predicts."""
+        return eps_from_output(self.denoiser(x, t, cond), x, t, self.alphas_cumprod, self.cfg.prediction_type)
+
+
+def eps_from_output(out, x, t, ac, prediction_type: str):
+    """Network output -> noise estimate.  For ``"sample"`` the clean-latent estimate x0 becomes
+    eps = (x - sqrt(abar_t) x0) / sqrt(1 - abar_t), from which DDIM recovers exactly that x0."""
+    if prediction_type == "epsilon":
+        return out
+    a = ac.to(x.device)[t.long()].view(-1, 1, 1, 1)
+    return (x - a.sqrt() * out) / (1.0 - a).sqrt()
 
 
 def alphas_cumprod(cfg: ModelConfig) -> torch.Tensor:
@@ -232,12 +248,17 @@ class ExportEncoder(nn.Module):
 
 
 class ExportDenoiser(nn.Module):
+    """(noisy latent, timestep, image latent) -> predicted noise (converted from x0 if the
+    network predicts the sample; see ``MedSegLatDiff.predict_eps``)."""
+
     def __init__(self, model: MedSegLatDiff):
         super().__init__()
         self.net = model.denoiser
+        self.kind = model.cfg.prediction_type
+        self.register_buffer("ac", alphas_cumprod(model.cfg), persistent=False)
 
     def forward(self, x, t, cond):
-        return self.net(x, t, cond)
+        return eps_from_output(self.net(x, t, cond), x, t, self.ac, self.kind)
 
 
 class ExportDecoder(nn.Module):

@@ -65,6 +65,8 @@ class TrainOptions:
     lr2: float = 4e-4
     ema_decay: float = 0.999
     snr_weight_max: float = 20.0    # eps-MSE weight clip((1-abar)/abar, 1, this) per timestep; 0 = plain MSE
+                                    # (cfg.prediction_type "sample" uses a plain x0-MSE instead)
+    tune_encoder: bool = False      # also train the image encoder (from its stage-1 VAE weights) in stage 2
     latent_cache: bool = True
     jitter_variants: int = 4        # stage-2 image intensity variants cached per (image, flip)
     # both
@@ -252,7 +254,7 @@ def ddim_sample(model: MedSegLatDiff, cond: torch.Tensor, steps: int, generator=
     for i, t in enumerate(ts):
         a_t = ac[t]
         a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else ac[0]
-        eps = model.denoiser(x, torch.full((x.shape[0],), int(t), dtype=torch.long), cond)
+        eps = model.predict_eps(x, torch.full((x.shape[0],), int(t), dtype=torch.long), cond)
         x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
     return torch.sigmoid(model.mask_ae.dec(x / cfg.mask_latent_scale))
@@ -285,8 +287,8 @@ def cond_sensitivity(model: MedSegLatDiff, data: SegData, n: int = 64, ts=(300, 
         noise = torch.randn(x0.shape, generator=g, device=dev)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         tt = torch.full((len(idx),), int(t), device=dev)
-        e_true = float((model.denoiser(xt, tt, cond) - noise).pow(2)[reg].mean())
-        e_shuf = float((model.denoiser(xt, tt, cond.roll(1, 0)) - noise).pow(2)[reg].mean())
+        e_true = float((model.predict_eps(xt, tt, cond) - noise).pow(2)[reg].mean())
+        e_shuf = float((model.predict_eps(xt, tt, cond.roll(1, 0)) - noise).pow(2)[reg].mean())
         out[str(t)] = {"mse_true": e_true, "mse_shuffled": e_shuf, "ratio": e_shuf / max(e_true, 1e-12)}
     return out
 
@@ -346,15 +348,23 @@ def load_state(out: Path):
     return load_file(str(p)), meta
 
 
-def save_final(out: Path, model: MedSegLatDiff, ema: EMA | None, info: dict):
-    """model.safetensors with the EMA denoiser weights (the live weights stay in ``model``)."""
+def stage2_modules(model: MedSegLatDiff, tune_encoder: bool) -> torch.nn.Module:
+    """What stage 2 trains (and keeps an EMA of): the denoiser, plus the image encoder if tuned."""
+    if not tune_encoder:
+        return model.denoiser
+    return torch.nn.ModuleDict({"denoiser": model.denoiser, "encoder": model.image_vae.enc})
+
+
+def save_final(out: Path, model: MedSegLatDiff, ema: EMA | None, info: dict, tuned: torch.nn.Module | None = None):
+    """model.safetensors with the EMA weights of the stage-2 modules (the live weights stay in ``model``)."""
     if ema is None:
         save_checkpoint(model, out / "model.safetensors", **info)
         return
-    live = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
-    ema.copy_to(model.denoiser)
+    tuned = model.denoiser if tuned is None else tuned
+    live = {k: v.clone() for k, v in tuned.state_dict().items()}
+    ema.copy_to(tuned)
     save_checkpoint(model, out / "model.safetensors", **info)
-    model.denoiser.load_state_dict(live)
+    tuned.load_state_dict(live)
 
 
 class Log:
@@ -392,8 +402,8 @@ class Trainer:
         if init and not (last.exists() and not fresh):
             # start stage 1 from another checkpoint's weights (the latent scale is recomputed)
             m, _ = load_checkpoint(init)
-            if m.cfg.to_dict() | {"mask_latent_scale": 0, "fg_weight": 0} != \
-                    cfg.to_dict() | {"mask_latent_scale": 0, "fg_weight": 0}:
+            same = {"mask_latent_scale": 0, "fg_weight": 0, "prediction_type": ""}
+            if m.cfg.to_dict() | same != cfg.to_dict() | same:
                 raise SystemExit(f"{init} has another architecture than {cfg.name}")
             self.model.load_state_dict(m.state_dict())
             self.init = init
@@ -573,8 +583,9 @@ class Trainer:
         self.log.write()
 
     # ---- stage 2 ----------------------------------------------------------------------------
-    def _encode_cached(self, idx, ann, tf, jv):
-        """Image / mask latents for (item, flip, jitter variant) and (item, flip, annotator)."""
+    def _encode_cached(self, idx, ann, tf, jv, images: bool = True):
+        """Image / mask latents for (item, flip, jitter variant) and (item, flip, annotator)
+        (the image latents are skipped, returned as None, when ``images`` is False)."""
         cfg, model, data = self.cfg, self.model, self.train
         h = cfg.latent_size
         if not hasattr(self, "_img_lat"):
@@ -587,7 +598,7 @@ class Trainer:
             with torch.no_grad():
                 z = torch.zeros(8, 1, cfg.image_size, cfg.image_size)
                 self._empty_lat = model.mask_ae.encode(dihedral(z, np.arange(8)).to(self.dev)).half().cpu()
-        need_i = ~self._img_have[idx, tf, jv]
+        need_i = ~self._img_have[idx, tf, jv] if images else np.zeros(len(idx), bool)
         if need_i.any():
             j = np.nonzero(need_i)[0]
             img = torch.from_numpy(data.images[idx[j]].astype(np.float32) / 255.0)
@@ -607,12 +618,22 @@ class Trainer:
             with torch.no_grad():
                 self._msk_lat[idx[j], tf[j], ann[j]] = model.mask_ae.encode(dihedral(m, tf[j]).to(self.dev)).half().cpu()
             self._msk_have[idx[j], tf[j], ann[j]] = True
-        cond = self._img_lat[idx, tf, jv].float()
+        cond = self._img_lat[idx, tf, jv].float().to(self.dev) if images else None
         z = self._msk_lat[idx, tf, ann].float()
         if empty.any():
             e = np.nonzero(empty)[0]
             z[e] = self._empty_lat[tf[e]].float()
-        return z.to(self.dev), cond.to(self.dev)
+        return z.to(self.dev), cond
+
+    def _encode_tuned(self, idx, ann):
+        """Mask latents from the cache (no gradient); image latents computed here with gradient,
+        from freshly augmented images (same flip/rotation as the mask, new intensity jitter)."""
+        tf = self.rng.integers(0, 8, len(idx))
+        z0, _ = self._encode_cached(idx, ann, tf, np.zeros(len(idx), int), images=False)
+        img = dihedral(torch.from_numpy(self.train.images[idx].astype(np.float32) / 255.0), tf)
+        img = intensity_jitter(img, self.rng)
+        mean, _ = self.model.image_vae.encode(normalize(img.to(self.dev), self.cfg))
+        return z0, mean
 
     def _encode_live(self, idx, ann):
         img, m = self.train.batch(idx, self.rng, augment=True, annotators=ann)
@@ -634,10 +655,12 @@ class Trainer:
             return True
         model.image_vae.eval().requires_grad_(False)
         model.mask_ae.eval().requires_grad_(False)
-        model.denoiser.train()
-        params = list(model.denoiser.parameters())
+        tuned = stage2_modules(model, o.tune_encoder)
+        tuned.train().requires_grad_(True)
+        params = list(tuned.parameters())
         opt = torch.optim.AdamW(params, lr=o.lr2, weight_decay=o.weight_decay)
-        ema = EMA(model.denoiser, o.ema_decay)
+        ema = EMA(tuned, o.ema_decay)
+        predict_x0 = cfg.prediction_type == "sample"
         step = int(self.info["step"]) if self.info["stage"] == 2 else 0
         if step and self._restore_opt(opt, 2):
             ema.shadow = {k[4:]: v.float().to(self.dev) for k, v in self.state_tensors.items()
@@ -645,7 +668,7 @@ class Trainer:
         ac = alphas_cumprod(cfg).to(self.dev)
         T = cfg.num_train_timesteps
         scale = cfg.mask_latent_scale
-        tw = timestep_weights(ac, o.snr_weight_max)
+        tw = torch.ones_like(ac) if predict_x0 else timestep_weights(ac, o.snr_weight_max)
         elapsed0 = float(self.info["stage_elapsed_s"]) if self.info["stage"] == 2 else 0.0
         t0 = time.time()
         budget = o.minutes2 * 60 if o.minutes2 else None
@@ -662,7 +685,9 @@ class Trainer:
                 break
             idx = self.rng.integers(0, len(self.train), o.batch2)
             ann = self.train.pick_annotators(idx, self.rng)  # uniform over the 4 (empty included)
-            if o.latent_cache:
+            if o.tune_encoder:
+                z0, cond = self._encode_tuned(idx, ann)
+            elif o.latent_cache:
                 tf = self.rng.integers(0, 8, len(idx))
                 jv = self.rng.integers(0, max(1, o.jitter_variants), len(idx))
                 z0, cond = self._encode_cached(idx, ann, tf, jv)
@@ -673,14 +698,15 @@ class Trainer:
             noise = torch.randn_like(x0)
             a = ac[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            err = (model.denoiser(xt, t, cond) - noise).pow(2).mean(dim=(1, 2, 3))
+            target = x0 if predict_x0 else noise
+            err = (model.denoiser(xt, t, cond) - target).pow(2).mean(dim=(1, 2, 3))
             loss = err.mean()
             opt.zero_grad(set_to_none=True)
             (err * tw[t]).mean().backward()
             torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
             opt.step()
             step += 1
-            ema.update(model.denoiser, step)
+            ema.update(tuned, step)
             lv = loss.item()
             if not math.isfinite(lv):
                 raise FloatingPointError(f"non-finite stage-2 loss at step {step}")
@@ -693,19 +719,20 @@ class Trainer:
                     print(f"stage2 step {step} loss={np.mean(win):.4f} lr={opt.param_groups[0]['lr']:.2e}", flush=True)
                 win = []
             if time.time() - last_save > o.save_every_min * 60:
-                self._save2(opt, ema, step, elapsed0 + time.time() - t0, complete=False)
+                self._save2(opt, ema, step, elapsed0 + time.time() - t0, complete=False, tuned=tuned)
                 last_save = time.time()
         bar.close()
         el = elapsed0 + time.time() - t0
         lg.update({"iters": step, "wall_s": round(el, 1), "final_loss": curve[-1]["loss"] if curve else None})
         if stop:
-            self._save2(opt, ema, step, el, complete=False)
+            self._save2(opt, ema, step, el, complete=False, tuned=tuned)
             self.print(f"time budget reached in stage 2 at step {step}; saved {self.out}")
             return False
-        self._save2(opt, ema, step, el, complete=True)
+        self._save2(opt, ema, step, el, complete=True, tuned=tuned)
+        tuned.eval()
         if self.val is not None and len(self.val):
-            live = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
-            ema.copy_to(model.denoiser)
+            live = {k: v.clone() for k, v in tuned.state_dict().items()}
+            ema.copy_to(tuned)
             model.cpu()
             lg["val_cond_sensitivity"] = cond_sensitivity(model, self.val, seed=o.seed)
             self.print("stage 2 val (EMA) image-condition check, foreground eps-MSE shuffled/true:",
@@ -714,16 +741,16 @@ class Trainer:
                 lg["val_sampled"] = sampled_val_dice(model, self.val, o.eval_images, o.eval_k, o.eval_steps, o.seed)
                 self.print("stage 2 val (EMA, sampled):", json.dumps(lg["val_sampled"]))
             model.to(self.dev)
-            model.denoiser.load_state_dict(live)
+            tuned.load_state_dict(live)
             self.log.write()
         self.print(f"stage 2 done: {step} iters, {el/60:.1f} min; model: {self.out/'model.safetensors'}")
         return True
 
-    def _save2(self, opt, ema, step, elapsed, complete):
+    def _save2(self, opt, ema, step, elapsed, complete, tuned=None):
         self.info.update({"stage": 2, "step": step, "stage_elapsed_s": round(elapsed, 1), "stage1_done": True,
                           "complete": complete})
         save_state(self.out, self.model, opt, ema, self.info, self.rng)
-        save_final(self.out, self.model, ema, self.info)
+        save_final(self.out, self.model, ema, self.info, tuned)
         self.log.write()
 
     def run(self, stage: str = "all") -> bool:

@@ -30,6 +30,18 @@ def tiny_plan(tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_x0_model_and_plan(tmp_path_factory):
+    """A tiny model whose denoiser predicts the clean latent (prediction_type "sample")."""
+    from export.checkpoint import random_model
+    from export.config import tiny_config
+    from export.export_plan import export_plan
+    model = random_model(tiny_config(name="tiny-x0", prediction_type="sample"), seed=3)
+    out = tmp_path_factory.mktemp("plans") / "tiny_x0.plan"
+    export_plan(model, out, {"trained": False, "note": "test fixture"})
+    return model, out
+
+
+@pytest.fixture(scope="session")
 def tiny_rgb_plan(tmp_path_factory) -> Path:
     from export.checkpoint import random_model
     from export.config import tiny_config

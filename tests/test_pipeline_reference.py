@@ -9,14 +9,18 @@ from msld_sdk import Segmenter, _native
 
 
 def torch_reference(model, image01: np.ndarray, k: int, steps: int, seed: int, eta: float) -> np.ndarray:
-    """image01: H x W x C in [0, 1] at the model's size. Returns k x H x W probabilities."""
+    """image01: H x W x C in [0, 1] at the model's size. Returns k x H x W probabilities.
+
+    The raw network output goes to diffusers with the model's ``prediction_type``, so diffusers,
+    not our code, turns a clean-latent prediction into the DDIM update."""
     cfg = model.cfg
     mean = torch.tensor(cfg.image_mean).view(1, -1, 1, 1)
     std = torch.tensor(cfg.image_std).view(1, -1, 1, 1)
     x_img = (torch.from_numpy(image01).permute(2, 0, 1)[None] - mean) / std
     sched = DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
                           beta_start=cfg.beta_start, beta_end=cfg.beta_end, clip_sample=False,
-                          set_alpha_to_one=True, steps_offset=0, timestep_spacing="trailing")
+                          set_alpha_to_one=True, steps_offset=0, timestep_spacing="trailing",
+                          prediction_type=cfg.prediction_type)
     assert torch.equal(sched.alphas_cumprod, alphas_cumprod(cfg))
     sched.set_timesteps(steps)
     L, C = cfg.latent_size, cfg.latent_channels
@@ -24,15 +28,19 @@ def torch_reference(model, image01: np.ndarray, k: int, steps: int, seed: int, e
         cond = model.image_vae.encode(x_img)[0].repeat(k, 1, 1, 1)
         x = torch.from_numpy(_native.gaussian(seed, 0, k, C * L * L, 0).reshape(k, C, L, L))
         for i, t in enumerate(sched.timesteps):
-            eps = model.denoiser(x, torch.full((k,), float(t)), cond)
+            out = model.denoiser(x, torch.full((k,), float(t)), cond)
             noise = torch.from_numpy(_native.gaussian(seed, 0, k, C * L * L, i + 1).reshape(k, C, L, L))
-            x = sched.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+            x = sched.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
         probs = torch.sigmoid(model.mask_ae.dec(x / cfg.mask_latent_scale))
     return probs[:, 0].numpy()
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_sdk_matches_torch_reference(tiny_model, tiny_plan, rng, eta):
+@pytest.mark.parametrize("prediction", ["epsilon", "sample"])
+def test_sdk_matches_torch_reference(tiny_model, tiny_plan, tiny_x0_model_and_plan, rng, eta, prediction):
+    if prediction == "sample":  # the exported graph turns the x0 estimate into eps; diffusers does it here
+        tiny_model, tiny_plan = tiny_x0_model_and_plan
+    assert tiny_model.cfg.prediction_type == prediction
     S = tiny_model.cfg.image_size
     img = rng.random((S, S), dtype=np.float32)  # at the model's size: no resampling on either side
     k, steps, seed = 6, 20, 2024

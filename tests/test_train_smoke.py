@@ -74,6 +74,29 @@ def test_train_polyp_rgb(tmp_path):
     assert model.cfg.image_channels == 3 and info["complete"]
 
 
+@needs_polyp
+def test_train_x0_prediction_with_tuned_encoder(tmp_path):
+    """The shipped recipe: clean-latent prediction, image encoder trained in stage 2 (EMA saved)."""
+    torch.set_num_threads(1)
+    cfg_path = _tiny(tmp_path, "polyp-tiny", channels=3)
+    d = json.loads(cfg_path.read_text())
+    d["prediction_type"] = "sample"
+    cfg_path.write_text(json.dumps(d))
+    out = tmp_path / "run"
+    assert train_main(["--config", str(cfg_path), "--data", str(ROOT), "--out", str(out), "--stage", "1"]
+                      + FAST + ["--limit", "4"]) == 0
+    stage1, _ = load_checkpoint(out / "stage1.safetensors")
+    assert train_main(["--config", str(cfg_path), "--data", str(ROOT), "--out", str(out), "--tune-encoder", "true"]
+                      + FAST + ["--limit", "4", "--eval-images", "0"]) == 0
+    model, info = load_checkpoint(out / "model.safetensors")
+    assert info["complete"] and model.cfg.prediction_type == "sample"
+    before, after = stage1.image_vae.enc.state_dict(), model.image_vae.enc.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)          # the encoder was trained
+    assert all(torch.equal(stage1.mask_ae.state_dict()[k], v) for k, v in model.mask_ae.state_dict().items())
+    st = load_checkpoint(out / "last.safetensors")[0].image_vae.enc.state_dict()
+    assert any(not torch.equal(st[k], after[k]) for k in st)                  # model = EMA, not the live weights
+
+
 @needs_lidc
 def test_lidc_split_by_patient():
     s = lidc_split(ROOT)
