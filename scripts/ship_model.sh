@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Make a shipped plan from a trained checkpoint and measure it as the model card reports it:
+# export (ONNX checked against PyTorch), `msld eval` on the full validation split, and the
+# Dice-vs-steps curve on the first validation items (60 LIDC slices; 60 Kvasir + 60 CVC images).
+#   bash scripts/ship_model.sh lidc  runs/lidc_v3/model.safetensors
+#   bash scripts/ship_model.sh polyp runs/polyp_v3/model.safetensors
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NAME=${1:?model name: lidc or polyp}
+CKPT=${2:?checkpoint}
+case "$NAME" in lidc|polyp) ;; *) echo "model name must be lidc or polyp, not $NAME" >&2; exit 2;; esac
+mkdir -p export/checkpoints benchmarks/results
+cp "$CKPT" "export/checkpoints/$NAME.safetensors"
+python -m export.export_plan "export/checkpoints/$NAME.safetensors" "msld_sdk/models/$NAME.plan"
+msld eval --plan "$NAME" --kind "$NAME" --split val -q --json "benchmarks/results/eval_${NAME}_val.json"
+python -m export.dice_vs_steps --plan "msld_sdk/models/$NAME.plan" --kind "$NAME" --k 4 --limit 60 \
+    --steps 1 2 5 10 20 50 100 --out "benchmarks/results/dice_vs_steps_$NAME"
