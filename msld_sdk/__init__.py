@@ -2,9 +2,10 @@
 __version__ = "0.1.0"
 
 from .errors import (BackendUnavailableError, InputError, MsldError, PlanError, PlanFormatError,  # noqa: E402
-                     PlanIntegrityError, PlanNotFoundError, PlanVersionError)
+                     PlanIntegrityError, PlanNotFoundError, PlanVersionError, PrecisionUnavailableError)
 from .result import SegmentationResult  # noqa: E402
 from .segmenter import Segmenter  # noqa: E402
 
 __all__ = ["Segmenter", "SegmentationResult", "MsldError", "PlanError", "PlanFormatError", "PlanIntegrityError",
-           "PlanNotFoundError", "PlanVersionError", "InputError", "BackendUnavailableError", "__version__"]
+           "PlanNotFoundError", "PlanVersionError", "InputError", "BackendUnavailableError", "PrecisionUnavailableError",
+           "__version__"]

@@ -90,6 +90,34 @@ def bench_sdk(seg, img, k: int, steps: int, repeats: int, seed: int = 0, warmup:
     }
 
 
+def compare_denoiser_precisions(plan, batch: int, cond: np.ndarray, threads: int | None, repeats: int = 30,
+                                seed: int = 0) -> dict:
+    """Median ms of one denoiser call at ``batch`` for fp32 and the plan's int8 graph, on the same
+    bound inputs (latents ~ N(0,1), t = 500, the image's condition), calls interleaved so that
+    machine noise hits both alike."""
+    from .backends.onnxruntime_backend import OnnxRuntimeBackend
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, *cond.shape[1:]), dtype=np.float32)
+    runs = {}
+    for prec in ("fp32", "int8"):
+        b = OnnxRuntimeBackend(plan, threads=threads, precision=prec)
+        buf = b.buffers(batch)
+        buf.x[...], buf.t[...], buf.cond[...] = x, 500.0, cond[:1]
+        for _ in range(3):
+            b.denoise_bound(buf)
+        runs[prec] = (b, buf)
+    times = {p: [] for p in runs}
+    for _ in range(repeats):
+        for p, (b, buf) in runs.items():
+            t0 = time.perf_counter()
+            b.denoise_bound(buf)
+            times[p].append((time.perf_counter() - t0) * 1e3)
+    eps = {p: buf.eps.copy() for p, (b, buf) in runs.items()}
+    med = {p: statistics.median(v) for p, v in times.items()}
+    return {"batch": batch, "fp32_ms": med["fp32"], "int8_ms": med["int8"], "speedup": med["fp32"] / med["int8"],
+            "eps_max_abs_diff": float(np.abs(eps["fp32"] - eps["int8"]).max()), "repeats": repeats}
+
+
 def denoiser_gflops(plan, batch: int) -> float:
     return graph_flops(plan.blob("denoiser"), batch) / 1e9
 

@@ -19,6 +19,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible hypotheses (default: random, printed)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic given the seed, 1 = DDPM-like")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
+                   help="denoiser precision (int8: the plan's quantized denoiser, ONNX Runtime only)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
 
 
@@ -29,7 +31,7 @@ def cmd_segment(a) -> int:
     from .segmenter import Segmenter
     from .visualize import heatmap, overlay
 
-    seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, progress=not a.quiet)
+    seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, progress=not a.quiet, precision=a.precision)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stems = [Path(p).stem for p in a.images]
@@ -108,7 +110,7 @@ def cmd_bench(a) -> int:
     from .image_input import load_image
     from .segmenter import Segmenter
 
-    seg = Segmenter(a.plan, backend=a.backend, threads=a.threads)
+    seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, precision=a.precision)
     threads = getattr(seg.backend, "threads", a.threads or 0)
     image_path = a.image or str(Path(__file__).resolve().parent / "samples" / "lidc_0974_n0_s2" / "image.png")
     img = load_image(image_path)
@@ -128,7 +130,11 @@ def cmd_bench(a) -> int:
         r["denoiser_fraction_of_gemm"] = r["denoiser_gflops_per_s"] / report["gemm_fp32_gflops_per_s"]
     main_row = rows[0]
     report.update(k=main_row["k"], steps=main_row["steps"], sdk_ms=main_row["median_ms"],
-                  overhead_fraction=main_row["overhead_fraction"])
+                  overhead_fraction=main_row["overhead_fraction"], precision=a.precision)
+    if seg.plan.manifest.get("int8") and seg.backend.name == "onnxruntime":
+        # the plan offers an int8 denoiser: time one call of each precision, interleaved, at the main k
+        cond = seg.backend.encode(seg.preprocess(img))
+        report["int8_denoiser"] = bench.compare_denoiser_precisions(seg.plan, main_row["k"], cond, a.threads)
     if a.baselines:
         _repo_export_package("msld bench --baselines")
         from export.baselines import measure_baselines
@@ -148,6 +154,10 @@ def cmd_bench(a) -> int:
     print(f"fp32 GEMM (ONNX Runtime MatMul, {threads} threads): {report['gemm_fp32_gflops_per_s']:.0f} GFLOP/s; "
           f"denoiser at k={main_row['k']}: {main_row['denoiser_gflops_per_s']:.0f} GFLOP/s "
           f"({100 * main_row['denoiser_fraction_of_gemm']:.0f}% of it); peak RSS {report['peak_rss_mb']:.0f} MB")
+    if "int8_denoiser" in report:
+        q = report["int8_denoiser"]
+        print(f"denoiser call at batch {q['batch']}: fp32 {q['fp32_ms']:.2f} ms, int8 {q['int8_ms']:.2f} ms "
+              f"= {q['speedup']:.2f}x (max |eps diff| {q['eps_max_abs_diff']:.3f})")
     if a.baselines:
         print(f"k={report['k']} steps={report['steps']}: SDK {report['sdk_ms']:.1f} ms | "
               f"(a) PyTorch eager per hypothesis {report['torch_eager_per_hypothesis_ms']:.1f} ms "
@@ -166,7 +176,7 @@ def cmd_eval(a) -> int:
     from .evaluate import Sample, evaluate, format_report, to_json
     from .segmenter import Segmenter
 
-    seg = Segmenter(a.plan, backend=a.backend, threads=a.threads)
+    seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, precision=a.precision)
     # the data-set readers and splits are shared with training (export/data.py)
     _repo_export_package("msld eval")
     from export.data import data_kind_for, load_split
@@ -179,7 +189,7 @@ def cmd_eval(a) -> int:
     rep = evaluate(seg, samples, k=a.k or seg.defaults["k"], steps=a.steps, seed=a.seed,
                    progress=lambda n: bar.update(n - bar.n))
     bar.close()
-    rep.update(plan=seg.plan.path, data=str(a.data), kind=kind, split=a.split,
+    rep.update(plan=seg.plan.path, data=str(a.data), kind=kind, split=a.split, precision=a.precision,
                trained=seg.plan.manifest.get("provenance", {}).get("trained"))
     print(format_report(rep))
     if a.json:
@@ -231,6 +241,8 @@ def main(argv=None) -> int:
     p.add_argument("--image", default=None, help="image to segment (default: a shipped LIDC sample)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
+                   help="denoiser precision (int8: the plan's quantized denoiser, ONNX Runtime only)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -248,6 +260,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="first N items of the split only")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
+                   help="denoiser precision (int8: the plan's quantized denoiser, ONNX Runtime only)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, metavar="FILE")
     p.add_argument("-q", "--quiet", action="store_true")

@@ -29,5 +29,9 @@ class InputError(MsldError, ValueError):
     """An image or an argument given to ``Segmenter.run`` cannot be used."""
 
 
+class PrecisionUnavailableError(MsldError, ValueError):
+    """The requested precision (e.g. int8) is not in this plan or not supported by the backend."""
+
+
 class BackendUnavailableError(MsldError, RuntimeError):
     """An explicitly requested backend cannot run here (missing package, GPU or engine)."""

@@ -30,6 +30,8 @@ MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 4 << 20          # a manifest is a few KB; refuse anything absurd
 MAX_BLOB_BYTES = 2 << 30
 GRAPH_PARTS = ("encoder", "denoiser", "decoder")
+PRECISIONS = ("fp32", "int8")
+INT8_KEY = "int8"   # manifest entry of the optional int8 denoiser (added by export.quantize_int8)
 REQUIRED_KEYS = ("format", "format_version", "model", "schedule", "input", "latent", "defaults", "blobs")
 
 
@@ -139,6 +141,20 @@ class Plan:
 
     def blob_names(self) -> list[str]:
         return sorted(self._blobs)
+
+    def denoiser_blob(self, precision: str = "fp32") -> str:
+        """Name of the denoiser blob for ``precision`` ("fp32" or "int8")."""
+        from .errors import PrecisionUnavailableError
+        if precision not in PRECISIONS:
+            raise PrecisionUnavailableError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision == "fp32":
+            return "denoiser"
+        name = (self.manifest.get(INT8_KEY) or {}).get("denoiser")
+        if name not in self._blobs:
+            raise PrecisionUnavailableError(
+                f"{self.path}: has no int8 denoiser; add one with "
+                f"`python -m export.quantize_int8 {self.path}` or use precision='fp32'")
+        return name
 
     @property
     def image_size(self) -> tuple[int, int]:

@@ -55,13 +55,16 @@ class Segmenter:
               "onnxruntime" or "tensorrt".
     threads:  CPU threads for ONNX Runtime (default: all cores available to this process).
     progress: show a progress bar over the DDIM steps.
+    precision: "fp32" (default) or "int8" (the plan's quantized denoiser, ONNX Runtime only;
+              its measured speed and Dice are in benchmarks/README.md and MODEL_CARD.md).
     """
 
     def __init__(self, plan: str | Path | None = None, backend: str = "auto", threads: int | None = None,
-                 progress: bool = False):
+                 progress: bool = False, precision: str = "fp32"):
         self.plan = Plan.open(resolve_plan_path(plan))
         m = self.plan.manifest
-        self.backend = select_backend(self.plan, backend, threads=threads)
+        self.precision = precision
+        self.backend = select_backend(self.plan, backend, threads=threads, precision=precision)
         self.progress = progress
         self._alphas = np.asarray(m["schedule"]["alphas_cumprod"], np.float32)
         self._spacing = m["schedule"]["spacing"]
@@ -106,6 +109,11 @@ class Segmenter:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
             raise InputError(f"seed must be an integer from 0 to 2**64-1, got {seed!r}")
         return int(k), int(steps), int(seed), float(eta), float(threshold)
+
+    def preprocess(self, img) -> np.ndarray:
+        """One image (anything ``run`` accepts) -> the encoder's 1 x C x H x W input."""
+        return to_model_input(load_image(img), tuple(self._in["size"]), self._in["channels"], self._in["mean"],
+                              self._in["std"])
 
     def _run(self, images: Sequence, k, steps, seed, eta, threshold) -> list[SegmentationResult]:
         k, steps, seed, eta, threshold = self._check_args(k, steps, seed, eta, threshold)
@@ -186,4 +194,5 @@ class Segmenter:
         return results
 
     def __repr__(self) -> str:
-        return f"Segmenter({self.plan.path!r}, backend={self.backend.name!r})"
+        p = f", precision={self.precision!r}" if self.precision != "fp32" else ""
+        return f"Segmenter({self.plan.path!r}, backend={self.backend.name!r}{p})"

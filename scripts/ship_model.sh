@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make a shipped plan from a trained checkpoint and measure it as the model card reports it:
-# export (ONNX checked against PyTorch), `msld eval` on the full validation split, and the
-# Dice-vs-steps curve on the first validation items (60 LIDC slices; 60 Kvasir + 60 CVC images).
+# export (ONNX checked against PyTorch), the int8 denoiser (calibrated on training images),
+# `msld eval` on the full validation split in fp32 and int8, and the Dice-vs-steps curve on the
+# first validation items (60 LIDC slices; 60 Kvasir + 60 CVC images).
 #   bash scripts/ship_model.sh lidc  runs/lidc_v3/model.safetensors
 #   bash scripts/ship_model.sh polyp runs/polyp_v3/model.safetensors
 set -euo pipefail
@@ -12,6 +13,8 @@ case "$NAME" in lidc|polyp) ;; *) echo "model name must be lidc or polyp, not $N
 mkdir -p export/checkpoints benchmarks/results
 cp "$CKPT" "export/checkpoints/$NAME.safetensors"
 python -m export.export_plan "export/checkpoints/$NAME.safetensors" "msld_sdk/models/$NAME.plan"
+python -m export.quantize_int8 "msld_sdk/models/$NAME.plan" --images 16
 msld eval --plan "$NAME" --kind "$NAME" --split val -q --json "benchmarks/results/eval_${NAME}_val.json"
+msld eval --plan "$NAME" --kind "$NAME" --split val -q --precision int8 --json "benchmarks/results/eval_${NAME}_val_int8.json"
 python -m export.dice_vs_steps --plan "msld_sdk/models/$NAME.plan" --kind "$NAME" --k 4 --limit 60 \
     --steps 1 2 5 10 20 50 100 --out "benchmarks/results/dice_vs_steps_$NAME"

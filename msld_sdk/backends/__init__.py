@@ -155,14 +155,24 @@ def tensorrt_unavailable_reason(plan: Plan) -> str | None:
     return None if chk.ok else (chk.problems[0] if chk.problems else "no usable TensorRT engine set")
 
 
-def _onnxruntime(plan: Plan, threads: int | None):
+def _onnxruntime(plan: Plan, threads: int | None, precision: str = "fp32"):
     from .onnxruntime_backend import OnnxRuntimeBackend
-    return OnnxRuntimeBackend(plan, threads=threads)
+    return OnnxRuntimeBackend(plan, threads=threads, precision=precision)
 
 
-def select_backend(plan: Plan, backend: str = "auto", threads: int | None = None):
+def select_backend(plan: Plan, backend: str = "auto", threads: int | None = None, precision: str = "fp32"):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    plan.denoiser_blob(precision)  # the plan has it (else PrecisionUnavailableError naming the fix)
+    if precision != "fp32":
+        # int8 is an ONNX Runtime (CPU) path; msld build makes fp16 TensorRT engines only
+        if backend == "tensorrt":
+            raise BackendUnavailableError(f"precision={precision!r} runs on ONNX Runtime only (msld build makes fp16 "
+                                          "TensorRT engines); use backend='onnxruntime' or precision='fp32'")
+        b = _onnxruntime(plan, threads, precision)
+        log.info("msld_sdk: using ONNX Runtime (%s, %d threads) with the %s denoiser%s", ",".join(b.providers),
+                 b.threads, precision, "; TensorRT not considered for int8" if backend == "auto" else "")
+        return b
     if backend in ("auto", "tensorrt"):
         chk = tensorrt_check(plan, first_only=backend == "auto")
         if chk.ok:

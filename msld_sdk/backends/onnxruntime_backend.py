@@ -43,7 +43,7 @@ class DenoiserBuffers:
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, plan: Plan, threads: int | None = None, providers=None):
+    def __init__(self, plan: Plan, threads: int | None = None, providers=None, precision: str = "fp32"):
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or _physical_cores()
@@ -53,7 +53,8 @@ class OnnxRuntimeBackend:
         self.providers = providers or ["CPUExecutionProvider"]
         self.threads = opts.intra_op_num_threads
         self.encoder = ort.InferenceSession(plan.blob("encoder"), opts, providers=self.providers)
-        self.denoiser = ort.InferenceSession(plan.blob("denoiser"), opts, providers=self.providers)
+        self.precision = precision
+        self.denoiser = ort.InferenceSession(plan.blob(plan.denoiser_blob(precision)), opts, providers=self.providers)
         self.decoder = ort.InferenceSession(plan.blob("decoder"), opts, providers=self.providers)
         lat = plan.manifest["latent"]
         self.latent_shape = (int(lat["channels"]), int(lat["size"][0]), int(lat["size"][1]))
