@@ -27,6 +27,10 @@ def tables(d: dict) -> str:
                 f"{d['gemm_fp32_gflops_per_s']:.0f} GFLOP/s; denoiser at k={d['k']}: "
                 f"{main['denoiser_gflops_per_s']:.0f} GFLOP/s = {100 * main['denoiser_fraction_of_gemm']:.0f}% of it; "
                 f"peak RSS {d['peak_rss_mb']:.0f} MB."]
+    if "int8_denoiser" in d:
+        q = d["int8_denoiser"]
+        out += ["", f"int8 denoiser (one call at batch {q['batch']}, {q['repeats']} interleaved calls each): "
+                    f"fp32 {q['fp32_ms']:.2f} ms, int8 {q['int8_ms']:.2f} ms = {q['speedup']:.2f}x."]
     return "\n".join(out)
 
 
