@@ -14,7 +14,7 @@ mkdir -p export/checkpoints benchmarks/results
 cp "$CKPT" "export/checkpoints/$NAME.safetensors"
 python -m export.export_plan "export/checkpoints/$NAME.safetensors" "msld_sdk/models/$NAME.plan"
 python -m export.quantize_int8 "msld_sdk/models/$NAME.plan" --images 16
-msld eval --plan "$NAME" --kind "$NAME" --split val -q --json "benchmarks/results/eval_${NAME}_val.json"
-msld eval --plan "$NAME" --kind "$NAME" --split val -q --precision int8 --json "benchmarks/results/eval_${NAME}_val_int8.json"
+python -m msld_sdk.cli eval --plan "$NAME" --kind "$NAME" --split val -q --json "benchmarks/results/eval_${NAME}_val.json"
+python -m msld_sdk.cli eval --plan "$NAME" --kind "$NAME" --split val -q --precision int8 --json "benchmarks/results/eval_${NAME}_val_int8.json"
 python -m export.dice_vs_steps --plan "msld_sdk/models/$NAME.plan" --kind "$NAME" --k 4 --limit 60 \
     --steps 1 2 5 10 20 50 100 --out "benchmarks/results/dice_vs_steps_$NAME"
