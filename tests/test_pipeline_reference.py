@@ -61,3 +61,14 @@ def test_shipped_default_plan_matches_its_weights_shape(rng):
     assert r.mean.shape == (90, 70) and r.mean.dtype == np.float32
     assert r.confidence.shape == (90, 70) and 0 <= r.confidence.min() <= r.confidence.max() <= 1
     assert set(r.timings) >= {"encode_ms", "denoise_ms", "decode_ms", "aggregate_ms", "total_ms"}
+
+
+def test_shipped_polyp_plan_runs_on_rgb_and_has_int8(rng):
+    """Segmenter("polyp"): the trained RGB model, with its int8 denoiser, at the input's size."""
+    seg = Segmenter("polyp")
+    assert seg.plan.channels == 3 and seg.plan.manifest["provenance"]["trained"] is True
+    img = rng.integers(0, 255, (100, 120, 3), dtype=np.uint8)
+    r = seg.run(img, k=2, steps=2, seed=0)
+    assert r.masks.shape == (2, 100, 120) and r.mean.shape == (100, 120)
+    q = Segmenter("polyp", precision="int8").run(img, k=2, steps=2, seed=0)
+    assert np.abs(q.mean - r.mean).mean() < 0.05
