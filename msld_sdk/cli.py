@@ -10,6 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MsldError
+from .plan import PRECISIONS
+
+
+def _add_precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                   help="denoiser precision (int8: the plan's quantized denoiser, ONNX Runtime only)")
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -19,8 +25,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible hypotheses (default: random, printed)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic given the seed, 1 = DDPM-like")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
-                   help="denoiser precision (int8: the plan's quantized denoiser, ONNX Runtime only)")
+    _add_precision_arg(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
 
 
@@ -241,8 +246,7 @@ def main(argv=None) -> int:
     p.add_argument("--image", default=None, help="image to segment (default: a shipped LIDC sample)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
-                   help="denoiser precision (int8: the plan's quantized denoiser, ONNX Runtime only)")
+    _add_precision_arg(p)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -260,8 +264,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="first N items of the split only")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
-                   help="denoiser precision (int8: the plan's quantized denoiser, ONNX Runtime only)")
+    _add_precision_arg(p)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, metavar="FILE")
     p.add_argument("-q", "--quiet", action="store_true")

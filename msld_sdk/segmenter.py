@@ -112,16 +112,16 @@ class Segmenter:
 
     def preprocess(self, img) -> np.ndarray:
         """One image (anything ``run`` accepts) -> the encoder's 1 x C x H x W input."""
-        return to_model_input(load_image(img), tuple(self._in["size"]), self._in["channels"], self._in["mean"],
-                              self._in["std"])
+        return self._model_input(load_image(img))
+
+    def _model_input(self, array: np.ndarray) -> np.ndarray:
+        return to_model_input(array, tuple(self._in["size"]), self._in["channels"], self._in["mean"], self._in["std"])
 
     def _run(self, images: Sequence, k, steps, seed, eta, threshold) -> list[SegmentationResult]:
         k, steps, seed, eta, threshold = self._check_args(k, steps, seed, eta, threshold)
         t0 = time.perf_counter()
-        size = tuple(self._in["size"])
         arrays = [load_image(im) for im in images]
-        x_in = np.concatenate([to_model_input(a, size, self._in["channels"], self._in["mean"], self._in["std"])
-                               for a in arrays])
+        x_in = np.concatenate([self._model_input(a) for a in arrays])
         t1 = time.perf_counter()
         cond = self.backend.encode(x_in)
         t2 = time.perf_counter()
