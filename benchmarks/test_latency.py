@@ -26,7 +26,9 @@ def baselines(segmenter):
     import torch
     from export.baselines import OrtPerHypothesis, torch_model_for_plan
     torch.set_num_threads(segmenter.backend.threads)
-    return torch_model_for_plan(segmenter.plan), OrtPerHypothesis(segmenter.plan, segmenter.backend.threads)
+    threads = segmenter.backend.threads
+    return (torch_model_for_plan(segmenter.plan), OrtPerHypothesis(segmenter.plan, threads),
+            OrtPerHypothesis(segmenter.plan, threads, sdk_settings=True))
 
 
 K, STEPS = 8, 20
@@ -41,14 +43,15 @@ def test_k8_sdk(benchmark, segmenter, image01):
 def test_k8_torch_eager_per_hypothesis(benchmark, segmenter, image01, baselines):
     from export.baselines import torch_eager_per_hypothesis
     benchmark.group = "k8-steps20"
-    model, _ = baselines
+    model = baselines[0]
     probs = benchmark.pedantic(torch_eager_per_hypothesis, args=(model, segmenter.plan, image01[:, :, 0], K, STEPS, 0),
                                rounds=3, warmup_rounds=1)
     np.testing.assert_allclose(probs, segmenter.run(image01, k=K, steps=STEPS, seed=0).probs, atol=1e-3)
 
 
-def test_k8_ort_per_hypothesis(benchmark, segmenter, image01, baselines):
+@pytest.mark.parametrize("settings", ["ort_default", "sdk"])
+def test_k8_ort_per_hypothesis(benchmark, segmenter, image01, baselines, settings):
     benchmark.group = "k8-steps20"
-    _, ort_b = baselines
+    ort_b = baselines[1] if settings == "ort_default" else baselines[2]
     probs = benchmark.pedantic(ort_b, args=(image01[:, :, 0], K, STEPS, 0), rounds=3, warmup_rounds=1)
     np.testing.assert_allclose(probs, segmenter.run(image01, k=K, steps=STEPS, seed=0).probs, atol=1e-3)

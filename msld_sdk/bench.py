@@ -50,9 +50,8 @@ def gemm_gflops(threads: int, n: int = 1024, repeats: int = 30) -> float:
                            helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
                           [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    s = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    from .backends.onnxruntime_backend import session_options
+    s = ort.InferenceSession(m.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feeds = {"a": rng.standard_normal((n, n), dtype=np.float32), "b": rng.standard_normal((n, n), dtype=np.float32)}
     ms = time_calls(lambda: s.run(None, feeds), repeats, warmup=3)

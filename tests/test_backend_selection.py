@@ -216,3 +216,16 @@ def test_tensorrt_backend_runs_on_gpu(tiny_plan, tmp_path):
     pl = Plan.open(path)
     lat = trt_seg.backend.encode(np.zeros((17, pl.channels, *pl.image_size), np.float32))
     assert lat.shape[0] == 17  # above the encoder profile's 16: run in chunks
+
+
+def test_onnxruntime_sessions_stop_spinning_between_runs(tiny_plan):
+    """The three sessions run one after another on the same cores: a finished session's
+    threads must not keep spinning into the next one (see session_options)."""
+    from msld_sdk.backends.onnxruntime_backend import session_options
+    opts = session_options(3)
+    assert opts.intra_op_num_threads == 3 and opts.inter_op_num_threads == 1
+    assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+    b = OnnxRuntimeBackend(Plan.open(tiny_plan), threads=1)
+    for sess in (b.encoder, b.denoiser, b.decoder):
+        assert sess.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
+        assert sess.get_session_options().intra_op_num_threads == 1

@@ -18,6 +18,26 @@ from ..plan import Plan
 log = logging.getLogger("msld_sdk")
 
 
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """The SDK's ONNX Runtime session settings, shared by its three sessions (and by the
+    per-hypothesis baseline, so that benchmarks compare batching, not settings).
+
+    ``session.force_spinning_stop``: each session has its own intra-op thread pool, and by
+    default its threads keep spinning after ``run`` returns.  The encoder, denoiser and
+    decoder run one after another on the same cores, so the previous session's spinning
+    threads took CPU from the next one: at k=8 / 20 steps on 2 cores the decoder went from
+    63 to 97 ms and the whole run from ~410 to ~510 ms (benchmarks/README.md).  Stopping the
+    spin when a run returns removes that without a process-wide thread pool."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or _physical_cores()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
+    opts.log_severity_level = 3
+    return opts
+
+
 def _physical_cores() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -44,12 +64,7 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, plan: Plan, threads: int | None = None, providers=None, precision: str = "fp32"):
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or _physical_cores()
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.log_severity_level = 3
+        opts = session_options(threads)
         self.providers = providers or ["CPUExecutionProvider"]
         self.threads = opts.intra_op_num_threads
         self.encoder = ort.InferenceSession(plan.blob("encoder"), opts, providers=self.providers)
