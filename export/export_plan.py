@@ -27,13 +27,15 @@ from msld_sdk.plan import write_plan
 from .checkpoint import load_checkpoint, random_model
 from .config import ModelConfig
 from .model import ExportDecoder, ExportDenoiser, ExportEncoder, MedSegLatDiff, alphas_cumprod
+from .onnx_passes import group_norm_as_layer_norm
 
 OPSET = 18
 RTOL = 1e-4
 
 
 def _export(module: torch.nn.Module, args: tuple, in_names, out_names, dyn_inputs) -> bytes:
-    """torch.onnx (dynamo exporter) with a dynamic batch axis on every input; returns bytes."""
+    """torch.onnx (dynamo exporter) with a dynamic batch axis on every input, then the graph
+    rewrites of ``onnx_passes``; returns bytes."""
     batch = torch.export.Dim("batch", min=1, max=1024)
     dynamic_shapes = {n: {0: batch} for n in dyn_inputs}
     f = io.BytesIO()
@@ -43,7 +45,7 @@ def _export(module: torch.nn.Module, args: tuple, in_names, out_names, dyn_input
         torch.onnx.export(module.eval(), args, f, input_names=list(in_names), output_names=list(out_names),
                           dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=OPSET,
                           external_data=False, verbose=False)
-    data = f.getvalue()
+    data = group_norm_as_layer_norm(f.getvalue())
     onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
     return data
 
