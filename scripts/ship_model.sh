@@ -5,6 +5,7 @@
 # first validation items (60 LIDC slices; 60 Kvasir + 60 CVC images).
 #   bash scripts/ship_model.sh lidc  runs/lidc_v3/model.safetensors
 #   bash scripts/ship_model.sh polyp runs/polyp_v3/model.safetensors
+#   bash scripts/ship_model.sh lidc  export/checkpoints/lidc.safetensors   # re-export the shipped model
 # INT8_LIMIT=N compares int8 with fp32 on the first N validation items instead of the full split.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ NAME=${1:?model name: lidc or polyp}
 CKPT=${2:?checkpoint}
 case "$NAME" in lidc|polyp) ;; *) echo "model name must be lidc or polyp, not $NAME" >&2; exit 2;; esac
 mkdir -p export/checkpoints benchmarks/results
-cp "$CKPT" "export/checkpoints/$NAME.safetensors"
+[ "$CKPT" -ef "export/checkpoints/$NAME.safetensors" ] || cp "$CKPT" "export/checkpoints/$NAME.safetensors"
 python -m export.export_plan "export/checkpoints/$NAME.safetensors" "msld_sdk/models/$NAME.plan"
 python -m export.quantize_int8 "msld_sdk/models/$NAME.plan" --images 16
 python -m msld_sdk.cli eval --plan "$NAME" --kind "$NAME" --split val -q --json "benchmarks/results/eval_${NAME}_val.json"

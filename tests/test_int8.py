@@ -33,6 +33,16 @@ def test_int8_plan_keeps_fp32_results_and_records_how_it_was_made(tiny_plan, int
     assert plan.blob(e["denoiser"]) != plan.blob("denoiser")
 
 
+def test_int8_quantizes_convolutions_but_keeps_the_output_convolution_fp32(int8_plan):
+    import onnx
+    plan = Plan.open(int8_plan)
+    g = onnx.load_from_string(plan.blob(plan.manifest["int8"]["denoiser"])).graph
+    made_by = {o: n.op_type for n in g.node for o in n.output}
+    weight_source = [made_by.get(n.input[1], "initializer") for n in g.node if n.op_type == "Conv"]
+    assert weight_source[-1] == "initializer"                                   # the output conv: fp32 weights
+    assert weight_source[:-1] and set(weight_source[:-1]) == {"DequantizeLinear"}  # every other conv: int8
+
+
 def test_int8_runs_close_to_fp32(int8_plan, rng, caplog):
     img = rng.random((32, 32), dtype=np.float32)
     ref = Segmenter(int8_plan).run(img, k=4, steps=6, seed=1)

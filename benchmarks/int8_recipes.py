@@ -1,0 +1,64 @@
+"""Compare int8 quantization recipes of a plan's denoiser on held-out *training* inputs.
+
+How the recipe in export/quantize_int8.py was chosen without looking at validation data:
+each recipe is calibrated on the denoiser inputs of 16 (or 48) training images and scored
+by its eps error against fp32 on the inputs of 8 other training images.
+
+    python -m benchmarks.int8_recipes lidc      # or polyp; reads ../shared/data
+"""
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from export import quantize_int8 as q
+from export.data import default_data_root
+from msld_sdk.plan import Plan
+from msld_sdk.segmenter import resolve_plan_path
+
+
+def quantize(fp32: bytes, feeds, method, exclude) -> bytes:
+    with tempfile.TemporaryDirectory() as d:
+        src, pre, out = Path(d, "a.onnx"), Path(d, "b.onnx"), Path(d, "c.onnx")
+        src.write_bytes(fp32)
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(out), q._Reader(feeds), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=q.OPS, per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=method, nodes_to_exclude=exclude)
+        return out.read_bytes()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("kind", choices=["lidc", "polyp"])
+    a = ap.parse_args(argv)
+    path = resolve_plan_path(a.kind)
+    fp32 = Plan.open(path).blob("denoiser")
+    images, _ = q.calibration_images(a.kind, default_data_root(), 128, 48)
+    feeds16 = q.record_denoiser_inputs(path, images[::3], k=2)
+    feeds48 = q.record_denoiser_inputs(path, images, k=2)
+    held = q.record_denoiser_inputs(path, images[1::6], k=2, seed=100)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    ref = [ort.InferenceSession(fp32, so).run(None, f)[0] for f in held]
+    last = q.output_conv(fp32)
+    recipes = {
+        "MinMax, 16 images, every conv int8": (feeds16, CalibrationMethod.MinMax, []),
+        "MinMax, 16 images, output conv fp32": (feeds16, CalibrationMethod.MinMax, [last]),
+        "MinMax, 48 images, output conv fp32": (feeds48, CalibrationMethod.MinMax, [last]),
+        "Percentile 99.999, 16 images, output conv fp32": (feeds16, CalibrationMethod.Percentile, [last]),
+    }
+    for name, (feeds, method, exclude) in recipes.items():
+        s = ort.InferenceSession(quantize(fp32, feeds, method, exclude), so)
+        err = [s.run(None, f)[0] - r for f, r in zip(held, ref)]
+        rms = np.sqrt(np.mean([np.mean(e ** 2) for e in err]) / np.mean([np.mean(r ** 2) for r in ref]))
+        print(f"{a.kind}: {name:48s} RMS relative eps error on held-out training inputs {rms:.4f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
