@@ -19,8 +19,9 @@ def group_norm_as_layer_norm(model_bytes: bytes) -> bytes:
     kernel is faster (at k=8: denoiser call 17.6 -> 17.1 ms, decoder 63.8 -> 60.2 ms on 2 cores,
     outputs equal within 6e-7; benchmarks/README.md).  Only nodes whose input length L is
     static and whose scale/bias are the identity are rewritten; anything else is left alone."""
-    model = shape_inference.infer_shapes(onnx.load_from_string(model_bytes))
-    shapes = {v.name: v.type.tensor_type.shape for v in model.graph.value_info}
+    inferred = shape_inference.infer_shapes(onnx.load_from_string(model_bytes))
+    shapes = {v.name: v.type.tensor_type.shape for v in inferred.graph.value_info}
+    model = onnx.load_from_string(model_bytes)  # rewritten as the exporter wrote it, value_info kept
     inits = {i.name: i for i in model.graph.initializer}
     ones = {}  # one all-ones scale per row length, shared by the nodes that need it (no bias)
     for node in model.graph.node:
@@ -47,6 +48,4 @@ def group_norm_as_layer_norm(model_bytes: bytes) -> bytes:
     unused = [i for i in model.graph.initializer if i.name not in used]
     for init in unused:  # the InstanceNormalization scale/bias constants
         model.graph.initializer.remove(init)
-    # drop the inferred shapes again: the stored graph stays as the exporter wrote it
-    del model.graph.value_info[:]
     return model.SerializeToString()

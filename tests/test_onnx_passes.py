@@ -35,6 +35,8 @@ def test_groupnorm_becomes_layernorm_with_the_same_output():
     new = group_norm_as_layer_norm(data)
     assert "InstanceNormalization" not in _ops(new) and _ops(new).count("LayerNormalization") == 1
     onnx.checker.check_model(onnx.load_from_string(new), full_check=True)
+    # the exporter's shape annotations survive the rewrite
+    assert len(onnx.load_from_string(new).graph.value_info) == len(onnx.load_from_string(data).graph.value_info)
     x = np.random.default_rng(1).standard_normal((5, 3, 12, 12)).astype(np.float32)  # another batch size
     got = ort.InferenceSession(new, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     with torch.no_grad():
