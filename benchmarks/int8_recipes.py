@@ -7,29 +7,15 @@ by its eps error against fp32 on the inputs of 8 other training images.
     python -m benchmarks.int8_recipes lidc      # or polyp; reads ../shared/data
 """
 import argparse
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.quantization import CalibrationMethod
 
 from export import quantize_int8 as q
 from export.data import default_data_root
 from msld_sdk.plan import Plan
 from msld_sdk.segmenter import resolve_plan_path
-
-
-def quantize(fp32: bytes, feeds, method, exclude) -> bytes:
-    with tempfile.TemporaryDirectory() as d:
-        src, pre, out = Path(d, "a.onnx"), Path(d, "b.onnx"), Path(d, "c.onnx")
-        src.write_bytes(fp32)
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(out), q._Reader(feeds), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=q.OPS, per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=method, nodes_to_exclude=exclude)
-        return out.read_bytes()
 
 
 def main(argv=None) -> int:
@@ -53,7 +39,7 @@ def main(argv=None) -> int:
         "Percentile 99.999, 16 images, output conv fp32": (feeds16, CalibrationMethod.Percentile, [last]),
     }
     for name, (feeds, method, exclude) in recipes.items():
-        s = ort.InferenceSession(quantize(fp32, feeds, method, exclude), so)
+        s = ort.InferenceSession(q.quantize_denoiser(fp32, feeds, method, keep_fp32=exclude), so)
         err = [s.run(None, f)[0] - r for f, r in zip(held, ref)]
         rms = np.sqrt(np.mean([np.mean(e ** 2) for e in err]) / np.mean([np.mean(r ** 2) for r in ref]))
         print(f"{a.kind}: {name:48s} RMS relative eps error on held-out training inputs {rms:.4f}", flush=True)

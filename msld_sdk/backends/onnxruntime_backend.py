@@ -25,9 +25,10 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     ``session.force_spinning_stop``: each session has its own intra-op thread pool, and by
     default its threads keep spinning after ``run`` returns.  The encoder, denoiser and
     decoder run one after another on the same cores, so the previous session's spinning
-    threads took CPU from the next one: at k=8 / 20 steps on 2 cores the decoder went from
-    63 to 97 ms and the whole run from ~410 to ~510 ms (benchmarks/README.md).  Stopping the
-    spin when a run returns removes that without a process-wide thread pool."""
+    threads took CPU from the next one: at k=8 / 20 steps on 2 cores the decoder took 93 ms
+    instead of 60 and the whole sequence was 1.14-1.26x slower
+    (``python -m benchmarks.ort_session_settings``).  Stopping the spin when a run returns
+    removes that without a process-wide thread pool."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads or _physical_cores()
