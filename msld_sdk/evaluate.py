@@ -6,6 +6,10 @@ all against the reference mask; for multi-annotator data the reference is the 50
 consensus of the annotators (a pixel marked by at least half of them), and GED and HM-IoU
 compare the k hypotheses with all annotations. ECE pools every pixel of the split.
 Everything is computed at the model's input size, where the reference masks were resized.
+
+Each image is sampled with its own seed, ``image_seed(seed, index)``.  With one seed for all,
+every image would get the same k noise draws and the split's mean would move with that one
+draw: at seed 0/1/2 the LIDC majority-marked Dice was 0.524/0.669/0.509 that way.
 """
 from __future__ import annotations
 
@@ -45,50 +49,47 @@ def reference_mask(annotations: np.ndarray) -> np.ndarray:
     return annotations.sum(0) * 2 >= annotations.shape[0] if annotations.shape[0] > 1 else annotations[0]
 
 
+SEED_SCHEME = "per image: numpy SeedSequence([seed, index]).generate_state(1, uint64)"
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The sampling seed of the ``index``-th image of a split evaluated with ``seed``."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
+
+
 def evaluate(segmenter, samples: Iterable[Sample], k: int, steps: int | None, seed: int = 0,
-             batch: int = 4, progress=None) -> dict:
-    """Metrics over ``samples`` (see the module docstring). ``progress(n_done)`` is called per batch."""
+             progress=None) -> dict:
+    """Metrics over ``samples`` (see the module docstring). ``progress(n_done)`` is called per image."""
     acc, acc_major = _Acc(), _Acc()
     bins = None
     n = 0
     t0 = time.perf_counter()
-    pending: list[Sample] = []
-
-    def flush():
-        nonlocal bins, n
-        results = segmenter.run([s.image for s in pending], k=k, steps=steps, seed=seed)
-        for s, r in zip(pending, results):
-            ann = s.annotations.astype(bool)
-            ref = reference_mask(ann)
-            mean_mask = r.mean > 0.5
-            row = {
-                "dice_consensus": metrics.dice(r.consensus, ref), "iou_consensus": metrics.iou(r.consensus, ref),
-                "dice_mean_mask": metrics.dice(mean_mask, ref), "iou_mean_mask": metrics.iou(mean_mask, ref),
-                "dice_per_hypothesis": float(np.mean([metrics.dice(m, ref) for m in r.masks])),
-                "iou_per_hypothesis": float(np.mean([metrics.iou(m, ref) for m in r.masks])),
-            }
-            if ann.shape[0] > 1:
-                row["ged"] = metrics.generalized_energy_distance(r.masks, ann)
-                row["hm_iou"] = metrics.hungarian_matched_iou(r.masks, ann)
-            for name, v in row.items():
-                acc.add(name, v)
-            if ann.shape[0] > 1 and ann.reshape(ann.shape[0], -1).any(1).sum() * 2 > ann.shape[0]:
-                for name in ("dice_consensus", "iou_consensus", "dice_mean_mask", "iou_mean_mask"):
-                    acc_major.add(name, row[name])
-            b = metrics.calibration_bins(r.mean, ref)
-            bins = b if bins is None else tuple(x + y for x, y in zip(bins, b))
-            n += 1
-        pending.clear()
+    for s in samples:
+        r = segmenter.run([s.image], k=k, steps=steps, seed=image_seed(seed, n))[0]
+        ann = s.annotations.astype(bool)
+        ref = reference_mask(ann)
+        mean_mask = r.mean > 0.5
+        row = {
+            "dice_consensus": metrics.dice(r.consensus, ref), "iou_consensus": metrics.iou(r.consensus, ref),
+            "dice_mean_mask": metrics.dice(mean_mask, ref), "iou_mean_mask": metrics.iou(mean_mask, ref),
+            "dice_per_hypothesis": float(np.mean([metrics.dice(m, ref) for m in r.masks])),
+            "iou_per_hypothesis": float(np.mean([metrics.iou(m, ref) for m in r.masks])),
+        }
+        if ann.shape[0] > 1:
+            row["ged"] = metrics.generalized_energy_distance(r.masks, ann)
+            row["hm_iou"] = metrics.hungarian_matched_iou(r.masks, ann)
+        for name, v in row.items():
+            acc.add(name, v)
+        if ann.shape[0] > 1 and ann.reshape(ann.shape[0], -1).any(1).sum() * 2 > ann.shape[0]:
+            for name in ("dice_consensus", "iou_consensus", "dice_mean_mask", "iou_mean_mask"):
+                acc_major.add(name, row[name])
+        b = metrics.calibration_bins(r.mean, ref)
+        bins = b if bins is None else tuple(x + y for x, y in zip(bins, b))
+        n += 1
         if progress:
             progress(n)
-
-    for s in samples:
-        pending.append(s)
-        if len(pending) == batch:
-            flush()
-    if pending:
-        flush()
     out = {"n_images": n, "k": k, "steps": steps or segmenter.defaults["steps"], "seed": seed,
+           "seed_scheme": SEED_SCHEME,
            "metrics": acc.means(), "ece": metrics.ece_from_bins(*bins) if bins is not None else None,
            "seconds": time.perf_counter() - t0}
     if acc_major.values:

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import DATA
 from msld_sdk import metrics
-from msld_sdk.evaluate import Sample, evaluate, reference_mask
+from msld_sdk.evaluate import SEED_SCHEME, Sample, evaluate, image_seed, reference_mask
 from msld_sdk.result import SegmentationResult
 
 
@@ -34,8 +34,7 @@ def test_known_answers():
     anns[1][:] = False           # nobody marked anything
     anns[2][1:] = False          # only one annotator marked: not a majority
     hyps = [a[:2].copy() for a in anns]  # the model returns two of the annotations
-    rep = evaluate(FixedSegmenter(hyps), [Sample(np.zeros((16, 16, 1), np.float32), a) for a in anns], k=2, steps=1,
-                   batch=2)
+    rep = evaluate(FixedSegmenter(hyps), [Sample(np.zeros((16, 16, 1), np.float32), a) for a in anns], k=2, steps=1)
     ref = [reference_mask(a) for a in anns]
     want_dice = np.mean([metrics.dice((h.sum(0) * 2 > 2), r) for h, r in zip(hyps, ref)])
     assert rep["metrics"]["dice_consensus"] == pytest.approx(want_dice)
@@ -52,6 +51,36 @@ def test_perfect_single_annotator_scores_one():
     rep = evaluate(FixedSegmenter(hyps), [Sample(np.zeros((12, 12, 3), np.float32), g) for g in gts], k=3, steps=1)
     assert rep["metrics"]["dice_consensus"] == 1.0 and rep["metrics"]["iou_per_hypothesis"] == 1.0
     assert rep["ece"] == 0.0 and "ged" not in rep["metrics"]
+
+
+def test_each_image_is_sampled_with_its_own_seed(tiny_plan):
+    """The same image twice in a split gets different noise, and the seeds are a fixed
+    function of (seed, index): a split's mean does not hinge on one draw shared by all."""
+    from msld_sdk import Segmenter
+
+    class Recording:
+        defaults = {"steps": 2, "k": 3}
+
+        def __init__(self):
+            self.seg, self.seeds, self.masks = Segmenter(tiny_plan), [], []
+
+        def run(self, images, k, steps, seed):
+            assert len(images) == 1
+            self.seeds.append(seed)
+            out = self.seg.run(images, k=k, steps=steps, seed=seed)
+            self.masks.append(out[0].probs)
+            return out
+
+    img = np.random.default_rng(2).random((32, 32, 1)).astype(np.float32)
+    ann = np.zeros((1, 32, 32), bool)
+    a, b = Recording(), Recording()
+    rep = evaluate(a, [Sample(img, ann)] * 3, k=3, steps=2, seed=7)
+    evaluate(b, [Sample(img, ann)] * 3, k=3, steps=2, seed=7)
+    assert a.seeds == b.seeds == [image_seed(7, i) for i in range(3)]
+    assert len(set(a.seeds)) == 3 and image_seed(8, 0) not in a.seeds
+    assert not np.array_equal(a.masks[0], a.masks[1])
+    assert all(np.array_equal(x, y) for x, y in zip(a.masks, b.masks))
+    assert rep["seed"] == 7 and rep["seed_scheme"] == SEED_SCHEME
 
 
 @pytest.mark.skipif(not (DATA / "lidc").is_dir(), reason=f"no LIDC data at {DATA}")
