@@ -5,10 +5,15 @@ each recipe is calibrated on the denoiser inputs of 16 (or 48) training images a
 by its eps error against fp32 on the inputs of 8 other training images.
 
     python -m benchmarks.int8_recipes lidc      # or polyp; reads ../shared/data
+    python -m benchmarks.int8_recipes lidc --per-layer
+
+``--per-layer`` also scores the shipped recipe with each further convolution left fp32 in
+turn: whether a few layers carry most of the error (they do not; see the results file).
 """
 import argparse
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationMethod
 
@@ -21,6 +26,7 @@ from msld_sdk.segmenter import resolve_plan_path
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=["lidc", "polyp"])
+    ap.add_argument("--per-layer", action="store_true", help="also leave each convolution fp32 in turn")
     a = ap.parse_args(argv)
     path = resolve_plan_path(a.kind)
     fp32 = Plan.open(path).blob("denoiser")
@@ -38,11 +44,25 @@ def main(argv=None) -> int:
         "MinMax, 48 images, output conv fp32": (feeds48, CalibrationMethod.MinMax, [last]),
         "Percentile 99.999, 16 images, output conv fp32": (feeds16, CalibrationMethod.Percentile, [last]),
     }
-    for name, (feeds, method, exclude) in recipes.items():
-        s = ort.InferenceSession(q.quantize_denoiser(fp32, feeds, method, keep_fp32=exclude), so)
+
+    def rms_error(int8: bytes) -> float:
+        s = ort.InferenceSession(int8, so)
         err = [s.run(None, f)[0] - r for f, r in zip(held, ref)]
-        rms = np.sqrt(np.mean([np.mean(e ** 2) for e in err]) / np.mean([np.mean(r ** 2) for r in ref]))
+        return float(np.sqrt(np.mean([np.mean(e ** 2) for e in err]) / np.mean([np.mean(r ** 2) for r in ref])))
+
+    for name, (feeds, method, exclude) in recipes.items():
+        rms = rms_error(q.quantize_denoiser(fp32, feeds, method, keep_fp32=exclude))
         print(f"{a.kind}: {name:48s} RMS relative eps error on held-out training inputs {rms:.4f}", flush=True)
+    if a.per_layer:
+        shipped = rms_error(q.quantize_denoiser(fp32, feeds16))
+        graph = onnx.load_from_string(fp32).graph
+        weights = {i.name: list(i.dims) for i in graph.initializer}
+        for node in graph.node:
+            if node.op_type != "Conv" or node.name == last:
+                continue
+            rms = rms_error(q.quantize_denoiser(fp32, feeds16, keep_fp32=[last, node.name]))
+            print(f"{a.kind}: shipped recipe + {node.name:16s} {str(weights[node.input[1]]):18s} fp32: "
+                  f"{rms:.4f} ({100 * (rms / shipped - 1):+.0f} %)", flush=True)
     return 0
 
 
