@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Make a shipped plan from a trained checkpoint and measure it as the model card reports it:
 # export (ONNX checked against PyTorch), the int8 denoiser (calibrated on training images),
-# `msld eval` on the full validation split in fp32 and int8, and the Dice-vs-steps curve on the
-# first validation items (60 LIDC slices; 60 Kvasir + 60 CVC images).
+# `msld eval` on the full validation split in fp32 and int8 at seeds 0-2 (scripts/eval_seeds.sh),
+# and the Dice-vs-steps curve on the first validation items (60 LIDC slices; 60 Kvasir + 60 CVC).
 #   bash scripts/ship_model.sh lidc  runs/lidc_v3/model.safetensors
 #   bash scripts/ship_model.sh polyp runs/polyp_v3/model.safetensors
 #   bash scripts/ship_model.sh lidc  export/checkpoints/lidc.safetensors   # re-export the shipped model
-# INT8_LIMIT=N compares int8 with fp32 on the first N validation items instead of the full split.
+# LIMIT=N evaluates the first N validation items instead of the full split.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=${1:?model name: lidc or polyp}
@@ -16,15 +16,6 @@ mkdir -p export/checkpoints benchmarks/results
 [ "$CKPT" -ef "export/checkpoints/$NAME.safetensors" ] || cp "$CKPT" "export/checkpoints/$NAME.safetensors"
 python -m export.export_plan "export/checkpoints/$NAME.safetensors" "msld_sdk/models/$NAME.plan"
 python -m export.quantize_int8 "msld_sdk/models/$NAME.plan" --images 16
-python -m msld_sdk.cli eval --plan "$NAME" --kind "$NAME" --split val -q --json "benchmarks/results/eval_${NAME}_val.json"
-if [ -n "${INT8_LIMIT:-}" ]; then   # int8 vs fp32 on the first INT8_LIMIT validation items only (time)
-  for p in fp32 int8; do
-    python -m msld_sdk.cli eval --plan "$NAME" --kind "$NAME" --split val -q --precision $p --limit "$INT8_LIMIT" \
-        --json "benchmarks/results/eval_${NAME}_val_first${INT8_LIMIT}_$p.json"
-  done
-else
-  python -m msld_sdk.cli eval --plan "$NAME" --kind "$NAME" --split val -q --precision int8 \
-      --json "benchmarks/results/eval_${NAME}_val_int8.json"
-fi
+bash scripts/eval_seeds.sh "$NAME" 0 1 2      # fp32 and int8 at the default steps, three seeds
 python -m export.dice_vs_steps --plan "msld_sdk/models/$NAME.plan" --kind "$NAME" --k 4 --limit 60 \
     --steps 1 2 5 10 20 50 100 --out "benchmarks/results/dice_vs_steps_$NAME"

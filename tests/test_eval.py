@@ -109,3 +109,29 @@ def test_dice_vs_steps_writes_csv_and_plot(tiny_plan, tmp_path):
     assert [int(r["steps"]) for r in rows] == [1, 3]
     assert all(0 <= float(r["dice_consensus"]) <= 1 and float(r["ged"]) >= 0 for r in rows)
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_eval_summary_pairs_by_seed(tmp_path):
+    """benchmarks/eval_summary.py: fp32 at fewer steps is compared with fp32 at the reference
+    step count, int8 with fp32 at its own step count, seed by seed."""
+    import json
+    from benchmarks.eval_summary import load, summarise
+
+    def write(steps, seed, prec, dice):
+        rep = {"metrics": {"dice_consensus": dice, "ged": 0.3}, "ece": 0.01,
+               "majority_marked": {"metrics": {"dice_consensus": dice / 2}}}
+        (tmp_path / f"steps{steps}_seed{seed}_{prec}.json").write_text(json.dumps(rep))
+
+    for seed, base in [(0, 0.50), (1, 0.60)]:
+        write(20, seed, "fp32", base)
+        write(10, seed, "fp32", base + 0.02)
+        write(10, seed, "int8", base + 0.01)
+    runs = load(tmp_path)
+    assert runs[(10, "int8")][1]["marked/dice_consensus"] == pytest.approx(0.305)
+    text = "\n".join(summarise(runs))
+    assert "fp32 minus fp32 at 20 steps" in text
+    lines = text.splitlines()
+    fp32_10 = lines[lines.index("fp32 10 steps, seeds 0 1:") + 1]
+    int8_10 = lines[lines.index("int8 10 steps, seeds 0 1:") + 1]
+    assert "+0.0200 +0.0200 mean +0.0200" in fp32_10      # vs fp32 at 20 steps
+    assert "-0.0100 -0.0100 mean -0.0100" in int8_10      # vs fp32 at 10 steps
