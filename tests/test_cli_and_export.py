@@ -87,3 +87,22 @@ def test_segment_several_images_with_the_same_file_name(tmp_path, tiny_plan):
     assert main(["segment", str(tmp_path / "a" / "image.png"), str(tmp_path / "b" / "image.png"), "--plan",
                  str(tiny_plan), "-k", "1", "--steps", "1", "--seed", "0", "-o", str(out), "-q"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["a_image", "b_image"]
+
+
+def test_set_defaults_keeps_the_graphs(tiny_plan, tmp_path):
+    """export/set_defaults.py: a new default number of steps, same graphs, the change recorded."""
+    import shutil
+
+    from export.set_defaults import set_defaults
+    from msld_sdk import Segmenter
+    from msld_sdk.plan import Plan
+
+    p = tmp_path / "p.plan"
+    shutil.copy(tiny_plan, p)
+    before = Plan.open(p).manifest
+    set_defaults(p, steps=3, why="test")
+    after = Plan.open(p).manifest
+    assert after["defaults"]["steps"] == after["model"]["default_steps"] == 3
+    assert after["blobs"] == before["blobs"]
+    assert after["provenance"]["defaults_changed"]["from"]["steps"] == before["defaults"]["steps"]
+    assert Segmenter(p).run(np.zeros((32, 32), np.float32), k=2, seed=0).steps == 3
