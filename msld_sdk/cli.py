@@ -266,7 +266,8 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--k", type=int, default=None, help="hypotheses per image (default: the plan's)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the plan's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="image i is sampled with a seed derived from (seed, i), so images do not share noise")
     p.add_argument("--limit", type=int, default=None, help="first N items of the split only")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
     _add_precision_arg(p)
