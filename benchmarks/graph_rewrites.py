@@ -28,6 +28,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from msld_sdk.backends.onnxruntime_backend import session_options
+from msld_sdk.bench import time_calls
 from msld_sdk.plan import Plan
 from msld_sdk.segmenter import resolve_plan_path
 
@@ -203,20 +204,12 @@ def time_interleaved(graphs: dict, batch: int = 8, calls: int = 30, rounds: int 
                 for k, b in graphs.items()}
     feeds = {k: _feeds(s, batch, rng) for k, s in sessions.items()}
     per_round = {k: [] for k in graphs}
-    import time
     for r in range(rounds):
         order = list(sessions)
         np.random.default_rng(r).shuffle(order)
         for k in order:
             s, f = sessions[k], feeds[k]
-            for _ in range(3):
-                s.run(None, f)
-            t = []
-            for _ in range(calls):
-                t0 = time.perf_counter()
-                s.run(None, f)
-                t.append(time.perf_counter() - t0)
-            per_round[k].append(float(np.median(t)) * 1e3)
+            per_round[k].append(float(np.median(time_calls(lambda: s.run(None, f), calls, warmup=3))))
     return {k: float(np.median(v)) for k, v in per_round.items()}
 
 
