@@ -14,7 +14,6 @@ import argparse
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnxruntime.quantization import CalibrationMethod
 
 from export import quantize_int8 as q
@@ -34,9 +33,7 @@ def main(argv=None) -> int:
     feeds16 = q.record_denoiser_inputs(path, images[::3], k=2)
     feeds48 = q.record_denoiser_inputs(path, images, k=2)
     held = q.record_denoiser_inputs(path, images[1::6], k=2, seed=100)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    ref = [ort.InferenceSession(fp32, so).run(None, f)[0] for f in held]
+    ref = [q.int8_session(fp32).run(None, f)[0] for f in held]
     last = q.output_conv(fp32)
     recipes = {
         "MinMax, 16 images, every conv int8": (feeds16, CalibrationMethod.MinMax, []),
@@ -46,7 +43,7 @@ def main(argv=None) -> int:
     }
 
     def rms_error(int8: bytes) -> float:
-        s = ort.InferenceSession(int8, so)
+        s = q.int8_session(int8)
         err = [s.run(None, f)[0] - r for f, r in zip(held, ref)]
         return float(np.sqrt(np.mean([np.mean(e ** 2) for e in err]) / np.mean([np.mean(r ** 2) for r in ref])))
 

@@ -80,12 +80,18 @@ def quantize_denoiser(fp32_onnx: bytes, feeds: list[dict], method=CalibrationMet
         return out.read_bytes()
 
 
+def int8_session(onnx_bytes: bytes, threads: int | None = None) -> ort.InferenceSession:
+    """A CPU session with the SDK's settings and the int8 kernel path it would choose on this CPU
+    (msld_sdk.cpu_features), so that errors measured here are those users get."""
+    from msld_sdk.backends.onnxruntime_backend import session_options
+    from msld_sdk.cpu_features import int8_kernel_path
+    opts = session_options(threads, int8_kernel_path().session_config)
+    return ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+
+
 def eps_error(fp32_onnx: bytes, int8_onnx: bytes, feeds: list[dict]) -> float:
     """max |eps_int8 - eps_fp32| / max |eps_fp32| over the feeds."""
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    a = ort.InferenceSession(fp32_onnx, so, providers=["CPUExecutionProvider"])
-    b = ort.InferenceSession(int8_onnx, so, providers=["CPUExecutionProvider"])
+    a, b = int8_session(fp32_onnx), int8_session(int8_onnx)
     num = den = 0.0
     for f in feeds:
         ra, rb = a.run(None, f)[0], b.run(None, f)[0]

@@ -122,18 +122,15 @@ def denoiser_gflops(plan, batch: int) -> float:
 
 
 def machine_info(threads: int) -> dict:
-    info = {"cpu_count": os.cpu_count(), "threads": threads}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    """The machine a figure was measured on: CPU model, the ISA flags that decide fp32 and int8
+    speed, and the int8 kernel path, so that figures from different CPUs are never compared blind."""
     import onnxruntime as ort
-    info["onnxruntime"] = ort.__version__
-    return info
+
+    from .cpu_features import cpu_info, describe, int8_kernel_path
+    cpu = cpu_info()
+    return {"cpu_count": os.cpu_count(), "threads": threads, "cpu": cpu["model"], "arch": cpu["arch"],
+            "isa": cpu["isa"], "cpu_summary": describe(cpu), "int8_kernel": int8_kernel_path(cpu).name,
+            "onnxruntime": ort.__version__}
 
 
 def format_table(rows: list[dict]) -> str:

@@ -157,6 +157,7 @@ def cmd_bench(a) -> int:
         report["speedup_vs_ort_per_hypothesis"] = report["ort_per_hypothesis_ms"] / report["sdk_ms"]
         report["speedup_vs_ort_per_hypothesis_sdk_settings"] = (report["ort_per_hypothesis_sdk_settings_ms"]
                                                                 / report["sdk_ms"])
+    print(f"CPU: {report['machine']['cpu_summary']}; int8 kernels: {report['machine']['int8_kernel']}")
     print(bench.format_table(rows))
     print(f"fp32 GEMM (ONNX Runtime MatMul, {threads} threads): {report['gemm_fp32_gflops_per_s']:.0f} GFLOP/s; "
           f"denoiser at k={main_row['k']}: {main_row['denoiser_gflops_per_s']:.0f} GFLOP/s "
@@ -183,6 +184,7 @@ def cmd_bench(a) -> int:
 def cmd_eval(a) -> int:
     from tqdm import tqdm
 
+    from .cpu_features import describe
     from .evaluate import Sample, evaluate, format_report, to_json
     from .segmenter import Segmenter
 
@@ -200,7 +202,8 @@ def cmd_eval(a) -> int:
                    progress=lambda n: bar.update(n - bar.n))
     bar.close()
     rep.update(plan=seg.plan.path, data=str(a.data), kind=kind, split=a.split, precision=a.precision,
-               trained=seg.plan.manifest.get("provenance", {}).get("trained"))
+               trained=seg.plan.manifest.get("provenance", {}).get("trained"), cpu=describe(),
+               int8_kernel=getattr(seg.backend, "int8_kernel", None) and seg.backend.int8_kernel.name)
     print(format_report(rep))
     if a.json:
         Path(a.json).write_text(to_json(rep))

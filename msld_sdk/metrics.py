@@ -84,3 +84,15 @@ def ece_from_bins(count: np.ndarray, s_conf: np.ndarray, s_corr: np.ndarray) -> 
 
 def expected_calibration_error(prob: np.ndarray, target: np.ndarray, n_bins: int = 10) -> float:
     return ece_from_bins(*calibration_bins(prob, target, n_bins))
+
+
+def hypothesis_spread(probs: np.ndarray) -> float:
+    """Mean absolute probability difference between two distinct hypotheses of one image
+    (k x H x W): how much the sampler itself varies, the scale against which a perturbation
+    of the pipeline (int8, another kernel) is small or not."""
+    p = np.asarray(probs, np.float64).reshape(len(probs), -1)
+    k = len(p)
+    if k < 2:
+        raise ValueError("hypothesis_spread needs at least two hypotheses")
+    total = sum(np.abs(p[i] - p[j]).mean() for i in range(k) for j in range(i + 1, k))
+    return float(total / (k * (k - 1) / 2))

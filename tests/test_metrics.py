@@ -84,3 +84,13 @@ def test_ece_vs_torchmetrics():
     assert metrics.expected_calibration_error(p, t, 10) == pytest.approx(ref, abs=1e-5)
     perfect = np.array([0.0, 1.0, 1.0, 0.0])
     assert metrics.expected_calibration_error(perfect, perfect > 0.5) == 0.0
+
+
+def test_hypothesis_spread_is_the_mean_pairwise_difference():
+    from msld_sdk.metrics import hypothesis_spread
+    a = np.zeros((3, 4, 4), np.float32)
+    assert hypothesis_spread(a) == 0.0
+    b = np.stack([np.zeros((4, 4)), np.ones((4, 4)), np.full((4, 4), 0.5)])
+    assert hypothesis_spread(b) == pytest.approx((1 + 0.5 + 0.5) / 3)
+    with pytest.raises(ValueError):
+        hypothesis_spread(a[:1])

@@ -6,6 +6,7 @@ from diffusers import DDIMScheduler
 
 from export.model import alphas_cumprod
 from msld_sdk import Segmenter, _native
+from msld_sdk.metrics import hypothesis_spread
 
 
 def torch_reference(model, image01: np.ndarray, k: int, steps: int, seed: int, eta: float) -> np.ndarray:
@@ -71,4 +72,4 @@ def test_shipped_polyp_plan_runs_on_rgb_and_has_int8(rng):
     r = seg.run(img, k=2, steps=2, seed=0)
     assert r.masks.shape == (2, 100, 120) and r.mean.shape == (100, 120)
     q = Segmenter("polyp", precision="int8").run(img, k=2, steps=2, seed=0)
-    assert np.abs(q.mean - r.mean).mean() < 0.05
+    assert np.abs(q.probs - r.probs).mean() < hypothesis_spread(r.probs)  # int8 moves less than another draw

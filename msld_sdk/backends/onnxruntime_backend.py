@@ -13,12 +13,13 @@ import threading
 import numpy as np
 import onnxruntime as ort
 
+from ..cpu_features import int8_kernel_path
 from ..plan import Plan
 
 log = logging.getLogger("msld_sdk")
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, config: dict | None = None) -> ort.SessionOptions:
     """The SDK's ONNX Runtime session settings, shared by its three sessions (and by the
     per-hypothesis baseline, so that benchmarks compare batching, not settings).
 
@@ -28,13 +29,17 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     threads took CPU from the next one: at k=8 / 20 steps on 2 cores the decoder took 93 ms
     instead of 60 and the whole sequence was 1.14-1.26x slower
     (``python -m benchmarks.ort_session_settings``).  Stopping the spin when a run returns
-    removes that without a process-wide thread pool."""
+    removes that without a process-wide thread pool.
+
+    ``config``: further session config entries (the int8 kernel choice, see cpu_features)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads or _physical_cores()
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.add_session_config_entry("session.force_spinning_stop", "1")
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     opts.log_severity_level = 3
     return opts
 
@@ -70,7 +75,13 @@ class OnnxRuntimeBackend:
         self.threads = opts.intra_op_num_threads
         self.encoder = ort.InferenceSession(plan.blob("encoder"), opts, providers=self.providers)
         self.precision = precision
-        self.denoiser = ort.InferenceSession(plan.blob(plan.denoiser_blob(precision)), opts, providers=self.providers)
+        self.int8_kernel = int8_kernel_path() if precision == "int8" else None
+        denoiser_opts = opts
+        if self.int8_kernel is not None:
+            log.info("msld_sdk: int8 kernels: %s (%s)", self.int8_kernel.name, self.int8_kernel.reason)
+            denoiser_opts = session_options(threads, self.int8_kernel.session_config)
+        self.denoiser = ort.InferenceSession(plan.blob(plan.denoiser_blob(precision)), denoiser_opts,
+                                             providers=self.providers)
         self.decoder = ort.InferenceSession(plan.blob("decoder"), opts, providers=self.providers)
         lat = plan.manifest["latent"]
         self.latent_shape = (int(lat["channels"]), int(lat["size"][0]), int(lat["size"][1]))

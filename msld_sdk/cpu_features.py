@@ -1,0 +1,92 @@
+"""The CPU's model and the instruction sets that decide int8 speed and int8 correctness.
+
+ONNX Runtime's int8 convolutions multiply uint8 activations by int8 weights (u8s8).  With
+VNNI (AVX512-VNNI, AVX-VNNI, or AMX) the products are summed in 32 bits (VPDPBUSD): exact.
+Without VNNI, on AVX2 and AVX-512 alone, the kernels use VPMADDUBSW, which adds each *pair* of
+products into a saturating 16-bit integer: a pair can reach 2 x 255 x 127 = 64770 and is cut to
+32767, so the same int8 plan gives other answers on those CPUs (ONNX Runtime's quantization
+documentation describes this).  ONNX Runtime's session setting ``session.x64quantprecision``
+turns the int8 weights into uint8 at load and runs its u8u8 kernels, which do not saturate; the
+integer sums are then the same as with VNNI, so int8 results do not depend on the CPU
+(``tests/test_int8.py`` checks that bit for bit on the CPU it runs on).  It costs speed, so the SDK
+asks for it only where the u8s8 kernels would saturate.
+
+``MSLD_INT8_KERNEL=exact`` forces the u8u8 kernels on any x86 CPU (to compare or reproduce the
+path an AVX2-only machine takes); the default ``auto`` decides from the CPU as described.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from dataclasses import dataclass, field
+
+# /proc/cpuinfo flag -> the name printed in reports
+ISA_FLAGS = {"avx2": "AVX2", "fma": "FMA", "avx512f": "AVX-512", "avx512_vnni": "AVX512-VNNI",
+             "avx_vnni": "AVX-VNNI", "amx_int8": "AMX-INT8"}
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+EXACT_CONFIG = {"session.x64quantprecision": "1"}
+KERNEL_ENV = "MSLD_INT8_KERNEL"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> dict:
+    """{"model", "arch", "isa": {flag: bool} or None when the flags cannot be read}."""
+    arch = platform.machine().lower()
+    info = {"model": platform.processor() or arch, "arch": arch, "isa": None}
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return info
+    fields = {}
+    for line in lines:  # the first processor's entries are enough
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    info["model"] = fields.get("model name") or info["model"]
+    flags = set(fields.get("flags", "").split())
+    if flags:
+        info["isa"] = {name: name in flags for name in ISA_FLAGS}
+    return info
+
+
+def describe(info: dict | None = None) -> str:
+    """One line for logs and bench output, e.g. ``AMD EPYC (x86_64; AVX2, FMA, AVX-512, AVX512-VNNI)``."""
+    info = info or cpu_info()
+    if info["isa"] is None:
+        return f"{info['model']} ({info['arch']}; ISA flags not readable)"
+    have = [ISA_FLAGS[f] for f, on in info["isa"].items() if on]
+    return f"{info['model']} ({info['arch']}; {', '.join(have) or 'none of ' + '/'.join(ISA_FLAGS.values())})"
+
+
+def _is_x86(arch: str) -> bool:
+    return arch in ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+@dataclass(frozen=True)
+class Int8KernelPath:
+    """Which of ONNX Runtime's int8 kernels the SDK asks for, the session settings that do so, and why."""
+    name: str
+    reason: str
+    session_config: dict = field(default_factory=dict)
+
+
+def int8_kernel_path(info: dict | None = None, mode: str | None = None) -> Int8KernelPath:
+    """The int8 kernel path for this CPU (``mode``: "auto" or "exact"; default from $MSLD_INT8_KERNEL)."""
+    info = info or cpu_info()
+    mode = (mode or os.environ.get(KERNEL_ENV) or "auto").lower()
+    if mode not in ("auto", "exact"):
+        raise ValueError(f"{KERNEL_ENV} must be 'auto' or 'exact', got {mode!r}")
+    if not _is_x86(info["arch"]):
+        return Int8KernelPath("default", f"{info['arch']} CPU: ONNX Runtime's x86 u8s8 saturation does not apply")
+    if mode == "exact":
+        return Int8KernelPath("u8u8-exact", f"{KERNEL_ENV}=exact: ONNX Runtime's u8u8 kernels "
+                              "(session.x64quantprecision=1) as on a CPU without VNNI", dict(EXACT_CONFIG))
+    if info["isa"] is None:
+        return Int8KernelPath("u8u8-exact", "the CPU's instruction sets cannot be read: ONNX Runtime's exact u8u8 "
+                              "kernels (session.x64quantprecision=1), safe on every x86 CPU", dict(EXACT_CONFIG))
+    vnni = [ISA_FLAGS[f] for f in VNNI_FLAGS if info["isa"].get(f)]
+    if vnni:
+        return Int8KernelPath("u8s8-vnni", f"CPU has {vnni[0]}: ONNX Runtime's u8s8 kernels sum in 32 bits (exact)")
+    return Int8KernelPath("u8u8-exact", "CPU has no VNNI: ONNX Runtime's u8s8 kernels would saturate 16-bit pair sums "
+                          "(VPMADDUBSW), so session.x64quantprecision=1 selects its exact u8u8 kernels", dict(EXACT_CONFIG))
