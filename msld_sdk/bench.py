@@ -93,18 +93,23 @@ def compare_denoiser_precisions(plan, batch: int, cond: np.ndarray, threads: int
                                 seed: int = 0) -> dict:
     """Median ms of one denoiser call at ``batch`` for fp32 and the plan's int8 graph, on the same
     bound inputs (latents ~ N(0,1), t = 500, the image's condition), calls interleaved so that
-    machine noise hits both alike."""
+    machine noise hits both alike.  On an x86 CPU whose own int8 path is not the exact u8u8 one,
+    that path is timed too (``int8_u8u8_ms``): it is what a CPU without VNNI runs."""
     from .backends.onnxruntime_backend import OnnxRuntimeBackend
+    from .cpu_features import int8_kernel_path
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, *cond.shape[1:]), dtype=np.float32)
+    variants = {"fp32": ("fp32", None), "int8": ("int8", None)}
+    if int8_kernel_path().name == "u8s8-vnni":
+        variants["int8_u8u8"] = ("int8", "exact")
     runs = {}
-    for prec in ("fp32", "int8"):
-        b = OnnxRuntimeBackend(plan, threads=threads, precision=prec)
+    for name, (prec, mode) in variants.items():
+        b = OnnxRuntimeBackend(plan, threads=threads, precision=prec, int8_kernel_mode=mode)
         buf = b.buffers(batch)
         buf.x[...], buf.t[...], buf.cond[...] = x, 500.0, cond[:1]
         for _ in range(3):
             b.denoise_bound(buf)
-        runs[prec] = (b, buf)
+        runs[name] = (b, buf)
     times = {p: [] for p in runs}
     for _ in range(repeats):
         for p, (b, buf) in runs.items():
@@ -113,8 +118,13 @@ def compare_denoiser_precisions(plan, batch: int, cond: np.ndarray, threads: int
             times[p].append((time.perf_counter() - t0) * 1e3)
     eps = {p: buf.eps.copy() for p, (b, buf) in runs.items()}
     med = {p: statistics.median(v) for p, v in times.items()}
-    return {"batch": batch, "fp32_ms": med["fp32"], "int8_ms": med["int8"], "speedup": med["fp32"] / med["int8"],
-            "eps_max_abs_diff": float(np.abs(eps["fp32"] - eps["int8"]).max()), "repeats": repeats}
+    out = {"batch": batch, "fp32_ms": med["fp32"], "int8_ms": med["int8"], "speedup": med["fp32"] / med["int8"],
+           "int8_kernel": runs["int8"][0].int8_kernel.name,
+           "eps_max_abs_diff": float(np.abs(eps["fp32"] - eps["int8"]).max()), "repeats": repeats}
+    if "int8_u8u8" in med:
+        out.update(int8_u8u8_ms=med["int8_u8u8"], speedup_u8u8=med["fp32"] / med["int8_u8u8"],
+                   u8u8_equals_own_path=bool(np.array_equal(eps["int8_u8u8"], eps["int8"])))
+    return out
 
 
 def denoiser_gflops(plan, batch: int) -> float:

@@ -166,6 +166,9 @@ def cmd_bench(a) -> int:
         q = report["int8_denoiser"]
         print(f"denoiser call at batch {q['batch']}: fp32 {q['fp32_ms']:.2f} ms, int8 {q['int8_ms']:.2f} ms "
               f"= {q['speedup']:.2f}x (max |eps diff| {q['eps_max_abs_diff']:.3f})")
+        if "int8_u8u8_ms" in q:
+            print(f"  int8 on the exact u8u8 kernels (what a CPU without VNNI runs): {q['int8_u8u8_ms']:.2f} ms "
+                  f"= {q['speedup_u8u8']:.2f}x; same eps as this CPU's path: {q['u8u8_equals_own_path']}")
     if a.baselines:
         print(f"k={report['k']} steps={report['steps']}: SDK {report['sdk_ms']:.1f} ms | "
               f"(a) PyTorch eager per hypothesis {report['torch_eager_per_hypothesis_ms']:.1f} ms "

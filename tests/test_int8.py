@@ -176,6 +176,9 @@ def test_bench_command_reports_int8_denoiser(int8_plan, tmp_path, capsys):
     assert r["rows"][0]["stages_ms"]["denoise_ms"] > 0
     q = r["int8_denoiser"]
     assert q["batch"] == 2 and q["fp32_ms"] > 0 and q["int8_ms"] > 0 and q["eps_max_abs_diff"] > 0
+    assert q["int8_kernel"] == int8_kernel_path().name
+    if q["int8_kernel"] == "u8s8-vnni":          # the exact u8u8 path (a CPU without VNNI's) is timed too
+        assert q["int8_u8u8_ms"] > 0 and q["u8u8_equals_own_path"] is True
     m = r["machine"]                                   # figures from different CPUs are never compared blind
     assert m["cpu"] and (m["isa"] is None or set(m["isa"]) == set(ISA_FLAGS))
     assert m["int8_kernel"] == int8_kernel_path().name

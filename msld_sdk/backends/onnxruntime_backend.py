@@ -69,13 +69,14 @@ class DenoiserBuffers:
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, plan: Plan, threads: int | None = None, providers=None, precision: str = "fp32"):
+    def __init__(self, plan: Plan, threads: int | None = None, providers=None, precision: str = "fp32",
+                 int8_kernel_mode: str | None = None):
         opts = session_options(threads)
         self.providers = providers or ["CPUExecutionProvider"]
         self.threads = opts.intra_op_num_threads
         self.encoder = ort.InferenceSession(plan.blob("encoder"), opts, providers=self.providers)
         self.precision = precision
-        self.int8_kernel = int8_kernel_path() if precision == "int8" else None
+        self.int8_kernel = int8_kernel_path(mode=int8_kernel_mode) if precision == "int8" else None
         denoiser_opts = opts
         if self.int8_kernel is not None:
             log.info("msld_sdk: int8 kernels: %s (%s)", self.int8_kernel.name, self.int8_kernel.reason)
