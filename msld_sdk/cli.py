@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import MsldError
 from .plan import PRECISIONS
-from .roi import add_roi_args
+from .cli_clinical import add_clinical_args, clinical_route
 
 
 def _add_precision_arg(p: argparse.ArgumentParser) -> None:
@@ -32,10 +32,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_segment(a) -> int:
     from .image_input import load_image
-    from .roi import roi_from_args
     from .segmenter import Segmenter
     from .visualize import save_result_pngs
 
+    route = clinical_route(a)       # series, volumes, DICOM SEG, Ray: msld_sdk/cli_clinical.py
+    if route is not None:
+        return route(a)
     seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, progress=not a.quiet, precision=a.precision)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -43,7 +45,7 @@ def cmd_segment(a) -> int:
     # one folder per image, named by its file; by parent folder too when names repeat (x/image.png)
     names = stems if len(set(stems)) == len(stems) else [f"{Path(p).parent.name}_{Path(p).stem}" for p in a.images]
     for path, name in zip(a.images, names):
-        r = seg.run(path, k=a.k, steps=a.steps, seed=a.seed, eta=a.eta, roi=roi_from_args(a))
+        r = seg.run(path, k=a.k, steps=a.steps, seed=a.seed, eta=a.eta, roi=a.roi or a.center)
         d = out / name if len(a.images) > 1 else out
         save_result_pngs(d, r, load_image(path))
         fg = float(r.consensus.mean())
@@ -210,11 +212,12 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("segment", parents=[common], help="segment images; write k masks, mean, confidence heat map and overlay as PNG")
-    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, TIFF, NPY)")
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, TIFF, NPY, DICOM), DICOM series folders or "
+                   "NIfTI volumes")
     p.add_argument("-o", "--out", default="msld_out", help="output folder (default: msld_out)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_run_args(p)
-    add_roi_args(p)
+    add_clinical_args(p)
 
     p = sub.add_parser("info", parents=[common], help="print a plan's manifest")
     p.add_argument("plan", nargs="?", default=None, help="plan file or shipped model name (default: lidc)")

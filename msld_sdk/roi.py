@@ -172,16 +172,3 @@ def run_with_roi(seg, images: list, roi, **run_kw) -> list[SegmentationResult]:
     results = seg._run(crops, **run_kw)
     return [paste(res, w, reg, a.shape[:2]) for res, a, (w, reg) in zip(results, arrays, wins)]
 
-
-def add_roi_args(p) -> None:
-    """``msld segment``'s region options."""
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--roi", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"), default=None,
-                   help="segment this box only (pixels, x = column, end exclusive): the plan's training crop "
-                        "around it is cut, segmented and pasted back; zeros outside the box")
-    g.add_argument("--center", nargs=2, type=float, metavar=("X", "Y"), default=None,
-                   help="segment a plan-sized window centred here (e.g. on a nodule); zeros outside it")
-
-
-def roi_from_args(a):
-    return a.roi if a.roi is not None else a.center

@@ -1,6 +1,5 @@
 """Regions of interest: a plan-sized crop is cut, segmented and pasted back at full size."""
 import logging
-import shutil
 
 import numpy as np
 import pytest
@@ -17,16 +16,6 @@ SAMPLES = ROOT / "msld_sdk" / "samples"   # shipped LIDC crops (128 x 128, nodul
 @pytest.fixture(scope="module")
 def lidc():
     return Segmenter("lidc")
-
-
-@pytest.fixture(scope="module")
-def tiny_crop_plan(tiny_plan, tmp_path_factory):
-    """The tiny test plan, recorded as trained on 32 x 32 crops with per-crop min-max (like LIDC)."""
-    from export.training_input import TRAINING_INPUTS, set_training_input
-    p = tmp_path_factory.mktemp("plans") / "tiny_crop.plan"
-    shutil.copy(tiny_plan, p)
-    set_training_input(p, "lidc", why="test fixture", record=dict(TRAINING_INPUTS["lidc"], crop_size=[32, 32]))
-    return p
 
 
 def _ct_like_canvas(rng, size=512):
