@@ -6,7 +6,9 @@ A plan records how its training inputs were made in ``manifest["training_input"]
   scanner's own pixel spacing) or ``"whole_image"`` (whole images resized, e.g. polyps).
 * ``crop_size`` [h, w]: the window size in input pixels (``"crop"`` plans).
 * ``pixel_spacing_mm``: the spacing the crops were taken at, or null for "native, not
-  resampled" (then a window is ``crop_size`` pixels of the input whatever its spacing).
+  resampled" (then a window is ``crop_size`` pixels of the input whatever its spacing). With a
+  spacing, a CT series' window covers the same millimetres (``volume.crop_pixels``); 2-D
+  images carry no spacing and are cut at ``crop_size`` pixels.
 * ``pad_value``: the fill (in [0, 1] image units) for the part of a window outside the image;
   ``pad_hu`` the same in Hounsfield units for CT volumes.
 * ``intensity``: how pixel values were mapped to [0, 1] (``{"kind": "minmax", "over": "crop",

@@ -181,6 +181,17 @@ def _region(roi, slices, Z):
     return roi, (z0, z1)
 
 
+def crop_pixels(info: dict, spacing_yx) -> tuple[int, int]:
+    """The training crop in this volume's pixels: ``crop_size`` when the plan's crops were cut
+    at native spacing (``pixel_spacing_mm`` null), else scaled by plan spacing / volume spacing
+    (the window is then resized to the model's input like any image)."""
+    ps = info.get("pixel_spacing_mm")
+    if ps is None:
+        return tuple(info["crop_size"])
+    ps = [float(ps)] * 2 if not isinstance(ps, (list, tuple)) else [float(v) for v in ps]
+    return tuple(max(2, int(round(c * p / s))) for c, p, s in zip(info["crop_size"], ps, spacing_yx))
+
+
 def segment_volume(seg, vol: Volume, roi=None, slices=None, k=None, steps=None, seed=None, eta=0.0,
                    threshold=None) -> VolumeResult:
     """Segment slices ``slices`` of ``vol`` in the region ``roi`` (see the module docstring)."""
@@ -189,7 +200,7 @@ def segment_volume(seg, vol: Volume, roi=None, slices=None, k=None, steps=None, 
     roi2, (z0, z1) = _region(roi, slices, Z)
     stack = vol.hu[z0:z1].transpose(1, 2, 0)                   # H x W x n: cropped in one go
     if roi2 is not None:
-        win, region = windows(roi2, (H, W), info["crop_size"])
+        win, region = windows(roi2, (H, W), crop_pixels(info, vol.spacing[1:]))
     else:
         win = region = (0, 0, H, W)
     fill = info.get("pad_hu", float(vol.hu.min()))

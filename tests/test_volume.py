@@ -142,3 +142,26 @@ def test_cli_series_to_dicom_seg_round_trip(lidc, series, tmp_path):
         assert 2 <= z < 7
     print(f"DICOM SEG round trip: {len(binary.PerFrameFunctionalGroupsSequence)} binary frames, "
           f"{len(frac.PerFrameFunctionalGroupsSequence)} fractional frames, all equal to the result")
+
+
+def test_plan_with_a_pixel_spacing_cuts_the_same_millimetres(tiny_crop_plan, series, tmp_path):
+    """A plan whose crops were 32 px at 1.4 mm: on this 0.7 mm series the window is 64 px."""
+    import shutil
+
+    from export.training_input import TRAINING_INPUTS, set_training_input
+    p = tmp_path / "mm.plan"
+    shutil.copy(tiny_crop_plan, p)
+    set_training_input(p, "lidc", why="test", record=dict(TRAINING_INPUTS["lidc"], crop_size=[32, 32],
+                                                           pixel_spacing_mm=[1.4, 1.4]))
+    vr = segment_volume(Segmenter(p), load_series(series[0]), roi=(120, 90), slices=(4, 5), k=1, steps=1, seed=0)
+    assert vr.roi == (120 - 32, 90 - 32, 120 + 32, 90 + 32)
+
+
+@pytest.mark.parametrize("module,extra", [("nibabel", "volume"), ("highdicom", "dicom"), ("ray", "ray")])
+def test_missing_optional_dependency_names_the_extra(monkeypatch, module, extra):
+    import sys
+
+    from msld_sdk.extras import MissingExtraError, require
+    monkeypatch.setitem(sys.modules, module, None)      # import now raises ImportError
+    with pytest.raises(MissingExtraError, match=rf"msld_sdk\[{extra}\]"):
+        require(module, "this feature")
