@@ -154,7 +154,8 @@ def run_items(inputs, out, plan=None, k=None, steps=None, seed: int = 0, eta: fl
         if started:
             local = ray_address in (None, "local")
             ray.init(address=None if local else ray_address, include_dashboard=False,
-                     num_cpus=(os.cpu_count() or 2) if local else None, log_to_driver=progress)
+                     num_cpus=max(os.cpu_count() or 2, actors * (threads or 1)) if local else None,
+                     log_to_driver=progress)   # never fewer CPUs than the actors ask for (they would wait)
         elif ray_address not in (None, "local"):
             log.warning("msld_sdk: Ray is already initialised in this process; using it, not %s", ray_address)
         try:
