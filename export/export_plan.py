@@ -28,6 +28,7 @@ from .checkpoint import load_checkpoint, random_model
 from .config import ModelConfig
 from .model import ExportDecoder, ExportDenoiser, ExportEncoder, MedSegLatDiff, alphas_cumprod
 from .onnx_passes import group_norm_as_layer_norm
+from .training_input import training_input_for
 
 OPSET = 18
 RTOL = 1e-4
@@ -87,7 +88,7 @@ def export_graphs(model: MedSegLatDiff, check_batches=(1, 3, 8), seed: int = 0) 
 
 def manifest_for(cfg: ModelConfig, provenance: dict) -> dict:
     L = cfg.latent_size
-    return {
+    m = {
         "model": cfg.to_dict(),
         "schedule": {
             "num_train_timesteps": cfg.num_train_timesteps,
@@ -108,6 +109,10 @@ def manifest_for(cfg: ModelConfig, provenance: dict) -> dict:
         "engines": [],
         "provenance": provenance,
     }
+    rec = training_input_for(cfg.name)
+    if rec is not None:
+        m["training_input"] = rec
+    return m
 
 
 def export_plan(model: MedSegLatDiff, out: str | Path, provenance: dict | None = None) -> dict:

@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import MsldError
 from .plan import PRECISIONS
+from .cli_clinical import add_clinical_args, clinical_route
 
 
 def _add_precision_arg(p: argparse.ArgumentParser) -> None:
@@ -30,12 +31,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_segment(a) -> int:
-    from PIL import Image
-
     from .image_input import load_image
     from .segmenter import Segmenter
-    from .visualize import heatmap, overlay
+    from .visualize import save_result_pngs
 
+    route = clinical_route(a)       # series, volumes, DICOM SEG, Ray: msld_sdk/cli_clinical.py
+    if route is not None:
+        return route(a)
     seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, progress=not a.quiet, precision=a.precision)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -43,15 +45,9 @@ def cmd_segment(a) -> int:
     # one folder per image, named by its file; by parent folder too when names repeat (x/image.png)
     names = stems if len(set(stems)) == len(stems) else [f"{Path(p).parent.name}_{Path(p).stem}" for p in a.images]
     for path, name in zip(a.images, names):
-        r = seg.run(path, k=a.k, steps=a.steps, seed=a.seed, eta=a.eta)
+        r = seg.run(path, k=a.k, steps=a.steps, seed=a.seed, eta=a.eta, roi=a.roi or a.center)
         d = out / name if len(a.images) > 1 else out
-        d.mkdir(parents=True, exist_ok=True)
-        for i, m in enumerate(r.masks):
-            Image.fromarray(m.astype(np.uint8) * 255).save(d / f"mask_{i:02d}.png")
-        Image.fromarray((r.mean * 255 + 0.5).astype(np.uint8)).save(d / "mean.png")
-        Image.fromarray((r.consensus.astype(np.uint8) * 255)).save(d / "consensus.png")
-        Image.fromarray(heatmap(r.confidence)).save(d / "confidence.png")
-        Image.fromarray(overlay(load_image(path), r.mean, r.consensus)).save(d / "overlay.png")
+        save_result_pngs(d, r, load_image(path))
         fg = float(r.consensus.mean())
         print(f"{path}: k={r.k} steps={r.steps} seed={r.seed} -> {d}/ "
               f"(consensus foreground {100 * fg:.2f}% of pixels, mean confidence {float(r.confidence.mean()):.3f}, "
@@ -222,10 +218,12 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("segment", parents=[common], help="segment images; write k masks, mean, confidence heat map and overlay as PNG")
-    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, TIFF, NPY)")
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, TIFF, NPY, DICOM), DICOM series folders or "
+                   "NIfTI volumes")
     p.add_argument("-o", "--out", default="msld_out", help="output folder (default: msld_out)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_run_args(p)
+    add_clinical_args(p)
 
     p = sub.add_parser("info", parents=[common], help="print a plan's manifest")
     p.add_argument("plan", nargs="?", default=None, help="plan file or shipped model name (default: lidc)")

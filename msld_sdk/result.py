@@ -17,6 +17,7 @@ class SegmentationResult:
     steps: int
     eta: float
     timings: dict = field(default_factory=dict)  # milliseconds per stage
+    roi: tuple | None = None  # (x0, y0, x1, y1) kept when run with roi=...; zeros outside it
 
     @property
     def k(self) -> int:

@@ -21,6 +21,7 @@ from .errors import InputError, PlanNotFoundError
 from .image_input import load_image, resize_planes, to_model_input
 from .plan import Plan
 from .result import SegmentationResult
+from .roi import warn_if_whole_image
 
 log = logging.getLogger("msld_sdk")
 
@@ -74,17 +75,23 @@ class Segmenter:
 
     # ---- public API ------------------------------------------------------------------------
     def run(self, img, k: int | None = None, steps: int | None = None, seed: int | None = None,
-            eta: float = 0.0, threshold: float | None = None):
+            eta: float = 0.0, threshold: float | None = None, roi=None):
         """Segment one image (array, PIL image or path) or a list of them.
 
         Returns a ``SegmentationResult`` (a list of them for a list input). ``seed`` makes
-        the result reproducible; hypothesis i is the same whatever ``k`` is.
+        the result reproducible; hypothesis i is the same whatever ``k`` is. ``roi``: a centre
+        (x, y) or a box (x0, y0, x1, y1) in the input's pixels (or a list, one per image): the
+        plan's training crop is cut there, segmented and pasted back (see ``msld_sdk.roi``).
         """
         batch = isinstance(img, (list, tuple))
         images = list(img) if batch else [img]
         if batch and not images:
             raise InputError("empty list of images")
-        results = self._run(images, k, steps, seed, eta, threshold)
+        if roi is not None:
+            from .roi import run_with_roi
+            results = run_with_roi(self, images, roi, k=k, steps=steps, seed=seed, eta=eta, threshold=threshold)
+        else:
+            results = self._run(images, k, steps, seed, eta, threshold, warn_whole=True)
         return results if batch else results[0]
 
     __call__ = run
@@ -117,10 +124,12 @@ class Segmenter:
     def _model_input(self, array: np.ndarray) -> np.ndarray:
         return to_model_input(array, tuple(self._in["size"]), self._in["channels"], self._in["mean"], self._in["std"])
 
-    def _run(self, images: Sequence, k, steps, seed, eta, threshold) -> list[SegmentationResult]:
+    def _run(self, images: Sequence, k, steps, seed, eta, threshold, warn_whole=False) -> list[SegmentationResult]:
         k, steps, seed, eta, threshold = self._check_args(k, steps, seed, eta, threshold)
         t0 = time.perf_counter()
         arrays = [load_image(im) for im in images]
+        if warn_whole:
+            warn_if_whole_image(self.plan.manifest, [a.shape for a in arrays])
         x_in = np.concatenate([self._model_input(a) for a in arrays])
         t1 = time.perf_counter()
         cond = self.backend.encode(x_in)

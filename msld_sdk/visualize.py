@@ -24,3 +24,20 @@ def overlay(image01: np.ndarray, mean: np.ndarray, consensus: np.ndarray) -> np.
     edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
     out[edge] = (1.0, 1.0, 0.0)
     return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def save_result_pngs(d, r, image01: np.ndarray) -> None:
+    """``mask_00.png ...``, ``mean.png``, ``consensus.png``, ``confidence.png`` (heat map) and
+    ``overlay.png`` of one 2-D result into folder ``d`` (what ``msld segment`` writes)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    for i, m in enumerate(r.masks):
+        Image.fromarray(m.astype(np.uint8) * 255).save(d / f"mask_{i:02d}.png")
+    Image.fromarray((r.mean * 255 + 0.5).astype(np.uint8)).save(d / "mean.png")
+    Image.fromarray((r.consensus.astype(np.uint8) * 255)).save(d / "consensus.png")
+    Image.fromarray(heatmap(r.confidence)).save(d / "confidence.png")
+    Image.fromarray(overlay(image01, r.mean, r.consensus)).save(d / "overlay.png")

@@ -53,6 +53,18 @@ def tiny_rgb_plan(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_crop_plan(tiny_plan, tmp_path_factory) -> Path:
+    """The tiny test plan, recorded as trained on 32 x 32 crops with per-crop min-max (like LIDC)."""
+    import shutil
+
+    from export.training_input import TRAINING_INPUTS, set_training_input
+    p = tmp_path_factory.mktemp("plans") / "tiny_crop.plan"
+    shutil.copy(tiny_plan, p)
+    set_training_input(p, "lidc", why="test fixture", record=dict(TRAINING_INPUTS["lidc"], crop_size=[32, 32]))
+    return p
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
