@@ -307,7 +307,7 @@ def load_split(kind: str, root=None, split: str = "train", image_size: int = 128
         raise FileNotFoundError(f"no {kind} data under {root} (see ../shared/data/README.md)")
     key = (kind, str(root.resolve()), split, int(image_size), limit)
     packed = root / "packed" / f"{kind}_{split}_{int(image_size)}.npz"
-    if key not in _CACHE and packed.exists():  # a pack written by `python -m export.data pack`
+    if key not in _CACHE and packed.exists():  # a pack written by `python -m msld_export.data pack`
         with np.load(packed, allow_pickle=False) as z:
             ds = SegData(kind, split, z["images"], z["masks"], [str(i) for i in z["ids"]],
                          [str(g) for g in z["groups"]])
@@ -349,7 +349,7 @@ def data_kind_for(cfg_name: str) -> str:
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m export.data", description="Pack data splits for another machine.")
+    ap = argparse.ArgumentParser(prog="python -m msld_export.data", description="Pack data splits for another machine.")
     ap.add_argument("command", choices=["pack"])
     ap.add_argument("--kind", required=True, choices=KINDS)
     ap.add_argument("--size", type=int, required=True)

@@ -1,6 +1,6 @@
 """Train a MedSegLatDiff model on CPU (see export/TRAINING.md).
 
-    python -m export.train --config export/configs/lidc.json --data ../shared/data --out runs/lidc \
+    python -m msld_export.train --config export/configs/lidc.json --data ../shared/data --out runs/lidc \
         [--stage 1|2|all] [--minutes1 15 --minutes2 45] [--iters1 N --iters2 N] [--max-minutes N]
 
 Stage 1 trains the image VAE (L1 recon + small KL) and the mask autoencoder (weighted BCE with
@@ -770,7 +770,7 @@ class Trainer:
 # CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m export.train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m msld_export.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="model config JSON (export/configs/*.json)")
     p.add_argument("--data", default=None, help="data root (default ../shared/data from the repo root)")

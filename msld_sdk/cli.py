@@ -84,17 +84,14 @@ def cmd_build(a) -> int:
 
 
 def _repo_export_package(what: str):
-    """Import the repository's torch-side ``export`` package (a sibling of msld_sdk/), or say
-    how to get it. The runtime itself never needs torch."""
-    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
-        if (root / "export" / "export_plan.py").exists() and str(root) not in sys.path:
-            sys.path.insert(0, str(root))
+    """Check that the torch-side package msld_export (the repository's export/ folder) and torch
+    are installed. The runtime itself never needs torch."""
     import importlib.util
 
-    missing = [m for m in ("torch", "export") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("torch", "msld_export") if importlib.util.find_spec(m) is None]
     if missing:
-        raise MsldError(f"{what} needs PyTorch and the repository's export/ package (missing: {missing}); "
-                        "install with pip install -e '.[export]' and run from the repository root")
+        raise MsldError(f"{what} needs PyTorch and msld_export (missing: {missing}); "
+                        "install with pip install 'msld_sdk[export]'")
 
 
 def cmd_export(a, rest) -> int:
@@ -103,7 +100,7 @@ def cmd_export(a, rest) -> int:
     except MsldError as e:
         print(f"msld: error: {e}", file=sys.stderr)
         return 2
-    from export.export_plan import main as export_main
+    from msld_export.export_plan import main as export_main
     return export_main(rest)
 
 
@@ -142,7 +139,7 @@ def cmd_bench(a) -> int:
         report["int8_denoiser"] = bench.compare_denoiser_precisions(seg.plan, main_row["k"], cond, a.threads)
     if a.baselines:
         _repo_export_package("msld bench --baselines")
-        from export.baselines import measure_baselines
+        from msld_export.baselines import measure_baselines
 
         k, steps = main_row["k"], main_row["steps"]
         sdk_probs = seg.run(img, k=k, steps=steps, seed=a.seed).probs
@@ -191,7 +188,7 @@ def cmd_eval(a) -> int:
     seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, precision=a.precision)
     # the data-set readers and splits are shared with training (export/data.py)
     _repo_export_package("msld eval")
-    from export.data import data_kind_for, load_split
+    from msld_export.data import data_kind_for, load_split
 
     kind = a.kind or data_kind_for(seg.plan.manifest["model"]["name"])
     data = load_split(kind, a.data, a.split, seg.plan.image_size[0], limit=a.limit)

@@ -65,7 +65,7 @@ def test_export_command_random(tmp_path):
     out = tmp_path / "r.plan"
     cfg = tmp_path / "c.json"
     import json
-    from export.config import tiny_config
+    from msld_export.config import tiny_config
     cfg.write_text(json.dumps(tiny_config().to_dict()))
     assert main(["export", "--random", "--config", str(cfg), str(out)]) == 0
     assert Plan.open(out).manifest["provenance"]["trained"] is False
@@ -93,7 +93,7 @@ def test_set_defaults_keeps_the_graphs(tiny_plan, tmp_path):
     """export/set_defaults.py: a new default number of steps, same graphs, the change recorded."""
     import shutil
 
-    from export.set_defaults import set_defaults
+    from msld_export.set_defaults import set_defaults
     from msld_sdk import Segmenter
     from msld_sdk.plan import Plan
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from export.checkpoint import load_checkpoint
-from export.config import tiny_config
-from export.data import cvc_split, default_data_root, dihedral, kvasir_split, lidc_split, load_split
-from export.train import main as train_main
+from msld_export.checkpoint import load_checkpoint
+from msld_export.config import tiny_config
+from msld_export.data import cvc_split, default_data_root, dihedral, kvasir_split, lidc_split, load_split
+from msld_export.train import main as train_main
 
 ROOT = default_data_root()
 needs_lidc = pytest.mark.skipif(not (ROOT / "lidc").is_dir(), reason=f"LIDC data not found under {ROOT}")
@@ -135,8 +135,8 @@ def test_dihedral_augmentation_consistent():
 
 
 def test_recenter_mask_latents_is_exact_inside():
-    from export.checkpoint import random_model
-    from export.train import empty_mask_latent, recenter_mask_latents
+    from msld_export.checkpoint import random_model
+    from msld_export.train import empty_mask_latent, recenter_mask_latents
     torch.set_num_threads(1)
     model = random_model(tiny_config(image_size=64), seed=1)
     with torch.no_grad():
