@@ -55,7 +55,7 @@ setup(
         "tensorrt": ["tensorrt-rtx-cu13", "cuda-python", "onnx"],
         "dicom": ["pydicom"],
         "fuzz": ["atheris", "hypothesis"],
-        "eval": ["scipy", "matplotlib", "torch==2.13.0", "safetensors"],
+        "eval": ["scipy"],  # HM-IoU's Hungarian matching (data with several annotators) in msld eval
         "test": ["pytest", "pytest-benchmark", "scipy", "torchmetrics", "matplotlib", "hypothesis", "pydicom",
                  "torch==2.13.0", "onnx", "onnxscript", "safetensors", "diffusers", "pyyaml", "tensorrt-rtx-cu13"],
     },

@@ -109,8 +109,8 @@ def test_lidc_split_by_patient():
     assert set(tr.groups) <= set(s["train"]) and set(va.groups) <= set(s["val"])
     assert tr.masks.shape[1:] == (4, 32, 32) and tr.images.shape[1:] == (1, 32, 32)
     item = tr[0]
-    assert item["image"].dtype == torch.float32 and 0 <= item["image"].min() and item["image"].max() <= 1
-    assert set(np.unique(item["mask"].numpy())) <= {0.0, 1.0}
+    assert item["image"].dtype == np.float32 and 0 <= item["image"].min() and item["image"].max() <= 1
+    assert set(np.unique(item["mask"])) <= {0.0, 1.0}
 
 
 @needs_polyp
