@@ -4,7 +4,8 @@
 # resizing that load_split gives), in .dev/data (git-ignored; carried with the call).
 #   bash scripts/device_train.sh polyp 2 5      # config, stage-1 minutes, stage-2 minutes
 set -x
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+export PYTHONUNBUFFERED=1
+. scripts/source_tree_env.sh   # msld_sdk and msld_export importable without an install
 NAME=${1:-polyp}; M1=${2:-2}; M2=${3:-5}
 OUT=${OUT:-$PWD/device_out}; RUN=/tmp/run_$NAME
 mkdir -p "$OUT"
