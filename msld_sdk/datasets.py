@@ -301,7 +301,8 @@ def load_split(kind: str, root=None, split: str = "train", image_size: int = 128
     if not (root / ("lidc" if kind == "lidc" else "kvasir-seg" if kind == "kvasir" else
                      "cvc-clinicdb" if kind == "cvc" else "kvasir-seg")).is_dir() \
             and not (root / "packed" / f"{kind}_{split}_{int(image_size)}.npz").exists():
-        raise FileNotFoundError(f"no {kind} data under {root} (see ../shared/data/README.md)")
+        raise FileNotFoundError(f"no {kind} data under {root}: give the data root (msld eval --data DIR) or "
+                                "set MSLD_DATA; layouts in ../shared/data/README.md")
     key = (kind, str(root.resolve()), split, int(image_size), limit)
     packed = root / "packed" / f"{kind}_{split}_{int(image_size)}.npz"
     if key not in _CACHE and packed.exists():  # a pack written by `python -m msld_export.data pack`

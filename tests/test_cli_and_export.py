@@ -7,6 +7,7 @@ import onnx
 import pytest
 from PIL import Image
 
+from conftest import DATA
 from msld_sdk.cli import main
 from msld_sdk.plan import Plan
 
@@ -133,3 +134,11 @@ def test_hm_iou_without_scipy_names_the_extra(monkeypatch):
     _without(monkeypatch, "scipy", "scipy.optimize")
     with pytest.raises(MissingExtraError, match=r"pip install 'msld_sdk\[eval\]'"):
         metrics.hungarian_matched_iou(np.ones((2, 4, 4), bool), np.ones((2, 4, 4), bool))
+
+
+@pytest.mark.skipif(not (DATA / "lidc").is_dir(), reason=f"no LIDC data at {DATA}")
+def test_eval_on_multi_annotator_data_without_scipy_stops_before_running(monkeypatch, capsys, tiny_plan):
+    _without(monkeypatch, "scipy", "scipy.optimize")
+    assert main(["eval", "--plan", str(tiny_plan), "--kind", "lidc", "--limit", "1", "--data", str(DATA), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install 'msld_sdk[eval]'" in err, err

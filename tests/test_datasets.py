@@ -76,3 +76,9 @@ def test_eval_on_a_folder_imports_neither_torch_nor_scipy(tmp_path, tiny_plan):
             "bad = [m for m in ('torch', 'scipy', 'msld_export') if m in sys.modules]; assert not bad, bad; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_eval_without_data_says_how_to_give_it(tmp_path, tiny_plan, capsys):
+    assert main(["eval", "--plan", str(tiny_plan), "--kind", "lidc", "--data", str(tmp_path), "-q"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--data" in err and "MSLD_DATA" in err, err
