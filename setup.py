@@ -47,7 +47,8 @@ setup(
     ext_modules=[CMakeExtension("msld_sdk._native")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.9",
-    install_requires=["numpy", "onnxruntime", "pillow", "tqdm"],
+    # onnx: msld bench counts the graphs' FLOPs and builds its GEMM probe with it
+    install_requires=["numpy", "onnxruntime", "onnx", "pillow", "tqdm"],
     extras_require={
         # everything the torch-side commands need (msld export / import, bench --baselines);
         # torch pinned: an unpinned torch pulls a multi-GB CUDA build

@@ -1,10 +1,11 @@
 """The built wheel, installed into fresh virtual environments outside the repository (no system
 site packages) and run from another folder:
 
-* without extras: ``msld segment`` and ``msld eval`` on an images/ + masks/ folder work, torch
-  is not importable, and a torch-side command says in one line which extra to install;
-* with ``[export]``: ``msld export`` (a small random model) and ``msld import`` on the shared
-  reference fixture.
+* without extras: ``msld segment``, ``info``, ``bench`` and ``eval`` on an images/ + masks/
+  folder work, torch is not importable, and the torch-side commands say in one line which
+  extra to install; with ``[eval]`` (scipy, still no torch) ``msld eval`` on LIDC's four annotators;
+* with ``[export]``: ``msld export`` (a small random model), ``msld bench --baselines`` (the
+  shipped checkpoints come with the package) and ``msld import`` on the shared reference fixture.
 
 pip's own cache (and the machine's pip configuration) serve the dependencies, so repeated runs
 download nothing. The native extension is built without its CUDA kernels (MSLD_CMAKE_ARGS).
@@ -25,6 +26,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference" / "lidc"
+DATA = ROOT.parent / "shared" / "data"
 SAMPLE = ROOT / "msld_sdk" / "samples" / "lidc_0974_n0_s2" / "image.png"
 EXTRA_HINT = "pip install 'msld_sdk[export]'"
 
@@ -108,8 +110,19 @@ def test_runtime_commands_without_extras(wheel, tmp_path):
     rep = json.loads((work / "eval.json").read_text())
     assert rep["kind"] == "folder" and rep["n_images"] == 2 and 0 <= rep["metrics"]["dice_consensus"] <= 1
 
-    r = _run([bin_ / "msld", "export", "--random", "x.plan"], cwd=work, check=False)
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and EXTRA_HINT in r.stderr, r.stderr
+    assert "format: msld-plan v1" in _run([bin_ / "msld", "info"], cwd=work).stdout
+    _run([bin_ / "msld", "bench", "--k", "1", "--steps", "1", "--repeats", "1", "-q"], cwd=work)
+    for cmd in (["export", "--random", "x.plan"], ["bench", "--baselines"]):
+        r = _run([bin_ / "msld", *cmd], cwd=work, check=False)
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and EXTRA_HINT in r.stderr, r.stderr
+
+    if not (DATA / "lidc").is_dir():
+        pytest.skip(f"no LIDC data at {DATA} for msld eval with [eval]; the rest passed")
+    _run([bin_ / "python", "-m", "pip", "install", "-q", f"{wheel}[eval]"], cwd=work)
+    _run([bin_ / "msld", "eval", "--data", DATA, "--kind", "lidc", "--limit", "2", "--k", "2", "--steps", "2", "-q",
+          "--json", "lidc.json"], cwd=work)
+    assert "hm_iou" in json.loads((work / "lidc.json").read_text())["metrics"]
+    assert _run([bin_ / "python", "-c", "import torch"], cwd=work, check=False).returncode != 0
 
 
 def test_torch_side_commands_with_the_export_extra(wheel, tmp_path):
@@ -124,6 +137,9 @@ def test_torch_side_commands_with_the_export_extra(wheel, tmp_path):
     shutil.copy(SAMPLE, work / "slice.png")
     _run([bin_ / "msld", "segment", "slice.png", "--plan", "tiny.plan", "-o", "out", "-k", "2", "--steps", "2",
           "--seed", "0", "-q"], cwd=work)
+    r = _run([bin_ / "msld", "bench", "--k", "1", "--steps", "1", "--repeats", "1", "--baselines",
+              "--baseline-repeats", "1", "-q"], cwd=work)
+    assert "(a) PyTorch eager per hypothesis" in r.stdout
 
     commands = re.search(r"\{([a-z,]+)\}", _run([bin_ / "msld", "--help"], cwd=work).stdout).group(1).split(",")
     if "import" not in commands:
