@@ -87,7 +87,7 @@ def cmd_build(a) -> int:
 
 # What the torch-side commands import: the package msld_export (the repository's export/ folder)
 # and the [export] extra's modules. The runtime itself never needs them.
-EXPORT_EXTRA_MODULES = ("torch", "onnx", "onnxscript", "safetensors", "diffusers", "yaml", "msld_export")
+EXPORT_EXTRA_MODULES = ("torch", "onnxscript", "safetensors", "diffusers", "yaml", "msld_export")
 
 
 def require_export_extra(what: str) -> None:
@@ -107,6 +107,11 @@ def _torch_side_main(what: str, module: str, rest: list) -> int:
 
 def cmd_export(a, rest) -> int:
     return _torch_side_main("msld export", "msld_export.export_plan", rest)
+
+
+# Hook for msld import (the reference-checkpoint importer): it is torch-side too, so its
+# cmd_import starts with require_export_extra("msld import") (or is _torch_side_main("msld import",
+# "msld_export.<its module>", rest)); exit 2 and the one-line hint then come from main().
 
 
 def cmd_bench(a) -> int:
@@ -251,7 +256,7 @@ def main(argv=None) -> int:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("bench", parents=[common], help="latency benchmark (median, p90, stage shares, GFLOP/s); "
-                       "--baselines adds PyTorch-eager and ONNX-Runtime per-hypothesis runs (needs torch)")
+                       "--baselines adds PyTorch-eager and ONNX-Runtime per-hypothesis runs (needs the [export] extra)")
     p.add_argument("--plan", default=None, help="plan file or shipped model name (default: lidc)")
     p.add_argument("--k", type=int, nargs="+", default=[8], help="hypotheses, one or more (default: 8)")
     p.add_argument("--steps", type=int, nargs="+", default=[20], help="DDIM steps, one or more (default: 20)")
@@ -288,7 +293,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, metavar="FILE")
     p.add_argument("-q", "--quiet", action="store_true")
 
-    sub.add_parser("export", help="checkpoint -> plan (needs PyTorch); `msld export --help` for options",
+    sub.add_parser("export", help="checkpoint -> plan (needs the [export] extra); `msld export --help` for options",
                    add_help=False)
 
     argv = list(sys.argv[1:] if argv is None else argv)
