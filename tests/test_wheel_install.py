@@ -68,6 +68,13 @@ def wheel(tmp_path_factory) -> Path:
     return whl
 
 
+@pytest.fixture
+def venv_dir(tmp_path):
+    """Where a test's virtual environment goes; removed afterwards (with torch it is over 1 GB)."""
+    yield tmp_path / "venv"
+    shutil.rmtree(tmp_path / "venv", ignore_errors=True)
+
+
 def _venv(path: Path, requirement: str, cwd: Path) -> Path:
     """A fresh virtual environment (without system site packages) with ``requirement`` installed;
     returns its bin/ folder."""
@@ -90,12 +97,12 @@ def _write_folder(root: Path) -> Path:
     return root
 
 
-def test_runtime_commands_without_extras(wheel, tmp_path):
+def test_runtime_commands_without_extras(wheel, tmp_path, venv_dir):
     work = tmp_path / "work"
     work.mkdir()
-    bin_ = _venv(tmp_path / "venv", str(wheel), cwd=work)
+    bin_ = _venv(venv_dir, str(wheel), cwd=work)
     where = _run([bin_ / "python", "-c", "import msld_sdk; print(msld_sdk.__file__)"], cwd=work).stdout
-    assert str(tmp_path / "venv") in where and str(ROOT) not in where, where
+    assert str(venv_dir) in where and str(ROOT) not in where, where
     r = _run([bin_ / "python", "-c", "import torch"], cwd=work, check=False)
     assert r.returncode != 0 and "No module named 'torch'" in r.stderr
 
@@ -125,10 +132,10 @@ def test_runtime_commands_without_extras(wheel, tmp_path):
     assert _run([bin_ / "python", "-c", "import torch"], cwd=work, check=False).returncode != 0
 
 
-def test_torch_side_commands_with_the_export_extra(wheel, tmp_path):
+def test_torch_side_commands_with_the_export_extra(wheel, tmp_path, venv_dir):
     work = tmp_path / "work"
     work.mkdir()
-    bin_ = _venv(tmp_path / "venv", f"{wheel}[export]", cwd=work)
+    bin_ = _venv(venv_dir, f"{wheel}[export]", cwd=work)
     _run([bin_ / "python", "-c", "import json; from msld_export.config import tiny_config; "
           "open('tiny.json', 'w').write(json.dumps(tiny_config().to_dict()))"], cwd=work)
     r = _run([bin_ / "msld", "export", "--random", "--config", "tiny.json", "tiny.plan"], cwd=work)
