@@ -122,6 +122,8 @@ def test_runtime_commands_without_extras(wheel, tmp_path, venv_dir):
     for cmd in (["export", "--random", "x.plan"], ["bench", "--baselines"]):
         r = _run([bin_ / "msld", *cmd], cwd=work, check=False)
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and EXTRA_HINT in r.stderr, r.stderr
+    r = _run([bin_ / "python", "-m", "msld_export.export_plan", "--help"], cwd=work, check=False)
+    assert r.returncode != 0 and EXTRA_HINT in r.stderr, r.stderr
 
     if not (DATA / "lidc").is_dir():
         pytest.skip(f"no LIDC data at {DATA} for msld eval with [eval]; the rest passed")
