@@ -37,23 +37,31 @@ setup(
     name="msld_sdk",
     version="0.1.0",
     description="Inference SDK for MedSegLatDiff: k plausible segmentation masks, their mean and confidence",
-    packages=["msld_sdk", "msld_sdk.backends"],
-    package_data={"msld_sdk": ["models/*.plan", "samples/*", "samples/**/*"]},
+    # export/ (torch-side: model, training, export, importers) installs as the package msld_export;
+    # it is only usable with the [export] extra, the runtime (msld_sdk) never imports it.
+    packages=["msld_sdk", "msld_sdk.backends", "msld_export"],
+    package_dir={"msld_export": "export"},
+    package_data={"msld_sdk": ["models/*.plan", "samples/*", "samples/**/*"],
+                  # configs: `--config`; checkpoints: the shipped plans' weights (msld bench --baselines)
+                  "msld_export": ["configs/*.json", "checkpoints/*.safetensors", "*.md"]},
     ext_modules=[CMakeExtension("msld_sdk._native")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.9",
-    install_requires=["numpy", "onnxruntime", "pillow", "tqdm"],
+    # onnx: msld bench counts the graphs' FLOPs and builds its GEMM probe with it
+    install_requires=["numpy", "onnxruntime", "onnx", "pillow", "tqdm"],
     extras_require={
-        "export": ["torch==2.13.0", "onnx", "onnxscript", "safetensors", "diffusers"],
+        # everything the torch-side commands need (msld export / import, bench --baselines);
+        # torch pinned: an unpinned torch pulls a multi-GB CUDA build
+        "export": ["torch==2.13.0", "onnx", "onnxscript", "safetensors", "diffusers", "pyyaml"],
         "tensorrt": ["tensorrt-rtx-cu13", "cuda-python", "onnx"],
         "dicom": ["pydicom", "highdicom"],
         "volume": ["nibabel"],
         "ray": ["ray[data]"],
         "fuzz": ["atheris", "hypothesis"],
-        "eval": ["scipy", "matplotlib", "torch==2.13.0", "safetensors"],
+        "eval": ["scipy"],  # HM-IoU's Hungarian matching (data with several annotators) in msld eval
         "test": ["pytest", "pytest-benchmark", "scipy", "torchmetrics", "matplotlib", "hypothesis", "pydicom",
                  "highdicom", "nibabel", "ray[data]",
-                 "torch==2.13.0", "onnx", "onnxscript", "safetensors", "diffusers", "tensorrt-rtx-cu13"],
+                 "torch==2.13.0", "onnx", "onnxscript", "safetensors", "diffusers", "pyyaml", "tensorrt-rtx-cu13"],
     },
     entry_points={"console_scripts": ["msld=msld_sdk.cli:main"]},
     zip_safe=False,

@@ -1,12 +1,9 @@
 """Fixtures for the pytest-benchmark suite (run: pytest benchmarks/ --benchmark-only)."""
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 SAMPLE = ROOT / "msld_sdk" / "samples" / "lidc_0974_n0_s2" / "image.png"
 

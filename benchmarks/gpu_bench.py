@@ -19,11 +19,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from export.checkpoint import load_checkpoint, random_model  # noqa: E402
-from export.config import ModelConfig  # noqa: E402
-from export.gpu_sampler import GpuSampler, cuda_unavailable_reason  # noqa: E402
+from msld_export.checkpoint import load_checkpoint, random_model
+from msld_export.config import ModelConfig
+from msld_export.gpu_sampler import GpuSampler, cuda_unavailable_reason
 
 
 def _ints(s: str) -> list[int]:

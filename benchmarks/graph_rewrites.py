@@ -236,8 +236,8 @@ def main(argv=None) -> int:
     ap.add_argument("kind", nargs="?", default="lidc", choices=["lidc", "polyp"])
     ap.add_argument("--json", help="write the figures here")
     a = ap.parse_args(argv)
-    from export import quantize_int8 as q
-    from export.data import default_data_root
+    from msld_export import quantize_int8 as q
+    from msld_export.data import default_data_root
 
     path = resolve_plan_path(a.kind)
     plan = Plan.open(path)

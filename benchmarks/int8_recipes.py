@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationMethod
 
-from export import quantize_int8 as q
-from export.data import default_data_root
+from msld_export import quantize_int8 as q
+from msld_export.data import default_data_root
 from msld_sdk.plan import Plan
 from msld_sdk.segmenter import resolve_plan_path
 

@@ -25,8 +25,8 @@ from .checkpoint import load_checkpoint, random_model
 from .config import ModelConfig
 from .model import ExportDecoder, ExportDenoiser, ExportEncoder, MedSegLatDiff
 
-REPO = Path(__file__).resolve().parents[1]
-CHECKPOINT_DIRS = (REPO / "export" / "checkpoints", REPO / "runs")
+HERE = Path(__file__).resolve().parent
+CHECKPOINT_DIRS = (HERE / "checkpoints", HERE.parent / "runs")  # shipped with the package; a clone's runs/
 
 
 def _sha256(p: Path) -> str:

@@ -1,6 +1,6 @@
 """Dice versus the number of DDIM steps on a validation split (the paper's Figure 4).
 
-    python -m export.dice_vs_steps --plan msld_sdk/models/lidc.plan --kind lidc \
+    python -m msld_export.dice_vs_steps --plan msld_sdk/models/lidc.plan --kind lidc \
         --steps 1 2 5 10 20 50 100 --out benchmarks/results/dice_vs_steps_lidc
 
 Writes OUT.csv (one row per step count: Dice/IoU of the consensus and mean mask, GED/HM-IoU
@@ -68,7 +68,7 @@ def write(rows: list[dict], out: str | Path, title: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m export.dice_vs_steps", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m msld_export.dice_vs_steps", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plan", required=True)
     ap.add_argument("--kind", required=True, choices=["lidc", "polyp", "kvasir", "cvc"])

@@ -1,7 +1,7 @@
 """Checkpoint -> three ONNX graphs (checked against PyTorch) -> one plan file.
 
-    python -m export.export_plan CHECKPOINT.safetensors OUT.plan
-    python -m export.export_plan --random --config export/configs/lidc.json OUT.plan   # untrained
+    python -m msld_export.export_plan CHECKPOINT.safetensors OUT.plan
+    python -m msld_export.export_plan --random --config export/configs/lidc.json OUT.plan   # untrained
 """
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def _sha256_file(p: Path) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="msld export", description="Export a checkpoint to a plan file.")
-    ap.add_argument("checkpoint", nargs="?", help="safetensors checkpoint written by export.train")
+    ap.add_argument("checkpoint", nargs="?", help="safetensors checkpoint written by msld_export.train")
     ap.add_argument("out", help="plan file to write (e.g. engine.plan)")
     ap.add_argument("--random", action="store_true", help="export an untrained model (for tests/demos)")
     ap.add_argument("--config", help="model config JSON (with --random)")

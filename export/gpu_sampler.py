@@ -24,7 +24,7 @@ uint64's bits) that the graph's noise kernels read when they *run* (``cuda_gauss
 is therefore identical to the step-by-step mode (which passes the seed by value) and to the CPU.
 
 The timestep schedule comes from ``msld_sdk._native.ddim_timesteps`` and the alphas from
-``export.model.alphas_cumprod(cfg)``, with the formulas of ``msld_ddim_coeffs_for``.
+``msld_export.model.alphas_cumprod(cfg)``, with the formulas of ``msld_ddim_coeffs_for``.
 
 This module lives under export/ because it needs torch; the runtime never imports it. Importing
 it needs no GPU; constructing a ``GpuSampler`` does.

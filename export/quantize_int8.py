@@ -1,7 +1,7 @@
 """Add an int8 denoiser to a plan (ONNX Runtime static quantization), used by
 ``Segmenter(plan, precision="int8")`` / ``msld segment|bench|eval --precision int8``.
 
-    python -m export.quantize_int8 msld_sdk/models/lidc.plan [--kind lidc] [--images 16]
+    python -m msld_export.quantize_int8 msld_sdk/models/lidc.plan [--kind lidc] [--images 16]
 
 Calibration uses the denoiser's real inputs: the fp32 plan samples k=2 hypotheses for N
 *training* images (never validation images) at its default number of steps, and every
@@ -130,7 +130,7 @@ def add_int8_denoiser(plan_path, images: list[np.ndarray], source: dict, k: int 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m export.quantize_int8", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m msld_export.quantize_int8", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("plan", help="plan file to add the int8 denoiser to (rewritten in place)")
     ap.add_argument("--kind", default=None, help="calibration data set (default: from the plan's model name)")

@@ -1,6 +1,6 @@
 """Change a plan's default k or number of steps without re-exporting it.
 
-    python -m export.set_defaults msld_sdk/models/polyp.plan --steps 5 \\
+    python -m msld_export.set_defaults msld_sdk/models/polyp.plan --steps 5 \\
         --why "benchmarks/results/eval_seeds_polyp/summary.txt"
 
 The graphs (and an int8 denoiser, with its calibration record) are kept byte for byte; the

@@ -1,6 +1,6 @@
 """Train a MedSegLatDiff model on CPU (see export/TRAINING.md).
 
-    python -m export.train --config export/configs/lidc.json --data ../shared/data --out runs/lidc \
+    python -m msld_export.train --config export/configs/lidc.json --data ../shared/data --out runs/lidc \
         [--stage 1|2|all] [--minutes1 15 --minutes2 45] [--iters1 N --iters2 N] [--max-minutes N]
 
 Stage 1 trains the image VAE (L1 recon + small KL) and the mask autoencoder (weighted BCE with
@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig
-from .data import SegData, data_kind_for, default_data_root, dihedral, intensity_jitter, load_split
+from .data import SegData, data_kind_for, default_data_root, dihedral, intensity_jitter, load_split, torch_batch
 from .model import MedSegLatDiff, alphas_cumprod, weighted_bce
 
 
@@ -501,7 +501,7 @@ class Trainer:
             # image VAE
             if step % max(1, o.vae_every) == 0:
                 idx = self.rng.integers(0, len(self.train), o.batch_vae)
-                img, _ = self.train.batch(idx, self.rng, augment=True, annotators=np.zeros(len(idx), int))
+                img, _ = torch_batch(self.train, idx, self.rng, augment=True, annotators=np.zeros(len(idx), int))
                 x = normalize(img.to(self.dev), cfg).contiguous(memory_format=torch.channels_last)
                 rec, mu, logvar = model.image_vae(x)
                 l1 = (rec - x).abs().mean()
@@ -511,7 +511,7 @@ class Trainer:
             # mask AE
             idx = self.rng.integers(0, len(self.train), o.batch1)
             ann = self.train.pick_annotators(idx, self.rng, o.prefer_nonempty if nA > 1 else 0.0)
-            _, m = self.train.batch(idx, self.rng, augment=True, annotators=ann, jitter=False)
+            _, m = torch_batch(self.train, idx, self.rng, augment=True, annotators=ann, jitter=False)
             if o.ae_crop and o.ae_crop < cfg.image_size and self.rng.random() < o.ae_crop_prob:
                 m = crop_around_foreground(m, o.ae_crop, self.rng)
             m = m.to(self.dev).contiguous(memory_format=torch.channels_last)
@@ -636,7 +636,7 @@ class Trainer:
         return z0, mean
 
     def _encode_live(self, idx, ann):
-        img, m = self.train.batch(idx, self.rng, augment=True, annotators=ann)
+        img, m = torch_batch(self.train, idx, self.rng, augment=True, annotators=ann)
         img, m = img.to(self.dev), m.to(self.dev)
         with torch.no_grad():
             return self.model.mask_ae.encode(m), self.model.image_vae.encode(normalize(img, self.cfg))[0]
@@ -770,7 +770,7 @@ class Trainer:
 # CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m export.train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m msld_export.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="model config JSON (export/configs/*.json)")
     p.add_argument("--data", default=None, help="data root (default ../shared/data from the repo root)")

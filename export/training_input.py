@@ -4,7 +4,7 @@
 model was trained on, padded with the right fill, and mapped to [0, 1] the way the training
 images were.  ``export_plan`` writes it for new plans; for plans already shipped
 
-    python -m export.training_input msld_sdk/models/lidc.plan --kind lidc
+    python -m msld_export.training_input msld_sdk/models/lidc.plan --kind lidc
 
 adds it without re-exporting (graphs and int8 blob kept byte for byte) and records the
 evidence in ``provenance.training_input_evidence``.

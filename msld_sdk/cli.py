@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import logging
 import sys
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MsldError
+from .errors import MissingExtraError, MsldError
 from .plan import PRECISIONS
 from .cli_clinical import add_clinical_args, clinical_route
 
@@ -79,28 +81,33 @@ def cmd_build(a) -> int:
     return 0
 
 
-def _repo_export_package(what: str):
-    """Import the repository's torch-side ``export`` package (a sibling of msld_sdk/), or say
-    how to get it. The runtime itself never needs torch."""
-    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
-        if (root / "export" / "export_plan.py").exists() and str(root) not in sys.path:
-            sys.path.insert(0, str(root))
-    import importlib.util
+# What the torch-side commands import: the package msld_export (the repository's export/ folder)
+# and the [export] extra's modules. The runtime itself never needs them.
+EXPORT_EXTRA_MODULES = ("torch", "onnxscript", "safetensors", "diffusers", "yaml", "msld_export")
 
-    missing = [m for m in ("torch", "export") if importlib.util.find_spec(m) is None]
+
+def require_export_extra(what: str) -> None:
+    """Raise ``MissingExtraError`` (one line naming the extra) unless the torch side is installed.
+    Every torch-side command calls this first: msld export, msld bench --baselines, msld import."""
+    missing = [m for m in EXPORT_EXTRA_MODULES if importlib.util.find_spec(m) is None]
     if missing:
-        raise MsldError(f"{what} needs PyTorch and the repository's export/ package (missing: {missing}); "
-                        "install with pip install -e '.[export]' and run from the repository root")
+        raise MissingExtraError(f"{what} needs the [export] extra: pip install 'msld_sdk[export]' "
+                                f"(missing: {', '.join(missing)})")
+
+
+def _torch_side_main(what: str, module: str, rest: list) -> int:
+    """Run ``module``'s ``main(argv)`` from msld_export, after checking that the extra is installed."""
+    require_export_extra(what)
+    return importlib.import_module(module).main(rest)
 
 
 def cmd_export(a, rest) -> int:
-    try:
-        _repo_export_package("msld export")
-    except MsldError as e:
-        print(f"msld: error: {e}", file=sys.stderr)
-        return 2
-    from export.export_plan import main as export_main
-    return export_main(rest)
+    return _torch_side_main("msld export", "msld_export.export_plan", rest)
+
+
+# Hook for msld import (the reference-checkpoint importer): it is torch-side too, so its
+# cmd_import starts with require_export_extra("msld import") (or is _torch_side_main("msld import",
+# "msld_export.<its module>", rest)); exit 2 and the one-line hint then come from main().
 
 
 def cmd_bench(a) -> int:
@@ -111,6 +118,8 @@ def cmd_bench(a) -> int:
     from .image_input import load_image
     from .segmenter import Segmenter
 
+    if a.baselines:
+        require_export_extra("msld bench --baselines")   # before anything is timed
     seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, precision=a.precision)
     threads = getattr(seg.backend, "threads", a.threads or 0)
     image_path = a.image or str(Path(__file__).resolve().parent / "samples" / "lidc_0974_n0_s2" / "image.png")
@@ -137,8 +146,7 @@ def cmd_bench(a) -> int:
         cond = seg.backend.encode(seg.preprocess(img))
         report["int8_denoiser"] = bench.compare_denoiser_precisions(seg.plan, main_row["k"], cond, a.threads)
     if a.baselines:
-        _repo_export_package("msld bench --baselines")
-        from export.baselines import measure_baselines
+        from msld_export.baselines import measure_baselines
 
         k, steps = main_row["k"], main_row["steps"]
         sdk_probs = seg.run(img, k=k, steps=steps, seed=a.seed).probs
@@ -183,24 +191,29 @@ def cmd_bench(a) -> int:
 def cmd_eval(a) -> int:
     from tqdm import tqdm
 
+    from . import metrics
     from .cpu_features import describe
+    from .datasets import FOLDER, data_kind_for, default_data_root, is_folder_pair, load_split
     from .evaluate import Sample, evaluate, format_report, to_json
     from .segmenter import Segmenter
 
     seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, precision=a.precision)
-    # the data-set readers and splits are shared with training (export/data.py)
-    _repo_export_package("msld eval")
-    from export.data import data_kind_for, load_split
-
-    kind = a.kind or data_kind_for(seg.plan.manifest["model"]["name"])
-    data = load_split(kind, a.data, a.split, seg.plan.image_size[0], limit=a.limit)
+    a.data = a.data or str(default_data_root())
+    try:
+        kind = a.kind or (FOLDER if is_folder_pair(a.data) else data_kind_for(seg.plan.manifest["model"]["name"]))
+        data = load_split(kind, a.data, a.split, seg.plan.image_size[0], limit=a.limit, channels=seg.plan.channels)
+    except (FileNotFoundError, ValueError) as e:
+        raise MsldError(str(e)) from e
+    split = "all" if kind == FOLDER else a.split   # a folder is evaluated whole
+    if data.num_annotators > 1:
+        metrics.linear_sum_assignment()   # HM-IoU needs scipy: say so before any image is run
     samples = (Sample(data.images[i].transpose(1, 2, 0).astype(np.float32) / 255.0, data.masks[i] > 0, data.ids[i])
                for i in range(len(data)))
-    bar = tqdm(total=len(data), desc=f"eval {kind}/{a.split}", unit="img", disable=a.quiet)
+    bar = tqdm(total=len(data), desc=f"eval {kind}/{split}", unit="img", disable=a.quiet)
     rep = evaluate(seg, samples, k=a.k or seg.defaults["k"], steps=a.steps, seed=a.seed,
                    progress=lambda n: bar.update(n - bar.n))
     bar.close()
-    rep.update(plan=seg.plan.path, data=str(a.data), kind=kind, split=a.split, precision=a.precision,
+    rep.update(plan=seg.plan.path, data=str(a.data), kind=kind, split=split, precision=a.precision,
                trained=seg.plan.manifest.get("provenance", {}).get("trained"), cpu=describe(),
                int8_kernel=getattr(seg.backend, "int8_kernel", None) and seg.backend.int8_kernel.name)
     print(format_report(rep))
@@ -244,7 +257,7 @@ def main(argv=None) -> int:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("bench", parents=[common], help="latency benchmark (median, p90, stage shares, GFLOP/s); "
-                       "--baselines adds PyTorch-eager and ONNX-Runtime per-hypothesis runs (needs torch)")
+                       "--baselines adds PyTorch-eager and ONNX-Runtime per-hypothesis runs (needs the [export] extra)")
     p.add_argument("--plan", default=None, help="plan file or shipped model name (default: lidc)")
     p.add_argument("--k", type=int, nargs="+", default=[8], help="hypotheses, one or more (default: 8)")
     p.add_argument("--steps", type=int, nargs="+", default=[20], help="DDIM steps, one or more (default: 20)")
@@ -261,12 +274,14 @@ def main(argv=None) -> int:
     p.add_argument("-q", "--quiet", action="store_true")
 
     p = sub.add_parser("eval", parents=[common], help="Dice/IoU (and GED, HM-IoU, ECE for multi-annotator data) "
-                       "of a plan on a labelled split (needs the repository's export/ package for the data readers)")
+                       "of a plan on a labelled split or on a folder with images/ and masks/")
     p.add_argument("--plan", default=None, help="plan file or shipped model name (default: lidc)")
-    p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
-                   help="data root holding lidc/, kvasir-seg/, cvc-clinicdb/ (default: ../shared/data)")
-    p.add_argument("--kind", choices=["lidc", "polyp", "kvasir", "cvc"], default=None,
-                   help="data set (default: from the plan's model name)")
+    p.add_argument("--data", default=None,
+                   help="data root holding lidc/, kvasir-seg/, cvc-clinicdb/ (default: $MSLD_DATA, else "
+                        "../shared/data beside a clone), or a folder with images/ and masks/ (matched by file name)")
+    p.add_argument("--kind", choices=["lidc", "polyp", "kvasir", "cvc", "folder"], default=None,
+                   help="data set (default: folder when DATA has images/ and masks/, else from the plan's "
+                        "model name); folder: every image of DATA/images with its mask in DATA/masks")
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--k", type=int, default=None, help="hypotheses per image (default: the plan's)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the plan's)")
@@ -279,17 +294,20 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, metavar="FILE")
     p.add_argument("-q", "--quiet", action="store_true")
 
-    sub.add_parser("export", help="checkpoint -> plan (needs PyTorch); `msld export --help` for options",
+    sub.add_parser("export", help="checkpoint -> plan (needs the [export] extra); `msld export --help` for options",
                    add_help=False)
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["export"]:
-        return cmd_export(None, argv[1:])
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
     try:
+        if argv[:1] == ["export"]:
+            return cmd_export(None, argv[1:])
+        a = ap.parse_args(argv)
+        logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
         return {"segment": cmd_segment, "info": cmd_info, "build": cmd_build, "bench": cmd_bench,
                 "eval": cmd_eval}[a.cmd](a)
+    except MissingExtraError as e:   # an optional part is not installed: exit 2, one line naming the extra
+        print(f"msld: error: {e}", file=sys.stderr)
+        return 2
     except MsldError as e:
         print(f"msld: error: {e}", file=sys.stderr)
         return 1

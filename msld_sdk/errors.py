@@ -35,3 +35,8 @@ class PrecisionUnavailableError(MsldError, ValueError):
 
 class BackendUnavailableError(MsldError, RuntimeError):
     """An explicitly requested backend cannot run here (missing package, GPU or engine)."""
+
+
+class MissingExtraError(MsldError, ImportError):
+    """A command or metric needs an optional part of msld_sdk that is not installed; the message
+    names the extra, e.g. ``pip install 'msld_sdk[export]'``."""

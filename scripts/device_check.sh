@@ -10,6 +10,7 @@
 set -x
 set -o pipefail
 export PYTHONUNBUFFERED=1
+. scripts/source_tree_env.sh   # msld_sdk and msld_export importable without an install
 
 OUT="${OUT:-$PWD/device_out}"
 mkdir -p "$OUT"

@@ -23,10 +23,9 @@ def seed_plan_bytes() -> bytes:
     """A small valid plan to mutate (the tiny test model, exported once and cached)."""
     cache = ROOT / "build" / "fuzz_seed.plan"
     if not cache.exists():
-        sys.path.insert(0, str(ROOT))
-        from export.checkpoint import random_model
-        from export.config import tiny_config
-        from export.export_plan import export_plan
+        from msld_export.checkpoint import random_model
+        from msld_export.config import tiny_config
+        from msld_export.export_plan import export_plan
         cache.parent.mkdir(parents=True, exist_ok=True)
         export_plan(random_model(tiny_config(), 0), cache, {"trained": False, "note": "fuzz seed"})
     return cache.read_bytes()

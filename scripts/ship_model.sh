@@ -14,14 +14,14 @@ CKPT=${2:?checkpoint}
 case "$NAME" in lidc|polyp) ;; *) echo "model name must be lidc or polyp, not $NAME" >&2; exit 2;; esac
 mkdir -p export/checkpoints benchmarks/results
 [ "$CKPT" -ef "export/checkpoints/$NAME.safetensors" ] || cp "$CKPT" "export/checkpoints/$NAME.safetensors"
-python -m export.export_plan "export/checkpoints/$NAME.safetensors" "msld_sdk/models/$NAME.plan"
+python -m msld_export.export_plan "export/checkpoints/$NAME.safetensors" "msld_sdk/models/$NAME.plan"
 # Default steps: the fewest of 5/10/20 that stay within the seed spread of 20 steps on the full
 # validation split (rule and figures: benchmarks/README.md, "Default number of steps"). Set
 # before int8 calibration, which samples at the default.
 case "$NAME" in lidc) STEPS=20;; polyp) STEPS=10;; esac
-python -m export.set_defaults "msld_sdk/models/$NAME.plan" --steps "$STEPS" \
+python -m msld_export.set_defaults "msld_sdk/models/$NAME.plan" --steps "$STEPS" \
     --why "benchmarks/results/eval_seeds_$NAME/summary.txt; rule in benchmarks/README.md"
-python -m export.quantize_int8 "msld_sdk/models/$NAME.plan" --images 16
+python -m msld_export.quantize_int8 "msld_sdk/models/$NAME.plan" --images 16
 bash scripts/eval_seeds.sh "$NAME" 0 1 2      # fp32 and int8 at the default steps, three seeds
-python -m export.dice_vs_steps --plan "msld_sdk/models/$NAME.plan" --kind "$NAME" --k 4 --limit 60 \
+python -m msld_export.dice_vs_steps --plan "msld_sdk/models/$NAME.plan" --kind "$NAME" --k 4 --limit 60 \
     --steps 1 2 5 10 20 50 100 --out "benchmarks/results/dice_vs_steps_$NAME"

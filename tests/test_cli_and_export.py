@@ -7,6 +7,7 @@ import onnx
 import pytest
 from PIL import Image
 
+from conftest import DATA
 from msld_sdk.cli import main
 from msld_sdk.plan import Plan
 
@@ -65,7 +66,7 @@ def test_export_command_random(tmp_path):
     out = tmp_path / "r.plan"
     cfg = tmp_path / "c.json"
     import json
-    from export.config import tiny_config
+    from msld_export.config import tiny_config
     cfg.write_text(json.dumps(tiny_config().to_dict()))
     assert main(["export", "--random", "--config", str(cfg), str(out)]) == 0
     assert Plan.open(out).manifest["provenance"]["trained"] is False
@@ -93,7 +94,7 @@ def test_set_defaults_keeps_the_graphs(tiny_plan, tmp_path):
     """export/set_defaults.py: a new default number of steps, same graphs, the change recorded."""
     import shutil
 
-    from export.set_defaults import set_defaults
+    from msld_export.set_defaults import set_defaults
     from msld_sdk import Segmenter
     from msld_sdk.plan import Plan
 
@@ -106,3 +107,38 @@ def test_set_defaults_keeps_the_graphs(tiny_plan, tmp_path):
     assert after["blobs"] == before["blobs"]
     assert after["provenance"]["defaults_changed"]["from"]["steps"] == before["defaults"]["steps"]
     assert Segmenter(p).run(np.zeros((32, 32), np.float32), k=2, seed=0).steps == 3
+
+
+def _without(monkeypatch, *modules):
+    """Make importlib.util.find_spec (and imports) see ``modules`` as not installed."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in modules else real(name, *a))
+    for m in modules:
+        monkeypatch.setitem(sys.modules, m, None)
+
+
+@pytest.mark.parametrize("argv", [["export", "--random", "x.plan"], ["bench", "--baselines", "--k", "1"]])
+def test_torch_side_command_without_the_extra_says_which_extra(monkeypatch, capsys, argv):
+    _without(monkeypatch, "torch")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install 'msld_sdk[export]'" in err and argv[0] in err, err
+
+
+def test_hm_iou_without_scipy_names_the_extra(monkeypatch):
+    from msld_sdk import metrics
+    from msld_sdk.errors import MissingExtraError
+
+    _without(monkeypatch, "scipy", "scipy.optimize")
+    with pytest.raises(MissingExtraError, match=r"pip install 'msld_sdk\[eval\]'"):
+        metrics.hungarian_matched_iou(np.ones((2, 4, 4), bool), np.ones((2, 4, 4), bool))
+
+
+@pytest.mark.skipif(not (DATA / "lidc").is_dir(), reason=f"no LIDC data at {DATA}")
+def test_eval_on_multi_annotator_data_without_scipy_stops_before_running(monkeypatch, capsys, tiny_plan):
+    _without(monkeypatch, "scipy", "scipy.optimize")
+    assert main(["eval", "--plan", str(tiny_plan), "--kind", "lidc", "--limit", "1", "--data", str(DATA), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install 'msld_sdk[eval]'" in err, err

@@ -101,7 +101,7 @@ def test_eval_command_on_real_lidc_is_reproducible(tiny_plan, tmp_path, capsys):
 def test_dice_vs_steps_writes_csv_and_plot(tiny_plan, tmp_path):
     pytest.importorskip("matplotlib")
     import csv
-    from export.dice_vs_steps import main as curve_main
+    from msld_export.dice_vs_steps import main as curve_main
     out = tmp_path / "curve"
     assert curve_main(["--plan", str(tiny_plan), "--kind", "lidc", "--steps", "1", "3", "--k", "2", "--limit", "3",
                        "--data", str(DATA), "--out", str(out)]) == 0

@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from export.onnx_passes import group_norm_as_layer_norm  # noqa: E402
+from msld_export.onnx_passes import group_norm_as_layer_norm  # noqa: E402
 
 
 def _ops(data: bytes) -> list[str]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from export.model import alphas_cumprod
+from msld_export.model import alphas_cumprod
 from msld_sdk import Segmenter, _native
 from msld_sdk.metrics import hypothesis_spread
 

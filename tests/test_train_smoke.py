@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from export.checkpoint import load_checkpoint
-from export.config import tiny_config
-from export.data import cvc_split, default_data_root, dihedral, kvasir_split, lidc_split, load_split
-from export.train import main as train_main
+from msld_export.checkpoint import load_checkpoint
+from msld_export.config import tiny_config
+from msld_export.data import cvc_split, default_data_root, dihedral, kvasir_split, lidc_split, load_split
+from msld_export.train import main as train_main
 
 ROOT = default_data_root()
 needs_lidc = pytest.mark.skipif(not (ROOT / "lidc").is_dir(), reason=f"LIDC data not found under {ROOT}")
@@ -109,8 +109,8 @@ def test_lidc_split_by_patient():
     assert set(tr.groups) <= set(s["train"]) and set(va.groups) <= set(s["val"])
     assert tr.masks.shape[1:] == (4, 32, 32) and tr.images.shape[1:] == (1, 32, 32)
     item = tr[0]
-    assert item["image"].dtype == torch.float32 and 0 <= item["image"].min() and item["image"].max() <= 1
-    assert set(np.unique(item["mask"].numpy())) <= {0.0, 1.0}
+    assert item["image"].dtype == np.float32 and 0 <= item["image"].min() and item["image"].max() <= 1
+    assert set(np.unique(item["mask"])) <= {0.0, 1.0}
 
 
 @needs_polyp
@@ -135,8 +135,8 @@ def test_dihedral_augmentation_consistent():
 
 
 def test_recenter_mask_latents_is_exact_inside():
-    from export.checkpoint import random_model
-    from export.train import empty_mask_latent, recenter_mask_latents
+    from msld_export.checkpoint import random_model
+    from msld_export.train import empty_mask_latent, recenter_mask_latents
     torch.set_num_threads(1)
     model = random_model(tiny_config(image_size=64), seed=1)
     with torch.no_grad():

@@ -148,7 +148,7 @@ def test_plan_with_a_pixel_spacing_cuts_the_same_millimetres(tiny_crop_plan, ser
     """A plan whose crops were 32 px at 1.4 mm: on this 0.7 mm series the window is 64 px."""
     import shutil
 
-    from export.training_input import TRAINING_INPUTS, set_training_input
+    from msld_export.training_input import TRAINING_INPUTS, set_training_input
     p = tmp_path / "mm.plan"
     shutil.copy(tiny_crop_plan, p)
     set_training_input(p, "lidc", why="test", record=dict(TRAINING_INPUTS["lidc"], crop_size=[32, 32],

@@ -1,0 +1,349 @@
+"""Labelled data for ``msld eval`` and training: LIDC-IDRI (4 annotators), CVC-ClinicDB,
+Kvasir-SEG, and a plain folder pair ``DIR/images/*`` + ``DIR/masks/*``.
+
+Runtime side: numpy and Pillow only (training's torch batching lives in msld_export.data).
+Everything is decoded once with PIL, resized to the model's square ``image_size`` and kept in
+memory as uint8 arrays (LIDC at 128x128 is ~0.5 GB with its four masks).
+
+* ``load_split(kind, root, split, image_size)`` -> ``SegData`` (kind: lidc | polyp | kvasir | cvc |
+  folder, split: train | val).  ``msld eval`` and training both use it.
+* ``SegData[i]`` -> ``{"image": float32 [C,H,W] in [0,1], "mask": float32 {0,1} [A,H,W], "id": str}``
+  (numpy) where A = 4 for LIDC (all annotators, empty = that annotator did not mark) and 1 otherwise.
+* folder: ``root/images/NAME.*`` paired with ``root/masks/NAME.*`` by file stem, any format
+  Pillow reads; every image needs its mask. Masks are 0/255 (threshold at 127), 0/1 or palette
+  indices (non-zero = foreground). The whole folder is the split (``split`` is only recorded).
+
+Splits are deterministic and never random:
+* LIDC: by patient.  Sorted patient ids, the last 15 % are validation.
+* CVC-ClinicDB: one contiguous block of frame numbers.  The last ~15 % of the frames are
+  validation; the cut is moved (within +-5 % of the frames) to the largest frame-to-frame
+  image change, i.e. to a video-sequence boundary, so that no sequence spans both splits.
+* Kvasir-SEG: the published ``train.txt`` / ``val.txt``.
+* polyp = kvasir + cvc (train with train, val with val).
+
+Images of other sizes are resized to a square (aspect ratio not kept), images with bilinear
+filtering, masks with bilinear filtering of the 0/255 mask followed by a threshold at 127.
+"""
+from __future__ import annotations
+
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"   # in a clone: ../shared/data
+KINDS = ("lidc", "polyp", "kvasir", "cvc")                   # the data sets under a data root
+FOLDER = "folder"                                            # DIR/images + DIR/masks
+VAL_FRACTION = 0.15
+
+_CACHE: dict = {}
+
+
+def default_data_root() -> Path:
+    return Path(os.environ.get("MSLD_DATA", str(DEFAULT_DATA_ROOT)))
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+
+def _read_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """-> uint8 [C, size, size]"""
+    with Image.open(path) as im:
+        im = im.convert("L" if channels == 1 else "RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        a = np.asarray(im, dtype=np.uint8)
+    return a[None] if channels == 1 else np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+def _read_mask(path: Path, size: int) -> np.ndarray:
+    """-> uint8 {0,1} [size, size]; threshold at 127 (after resizing when needed)."""
+    with Image.open(path) as im:
+        return _threshold_resized(im.convert("L"), size)
+
+
+def _threshold_resized(im: Image.Image, size: int) -> np.ndarray:
+    """A 0/255 mask image -> uint8 {0,1} [size, size]: bilinear resize, then threshold at 127."""
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR)
+    return (np.asarray(im, dtype=np.uint8) > 127).astype(np.uint8)
+
+
+def _read_user_mask(path: Path, size: int) -> np.ndarray:
+    """A mask as users have them: 0/255 (threshold at 127), 0/1 or palette indices (non-zero is
+    foreground) -> uint8 {0,1} [size, size], resized as ``_read_mask`` does."""
+    with Image.open(path) as im:
+        a = np.asarray(im) if im.mode == "P" else np.asarray(im.convert("L"))
+        fg = a > 0 if im.mode == "P" or a.max() <= 1 else a > 127
+    return _threshold_resized(Image.fromarray(fg.astype(np.uint8) * 255), size)
+
+
+def _pmap(fn, items, workers: int = 2):
+    items = list(items)
+    if len(items) < 64:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(workers) as ex:  # PIL releases the GIL while decoding
+        return list(ex.map(fn, items, chunksize=64))
+
+
+def _natural_key(s: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+# ---------------------------------------------------------------------------------------------
+# splits (deterministic)
+
+def lidc_patients(root) -> list[str]:
+    return sorted(p.name for p in (Path(root) / "lidc").iterdir() if p.is_dir() and p.name.startswith("LIDC-IDRI-"))
+
+
+def lidc_split(root) -> dict[str, list[str]]:
+    """Patient ids per split: sorted ids, the last 15 % are validation."""
+    pats = lidc_patients(root)
+    n_val = int(round(len(pats) * VAL_FRACTION))
+    return {"train": pats[: len(pats) - n_val], "val": pats[len(pats) - n_val:]}
+
+
+def cvc_frames(root) -> list[int]:
+    return sorted(int(p.stem) for p in (Path(root) / "cvc-clinicdb" / "images").glob("*.png"))
+
+
+def cvc_split(root) -> dict[str, list[int]]:
+    """Contiguous blocks of frame numbers: [first .. cut-1] train, [cut .. last] validation.
+
+    The nominal cut leaves the last 15 % of frames for validation; it is then moved to the
+    largest change between consecutive frames within +-5 % of the frames (a sequence boundary
+    in practice), so that one video sequence never lands in both splits.
+    """
+    frames = cvc_frames(root)
+    n = len(frames)
+    nominal = n - int(round(n * VAL_FRACTION))
+    win = max(1, int(round(n * 0.05)))
+    lo, hi = max(1, nominal - win), min(n - 1, nominal + win)
+    d = Path(root) / "cvc-clinicdb" / "images"
+
+    def small(f):
+        with Image.open(d / f"{f}.png") as im:
+            return np.asarray(im.convert("L").resize((32, 24), Image.BILINEAR), dtype=np.float32)
+
+    thumbs = [small(f) for f in frames[lo - 1: hi + 1]]
+    diffs = [np.abs(thumbs[i + 1] - thumbs[i]).mean() for i in range(len(thumbs) - 1)]
+    cut = lo + int(np.argmax(diffs))  # index in `frames` of the first validation frame
+    return {"train": frames[:cut], "val": frames[cut:]}
+
+
+def kvasir_split(root) -> dict[str, list[str]]:
+    d = Path(root) / "kvasir-seg"
+    out = {}
+    for s in ("train", "val"):
+        names = [ln.strip() for ln in (d / f"{s}.txt").read_text().splitlines() if ln.strip()]
+        out[s] = [n if n.endswith(".jpg") else n + ".jpg" for n in names]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# datasets
+
+@dataclass
+class SegData:
+    """In-memory data set. images uint8 [N,C,H,W]; masks uint8 {0,1} [N,A,H,W]."""
+
+    kind: str
+    split: str
+    images: np.ndarray
+    masks: np.ndarray
+    ids: list = field(default_factory=list)
+    groups: list = field(default_factory=list)   # patient id (LIDC) / source+frame (polyps)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_annotators(self) -> int:
+        return self.masks.shape[1]
+
+    @property
+    def image_channels(self) -> int:
+        return self.images.shape[1]
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i].astype(np.float32) / 255.0, "mask": self.masks[i].astype(np.float32),
+                "id": self.ids[i]}
+
+    def subset(self, idx) -> "SegData":
+        idx = np.asarray(idx)
+        return type(self)(self.kind, self.split, self.images[idx], self.masks[idx],
+                       [self.ids[i] for i in idx], [self.groups[i] for i in idx])
+
+    def nonempty(self) -> np.ndarray:
+        """bool [N, A]: which annotator masks have any foreground."""
+        return self.masks.reshape(len(self), self.num_annotators, -1).max(-1) > 0
+
+    def pick_annotators(self, idx, rng: np.random.Generator, prefer_nonempty: float = 0.0) -> np.ndarray:
+        """One annotator per sample, uniformly among the A masks (empty ones included).
+
+        With ``prefer_nonempty`` = p, with probability p the choice is restricted to the
+        non-empty masks of that sample (when it has any) - used for autoencoder training.
+        """
+        idx = np.asarray(idx)
+        a = rng.integers(0, self.num_annotators, size=len(idx))
+        if prefer_nonempty > 0 and self.num_annotators > 1:
+            ne = self.nonempty()[idx]
+            use = rng.random(len(idx)) < prefer_nonempty
+            for j in np.nonzero(use & ne.any(1))[0]:
+                a[j] = rng.choice(np.nonzero(ne[j])[0])
+        return a
+
+
+def _load_lidc(root: Path, split: str, size: int, limit=None) -> SegData:
+    pats = lidc_split(root)[split]
+    items = []
+    for p in pats:
+        if limit is not None and len(items) >= limit:
+            break
+        for nod in sorted((root / "lidc" / p).iterdir(), key=lambda q: _natural_key(q.name)):
+            if not (nod / "image").is_dir():
+                continue
+            for s in sorted((nod / "image").glob("*.png"), key=lambda q: _natural_key(q.name)):
+                items.append((p, nod, s.name))
+    items = items[:limit] if limit is not None else items
+
+    def load(it):
+        p, nod, s = it
+        img = _read_image(nod / "image" / s, size, 1)
+        ms = []
+        for a in range(4):
+            f = nod / f"mask-{a}" / s
+            ms.append(_read_mask(f, size) if f.exists() else np.zeros((size, size), np.uint8))
+        return img, np.stack(ms)
+
+    res = _pmap(load, items)
+    images = np.stack([r[0] for r in res]) if res else np.zeros((0, 1, size, size), np.uint8)
+    masks = np.stack([r[1] for r in res]) if res else np.zeros((0, 4, size, size), np.uint8)
+    ids = [f"{p}/{nod.name}/{s[:-4]}" for p, nod, s in items]
+    return SegData("lidc", split, images, masks, ids, [p for p, _, _ in items])
+
+
+def _load_cvc(root: Path, split: str, size: int, limit=None) -> SegData:
+    frames = cvc_split(root)[split][:limit]
+    d = root / "cvc-clinicdb"
+    res = _pmap(lambda f: (_read_image(d / "images" / f"{f}.png", size, 3),
+                           _read_mask(d / "masks" / f"{f}.png", size)), frames)
+    return SegData("cvc", split, np.stack([r[0] for r in res]), np.stack([r[1] for r in res])[:, None],
+                   [f"cvc/{f}" for f in frames], [f"cvc/{f}" for f in frames])
+
+
+def _load_kvasir(root: Path, split: str, size: int, limit=None) -> SegData:
+    names = kvasir_split(root)[split][:limit]
+    d = root / "kvasir-seg"
+    res = _pmap(lambda n: (_read_image(d / "images" / n, size, 3), _read_mask(d / "masks" / n, size)), names)
+    ids = [f"kvasir/{n[:-4]}" for n in names]
+    return SegData("kvasir", split, np.stack([r[0] for r in res]), np.stack([r[1] for r in res])[:, None],
+                   ids, ids)
+
+
+IMAGE_SUFFIXES = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def _by_stem(d: Path) -> dict[str, Path]:
+    """Files Pillow can read in ``d``, by file stem (two with one stem are an error)."""
+    out: dict[str, Path] = {}
+    for f in sorted(d.iterdir(), key=lambda q: _natural_key(q.name)):
+        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+            if f.stem in out:
+                raise ValueError(f"{d}: {out[f.stem].name} and {f.name} have the same name; keep one")
+            out[f.stem] = f
+    return out
+
+
+def _load_folder(root: Path, split: str, size: int, limit=None, channels: int = 3) -> SegData:
+    images, masks = _by_stem(root / "images"), _by_stem(root / "masks")
+    if not images:
+        raise FileNotFoundError(f"no images in {root / 'images'}")
+    unpaired = [n for n in images if n not in masks]
+    if unpaired:
+        raise FileNotFoundError(f"{len(unpaired)} image(s) in {root / 'images'} have no mask of the same name in "
+                                f"{root / 'masks'}: {', '.join(unpaired[:5])}{' ...' if len(unpaired) > 5 else ''}")
+    names = list(images)[:limit]
+    res = _pmap(lambda n: (_read_image(images[n], size, channels), _read_user_mask(masks[n], size)), names)
+    return SegData(FOLDER, split, np.stack([r[0] for r in res]), np.stack([r[1] for r in res])[:, None],
+                   names, names)
+
+
+def concat(kind: str, parts: list[SegData]) -> SegData:
+    return SegData(kind, parts[0].split, np.concatenate([p.images for p in parts]),
+                   np.concatenate([p.masks for p in parts]),
+                   sum((p.ids for p in parts), []), sum((p.groups for p in parts), []))
+
+
+def load_split(kind: str, root=None, split: str = "train", image_size: int = 128,
+               limit: int | None = None, channels: int = 3) -> SegData:
+    """Load (and cache in memory) one split of one data set, resized to ``image_size``.
+
+    ``limit``: keep only the first ``limit`` items of the split, in its fixed order (tests);
+    for ``polyp`` the limit applies to each of kvasir and cvc. ``channels``: of the images of
+    ``folder`` (1: grayscale, 3: RGB); the data sets have their own.
+    """
+    if kind not in KINDS + (FOLDER,):
+        raise ValueError(f"kind must be one of {KINDS + (FOLDER,)}, not {kind!r}")
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    root = Path(root) if root is not None else default_data_root()
+    if kind == FOLDER:
+        if not is_folder_pair(root):
+            raise FileNotFoundError(f"{root} has no images/ and masks/ folders")
+        return _load_folder(root, split, image_size, limit, int(channels))   # not cached: users edit folders
+    if not (root / ("lidc" if kind == "lidc" else "kvasir-seg" if kind == "kvasir" else
+                     "cvc-clinicdb" if kind == "cvc" else "kvasir-seg")).is_dir() \
+            and not (root / "packed" / f"{kind}_{split}_{int(image_size)}.npz").exists():
+        raise FileNotFoundError(f"no {kind} data under {root}: give the data root (msld eval --data DIR) or "
+                                "set MSLD_DATA; layouts in ../shared/data/README.md")
+    key = (kind, str(root.resolve()), split, int(image_size), limit)
+    packed = root / "packed" / f"{kind}_{split}_{int(image_size)}.npz"
+    if key not in _CACHE and packed.exists():  # a pack written by `python -m msld_export.data pack`
+        with np.load(packed, allow_pickle=False) as z:
+            ds = SegData(kind, split, z["images"], z["masks"], [str(i) for i in z["ids"]],
+                         [str(g) for g in z["groups"]])
+        _CACHE[key] = ds.subset(np.arange(min(limit, len(ds)))) if limit is not None else ds
+    if key not in _CACHE:
+        if kind == "lidc":
+            ds = _load_lidc(root, split, image_size, limit)
+        elif kind == "cvc":
+            ds = _load_cvc(root, split, image_size, limit)
+        elif kind == "kvasir":
+            ds = _load_kvasir(root, split, image_size, limit)
+        else:
+            ds = concat("polyp", [load_split("kvasir", root, split, image_size, limit),
+                                  load_split("cvc", root, split, image_size, limit)])
+        _CACHE[key] = ds
+    return _CACHE[key]
+
+
+def pack_split(kind: str, root, split: str, image_size: int, out_root) -> Path:
+    """Write one split, decoded and resized exactly as ``load_split`` gives it, to
+    ``out_root/packed/{kind}_{split}_{size}.npz``; ``load_split(kind, out_root, ...)`` then reads
+    it back. This is how a split travels to a machine without the raw data (the GPU machine)."""
+    ds = load_split(kind, root, split, image_size)
+    out = Path(out_root) / "packed" / f"{kind}_{split}_{int(image_size)}.npz"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, images=ds.images, masks=ds.masks, ids=np.array(ds.ids), groups=np.array(ds.groups))
+    return out
+
+
+def is_folder_pair(root) -> bool:
+    """``root`` holds images/ and masks/ (the ``folder`` kind)."""
+    return (Path(root) / "images").is_dir() and (Path(root) / "masks").is_dir()
+
+
+def data_kind_for(cfg_name: str) -> str:
+    """Which data set a model config trains on (by its name)."""
+    n = cfg_name.lower()
+    for k in KINDS:
+        if n.startswith(k):
+            return k
+    raise ValueError(f"cannot tell the data set from config name {cfg_name!r}; pass --kind")

@@ -1,0 +1,84 @@
+"""msld_sdk.datasets (runtime side, no torch): the folder kind, and msld eval on a folder."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from msld_sdk.cli import main
+from msld_sdk.datasets import FOLDER, is_folder_pair, load_split
+
+
+def write_folder(root, n=3, size=(40, 30), mask_scale=255, suffixes=(".png", ".png")):
+    """n random RGB images and masks (a rectangle each) in root/images and root/masks."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+            root / "images" / f"case{i}{suffixes[0]}")
+        m = np.zeros((size[1], size[0]), np.uint8)
+        m[5:20, 4 + i:25] = mask_scale
+        Image.fromarray(m).save(root / "masks" / f"case{i}{suffixes[1]}")
+    return root
+
+
+def test_folder_pairs_by_file_name_and_reads_0_255_and_0_1_masks(tmp_path):
+    a = load_split(FOLDER, write_folder(tmp_path / "a"), "val", 16)
+    b = load_split(FOLDER, write_folder(tmp_path / "b", mask_scale=1, suffixes=(".jpg", ".png")), "val", 16, channels=1)
+    assert a.ids == ["case0", "case1", "case2"] and a.images.shape == (3, 3, 16, 16) and a.masks.shape == (3, 1, 16, 16)
+    assert b.images.shape == (3, 1, 16, 16)
+    assert np.array_equal(a.masks, b.masks) and a.masks.sum() > 0 and set(np.unique(a.masks)) == {0, 1}
+    assert is_folder_pair(tmp_path / "a") and not is_folder_pair(tmp_path)
+
+
+def test_folder_palette_masks_and_stray_files(tmp_path):
+    root = write_folder(tmp_path / "p", n=2)
+    for f in (root / "masks").iterdir():     # as palette PNGs: index 1 = a dark colour
+        m = Image.open(f).point(lambda v: 1 if v else 0).convert("P")
+        m.putpalette([0, 0, 0, 60, 0, 0] + [0] * 762)
+        m.save(f)
+    (root / "images" / "notes.txt").write_text("not an image")
+    (root / "masks" / "extra.png").write_bytes((root / "masks" / "case0.png").read_bytes())
+    d = load_split(FOLDER, root, "val", 16)
+    assert d.ids == ["case0", "case1"] and d.masks.sum() > 0
+
+
+def test_folder_errors_name_the_problem(tmp_path):
+    root = write_folder(tmp_path / "m", n=2)
+    (root / "masks" / "case1.png").unlink()
+    with pytest.raises(FileNotFoundError, match="case1"):
+        load_split(FOLDER, root, "val", 16)
+    with pytest.raises(FileNotFoundError, match="no images/ and masks/"):
+        load_split(FOLDER, tmp_path, "val", 16)
+
+
+def test_eval_command_on_a_folder(tmp_path, tiny_plan, capsys):
+    root = write_folder(tmp_path / "data")
+    args = ["eval", "--plan", str(tiny_plan), "--data", str(root), "--k", "2", "--steps", "2", "-q"]
+    assert main(args + ["--json", str(tmp_path / "auto.json")]) == 0          # images/ + masks/: folder kind
+    assert main(args + ["--kind", "folder", "--json", str(tmp_path / "explicit.json")]) == 0
+    auto, explicit = (json.loads((tmp_path / f).read_text()) for f in ("auto.json", "explicit.json"))
+    assert auto["kind"] == "folder" and auto["split"] == "all" and auto["n_images"] == 3
+    assert auto["metrics"] == explicit["metrics"] and "ged" not in auto["metrics"]
+    (root / "masks" / "case2.png").unlink()
+    assert main(args) == 1
+    assert "case2" in capsys.readouterr().err
+
+
+def test_eval_on_a_folder_imports_neither_torch_nor_scipy(tmp_path, tiny_plan):
+    root = write_folder(tmp_path / "data", n=2)
+    code = ("import sys; from msld_sdk.cli import main; "
+            f"rc = main(['eval', '--plan', {str(tiny_plan)!r}, '--data', {str(root)!r}, '--k', '2', '--steps', '1', "
+            "'-q']); assert rc == 0, rc; "
+            "bad = [m for m in ('torch', 'scipy', 'msld_export') if m in sys.modules]; assert not bad, bad; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_eval_without_data_says_how_to_give_it(tmp_path, tiny_plan, capsys):
+    assert main(["eval", "--plan", str(tiny_plan), "--kind", "lidc", "--data", str(tmp_path), "-q"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--data" in err and "MSLD_DATA" in err, err
