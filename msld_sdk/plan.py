@@ -32,6 +32,9 @@ MAX_BLOB_BYTES = 2 << 30
 GRAPH_PARTS = ("encoder", "denoiser", "decoder")
 PRECISIONS = ("fp32", "int8")
 INT8_KEY = "int8"   # manifest entry of the optional int8 denoiser (added by export.quantize_int8)
+# DDIM timestep spacings the native loop knows (msld.h msld_spacing): diffusers' leading and
+# trailing, and linspace_trunc, the MedSegLatDiff reference sampler's rule (imported plans).
+SPACINGS = ("leading", "trailing", "linspace_trunc")
 REQUIRED_KEYS = ("format", "format_version", "model", "schedule", "input", "latent", "defaults", "blobs")
 
 
@@ -202,7 +205,7 @@ def _validate_manifest_values(m: dict, p: Path) -> None:
         ac = sch["alphas_cumprod"]
         assert isinstance(T, int) and T >= 1 and isinstance(ac, list) and len(ac) == T
         assert all(isinstance(a, (int, float)) and 0.0 < a < 1.0 for a in ac)
-        assert sch["spacing"] in ("leading", "trailing") and sch["prediction"] == "epsilon"
+        assert sch["spacing"] in SPACINGS and sch["prediction"] == "epsilon"
         d = m["defaults"]
         assert 1 <= d["k"] <= d["max_k"] and 1 <= d["steps"] <= T
     except (AssertionError, KeyError, TypeError, ValueError) as e:

@@ -171,7 +171,8 @@ class CountingNative:
 def test_only_the_tensorrt_backend_has_run_loop():
     assert not hasattr(OnnxRuntimeBackend, "run_loop")
     params = list(inspect.signature(TensorRTBackend.run_loop).parameters)
-    assert params == ["self", "cond", "k", "n_images", "steps", "spacing", "eta", "clip", "seed", "alphas_cumprod"]
+    assert params == ["self", "cond", "k", "n_images", "steps", "spacing", "eta", "clip", "seed", "alphas_cumprod",
+                      "initial_latents"]
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])

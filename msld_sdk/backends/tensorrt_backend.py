@@ -365,10 +365,12 @@ class TensorRTBackend:
 
     # ---- the device-resident DDIM loop --------------------------------------------------------
     def run_loop(self, cond: np.ndarray, k: int, n_images: int, steps: int, spacing: str, eta: float,
-                 clip: float, seed: int, alphas_cumprod: np.ndarray) -> np.ndarray:
+                 clip: float, seed: int, alphas_cumprod: np.ndarray,
+                 initial_latents: np.ndarray | None = None) -> np.ndarray:
         """The whole DDIM loop (``msld_ddim_sample``) for ``cond`` (n_images, C, h, w), the
         encoder's output: returns the final latents (n_images * k, C, h, w) float32, laid out
-        [image][hypothesis] and equal to the CPU loop's up to the denoiser's arithmetic."""
+        [image][hypothesis] and equal to the CPU loop's up to the denoiser's arithmetic.
+        ``initial_latents`` (n_images * k, C, h, w) float32, if given, replaces the drawn noise."""
         cond = np.ascontiguousarray(cond, dtype=np.float32)
         if cond.shape[0] != n_images:
             raise ValueError(f"cond holds {cond.shape[0]} images, expected {n_images}")
@@ -385,24 +387,31 @@ class TensorRTBackend:
                 self._host_reasons.add(why)
                 log.info("msld_sdk: TensorRT DDIM loop driven from the CPU (%s)", why)
             self.last_loop_mode = "host"
-            return self._host_loop(cond, k, n_images, steps, spacing, eta, clip, seed, alphas_cumprod)
+            return self._host_loop(cond, k, n_images, steps, spacing, eta, clip, seed, alphas_cumprod,
+                                   initial_latents)
         out = np.empty((n_images * k,) + cond.shape[1:], np.float32)
         for start in range(0, n_images, group):
             m = min(group, n_images - start)
+            init = None if initial_latents is None else \
+                np.ascontiguousarray(initial_latents[start * k:(start + m) * k], np.float32)
             self._device_loop(cond[start:start + m], k, schedule, float(eta), float(clip), int(seed),
-                              out[start * k:(start + m) * k])
+                              out[start * k:(start + m) * k], init)
         return out
 
-    def _host_loop(self, cond, k, n_images, steps, spacing, eta, clip, seed, alphas_cumprod) -> np.ndarray:
+    def _host_loop(self, cond, k, n_images, steps, spacing, eta, clip, seed, alphas_cumprod,
+                   initial_latents=None) -> np.ndarray:
         """The CPU-driven loop on this backend's host buffers (what Segmenter did before run_loop)."""
         buf = self.buffers(n_images * k)
         buf.cond[...] = np.repeat(cond, k, axis=0)
+        if initial_latents is not None:
+            buf.x[...] = np.asarray(initial_latents, np.float32).reshape(buf.x.shape)
         _native.ddim_sample(lambda: self.denoise_bound(buf), np.ascontiguousarray(alphas_cumprod, np.float32),
-                            steps, spacing, eta, clip, seed, k, n_images, buf.x, buf.eps, buf.t)
+                            steps, spacing, eta, clip, seed, k, n_images, buf.x, buf.eps, buf.t,
+                            latents_given=initial_latents is not None)
         return buf.x.copy()
 
     def _device_loop(self, cond: np.ndarray, k: int, schedule: DdimSchedule, eta: float, clip: float, seed: int,
-                     out: np.ndarray) -> None:
+                     out: np.ndarray, initial_latents: np.ndarray | None = None) -> None:
         cudart, stream = self.cudart, self.loop_stream
         s = int(stream)
         h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
@@ -422,7 +431,11 @@ class TensorRTBackend:
                 for j in range(k):
                     _cuda_call(cudart.cudaMemcpyAsync(st.cond + (b * k + j) * per, st.cond_img + b * per, per, d2d,
                                                       stream), "cond repeat")
-            _native.cuda_gaussian_dev(st.seed, 0, k, n, st.elems, 0, st.x, s)
+            if initial_latents is None:
+                _native.cuda_gaussian_dev(st.seed, 0, k, n, st.elems, 0, st.x, s)
+            else:  # given initial latents replace Philox stream 0
+                _cuda_call(cudart.cudaMemcpyAsync(st.x, initial_latents.ctypes.data, initial_latents.nbytes, h2d,
+                                                  stream), "initial latents upload")
             key = (k, n, eta, clip) + schedule.key()
             graph = st.graphs.get(key) if self.use_cuda_graph else None
             if graph is not None:
