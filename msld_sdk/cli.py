@@ -97,14 +97,22 @@ def _repo_export_package(what: str):
                         "install with pip install -e '.[export]' and run from the repository root")
 
 
-def cmd_export(a, rest) -> int:
+def cmd_export(a, rest, what: str = "export") -> int:
+    """``msld export`` / ``msld import``: hand the arguments to the torch-side export package."""
     try:
-        _repo_export_package("msld export")
+        _repo_export_package(f"msld {what}")
     except MsldError as e:
         print(f"msld: error: {e}", file=sys.stderr)
         return 2
-    from export.export_plan import main as export_main
-    return export_main(rest)
+    if what == "import":
+        from export.reference.importer import main as entry
+    else:
+        from export.export_plan import main as entry
+    try:
+        return entry(rest)
+    except MsldError as e:
+        print(f"msld: error: {e}", file=sys.stderr)
+        return 1
 
 
 def cmd_bench(a) -> int:
@@ -278,9 +286,12 @@ def main(argv=None) -> int:
     sub.add_parser("export", help="checkpoint -> plan (needs PyTorch); `msld export --help` for options",
                    add_help=False)
 
+    sub.add_parser("import", help="checkpoint trained with the MedSegLatDiff reference code (last.ckpt + its "
+                   ".hydra/config.yaml) -> plan (needs PyTorch); `msld import --help` for options", add_help=False)
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["export"]:
-        return cmd_export(None, argv[1:])
+    if argv[:1] in (["export"], ["import"]):
+        return cmd_export(None, argv[1:], argv[0])
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
     try:

@@ -35,3 +35,8 @@ class PrecisionUnavailableError(MsldError, ValueError):
 
 class BackendUnavailableError(MsldError, RuntimeError):
     """An explicitly requested backend cannot run here (missing package, GPU or engine)."""
+
+
+class CheckpointError(MsldError, ValueError):
+    """A training checkpoint cannot be imported: not a checkpoint, damaged, of another model,
+    or holding something the restricted reader refuses (it never executes code from the file)."""
