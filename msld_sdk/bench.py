@@ -96,7 +96,7 @@ def compare_denoiser_precisions(plan, batch: int, cond: np.ndarray, threads: int
     machine noise hits both alike."""
     from .backends.onnxruntime_backend import OnnxRuntimeBackend
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, *cond.shape[1:]), dtype=np.float32)
+    x = rng.standard_normal((batch, *plan.latent_shape), dtype=np.float32)
     runs = {}
     for prec in ("fp32", "int8"):
         b = OnnxRuntimeBackend(plan, threads=threads, precision=prec)

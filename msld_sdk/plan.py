@@ -169,6 +169,19 @@ class Plan:
         return int(self.manifest["input"]["channels"])
 
     @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        lat = self.manifest["latent"]
+        return int(lat["channels"]), int(lat["size"][0]), int(lat["size"][1])
+
+    @property
+    def condition_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of the encoder's output, the denoiser's ``cond`` input: the manifest's optional
+        "condition" entry (imported reference plans, whose condition may have more channels than
+        the latent), else the latent's shape."""
+        c = self.manifest.get("condition")
+        return (int(c["channels"]), int(c["size"][0]), int(c["size"][1])) if c else self.latent_shape
+
+    @property
     def defaults(self) -> dict:
         return self.manifest["defaults"]
 
@@ -200,6 +213,10 @@ def _validate_manifest_values(m: dict, p: Path) -> None:
         lat = m["latent"]
         assert isinstance(lat["channels"], int) and lat["channels"] > 0
         assert isinstance(lat["size"], list) and len(lat["size"]) == 2
+        for shape in (lat, m.get("condition") or lat):  # the optional condition shape, as the latent's
+            assert isinstance(shape["channels"], int) and shape["channels"] > 0
+            assert isinstance(shape["size"], list) and len(shape["size"]) == 2
+            assert all(isinstance(v, int) and 1 <= v <= 8192 for v in shape["size"])
         sch = m["schedule"]
         T = sch["num_train_timesteps"]
         ac = sch["alphas_cumprod"]

@@ -366,6 +366,7 @@ class ImportedModel:
                       "std": o["std"], "color": "grayscale" if o["image_channels"] == 1 else "rgb",
                       "layout": "NCHW, values in [0,1] then (x - mean) / std"},
             "latent": {"channels": L[0], "size": [L[1], L[2]]},
+            "condition": {"channels": o["embedder"]["z_channels"], "size": [L[1], L[2]]},
             "defaults": {"k": 4, "steps": steps, "eta": 0.0, "threshold": 0.5, "max_k": 32},
             "engines": [],
             "provenance": provenance,

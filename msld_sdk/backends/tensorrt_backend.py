@@ -194,12 +194,11 @@ class _EnginePart:
 class DenoiserBuffers:
     """Host memory of one denoiser batch size (the native loop writes x and t, reads eps)."""
 
-    def __init__(self, batch: int, latent_shape: tuple[int, int, int]):
-        c, h, w = latent_shape
-        self.x = np.zeros((batch, c, h, w), np.float32)
-        self.eps = np.zeros((batch, c, h, w), np.float32)
+    def __init__(self, batch: int, latent_shape: tuple[int, int, int], cond_shape: tuple[int, int, int] | None = None):
+        self.x = np.zeros((batch, *latent_shape), np.float32)
+        self.eps = np.zeros((batch, *latent_shape), np.float32)
         self.t = np.zeros((batch,), np.float32)
-        self.cond = np.zeros((batch, c, h, w), np.float32)
+        self.cond = np.zeros((batch, *(cond_shape or latent_shape)), np.float32)
 
 
 def _loop_context(engine, flavour):
@@ -230,7 +229,8 @@ def _loop_context(engine, flavour):
 class _LoopState:
     """Device side of ``run_loop`` for one batch size: context, buffers, t tables and graphs."""
 
-    def __init__(self, backend: "TensorRTBackend", batch: int, latent_shape: tuple[int, int, int]):
+    def __init__(self, backend: "TensorRTBackend", batch: int, latent_shape: tuple[int, int, int],
+                 cond_shape: tuple[int, int, int] | None = None):
         self.cudart = backend.cudart
         den = backend.parts["denoiser"]
         self.batch, self.elems = batch, int(np.prod(latent_shape))
@@ -241,19 +241,21 @@ class _LoopState:
         self.no_graph: dict[tuple, str] = {}   # graph key -> why capture failed
         self.context = None
         try:
-            self._setup(den, backend.flavour, (batch,) + tuple(latent_shape))
+            self._setup(den, backend.flavour, (batch,) + tuple(latent_shape),
+                        (batch,) + tuple(cond_shape or latent_shape))
         except BaseException:
             self.free()
             raise
 
-    def _setup(self, den, flavour, shape: tuple) -> None:
+    def _setup(self, den, flavour, shape: tuple, cond_shape: tuple) -> None:
         self.context, user_memory = _loop_context(den.engine, flavour)
-        lat = int(np.prod(shape)) * 4
-        self.x, self.eps, self.cond, self.cond_img = (self._malloc(lat) for _ in range(4))
+        lat, cnd = int(np.prod(shape)) * 4, int(np.prod(cond_shape)) * 4
+        self.x, self.eps = (self._malloc(lat) for _ in range(2))
+        self.cond, self.cond_img = (self._malloc(cnd) for _ in range(2))
         self.t = self._malloc(self.batch * self.t_dtype.itemsize)
         self.seed = self._malloc(8)
         # every input shape is set before the first enqueue and never changes for this context
-        for name, shp in (("x", shape), ("cond", shape), ("t", (self.batch,))):
+        for name, shp in (("x", shape), ("cond", cond_shape), ("t", (self.batch,))):
             if not self.context.set_input_shape(name, shp):
                 raise ValueError(f"denoiser engine rejects input {name} of shape {shp}")
         if tuple(self.context.get_tensor_shape("eps")) != shape:
@@ -334,8 +336,7 @@ class TensorRTBackend:
                                               f"{entry['key']} (see the messages above): rebuild with "
                                               f"`msld build {plan.path}`")
             self.parts[part] = _EnginePart(part, engine, self.cudart, self.stream, trt)
-        lat = plan.manifest["latent"]
-        self.latent_shape = (int(lat["channels"]), int(lat["size"][0]), int(lat["size"][1]))
+        self.latent_shape, self.cond_shape = plan.latent_shape, plan.condition_shape
         self.providers = [f"{self.flavour.display} ({entry['key']})"]
         self.threads = 1
         self._buffers: dict[tuple[int, int], DenoiserBuffers] = {}
@@ -356,7 +357,7 @@ class TensorRTBackend:
         with self._lock:
             buf = self._buffers.get(key)
             if buf is None:
-                buf = self._buffers[key] = DenoiserBuffers(batch, self.latent_shape)
+                buf = self._buffers[key] = DenoiserBuffers(batch, self.latent_shape, self.cond_shape)
             return buf
 
     def denoise_bound(self, buf: DenoiserBuffers) -> None:
@@ -389,7 +390,7 @@ class TensorRTBackend:
             self.last_loop_mode = "host"
             return self._host_loop(cond, k, n_images, steps, spacing, eta, clip, seed, alphas_cumprod,
                                    initial_latents)
-        out = np.empty((n_images * k,) + cond.shape[1:], np.float32)
+        out = np.empty((n_images * k,) + tuple(self.latent_shape), np.float32)
         for start in range(0, n_images, group):
             m = min(group, n_images - start)
             init = None if initial_latents is None else \
@@ -420,7 +421,7 @@ class TensorRTBackend:
         with self._loop_lock:
             st = self._loops.get((n * k, cond.shape[1:]))
             if st is None:
-                st = self._loops[(n * k, cond.shape[1:])] = _LoopState(self, n * k, cond.shape[1:])
+                st = self._loops[(n * k, cond.shape[1:])] = _LoopState(self, n * k, self.latent_shape, cond.shape[1:])
             table = st.table(schedule, stream)
             # this call's inputs: seed word, cond (up once, then k copies per image on the device),
             # initial latents (Philox stream 0, hypotheses 0..k-1 for every image)
