@@ -193,6 +193,17 @@ def _check_opcodes(data: bytes, path: str) -> None:
         raise CheckpointError(f"{path}: the checkpoint's pickle is damaged ({type(e).__name__}: {e})") from None
 
 
+def _check_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> None:
+    """torch.save writes uncompressed entries; refuse others and sizes beyond the file itself."""
+    if info.flag_bits & 0x1:
+        raise CheckpointError(f"{path}: entry {info.filename} is encrypted (torch.save never encrypts)")
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise CheckpointError(f"{path}: entry {info.filename} is compressed (torch.save never compresses)")
+    total = getattr(zf.fp, "seek", None) and zf.fp.seek(0, 2)
+    if total is not None and info.file_size > total:
+        raise CheckpointError(f"{path}: entry {info.filename} claims {info.file_size} bytes, more than the file")
+
+
 class Checkpoint:
     """The unpickled top-level object of a checkpoint, with tensors as ``LazyTensor`` records."""
 
@@ -218,10 +229,12 @@ class Checkpoint:
             return cached
         name = f"{self._prefix}data/{key}"
         try:
+            _check_entry(self._zf, self._zf.getinfo(name), self.path)
             raw = self._zf.read(name)
         except KeyError:
             raise CheckpointError(f"{self.path}: storage {key} is missing from the file") from None
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, zipfile.LargeZipFile) as e:
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, zipfile.LargeZipFile, NotImplementedError,
+                RuntimeError) as e:
             raise CheckpointError(f"{self.path}: storage {key} cannot be read (damaged file?): {e}") from None
         item = np.dtype(dtype).itemsize
         if len(raw) % item:
@@ -237,6 +250,8 @@ class Checkpoint:
         st = self._storage(t.key, t.dtype)
         n = int(np.prod(t.shape, dtype=np.int64)) if t.shape else 1
         last = t.offset + sum((s - 1) * d for s, d in zip(t.shape, t.stride)) if n else t.offset - 1
+        if n > st.size or n > 1 << 31:  # a saved tensor is never larger than its storage
+            raise CheckpointError(f"{self.path}: '{name}' {t.shape} has more elements than its storage ({st.size})")
         if n and (last >= st.size or t.offset >= st.size):
             raise CheckpointError(f"{self.path}: '{name}' {t.shape} reaches past its storage ({st.size} elements)")
         item = st.dtype.itemsize
@@ -252,7 +267,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint not found: {p}")
     try:
         zf = zipfile.ZipFile(p)
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, RuntimeError) as e:
         raise CheckpointError(f"{p}: not a PyTorch zip checkpoint (legacy or damaged file: {e})") from None
     try:
         pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
@@ -266,6 +281,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         if bo != "little":
             raise CheckpointError(f"{p}: byte order '{bo}' is not supported")
         info = zf.getinfo(pkls[0])
+        _check_entry(zf, info, str(p))
         if info.file_size > MAX_PICKLE_BYTES:
             raise CheckpointError(f"{p}: data.pkl is {info.file_size} bytes, over the {MAX_PICKLE_BYTES} limit")
         data = zf.read(info)
@@ -283,7 +299,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     except CheckpointError:
         zf.close()
         raise
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zipfile.LargeZipFile, MemoryError) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zipfile.LargeZipFile, NotImplementedError,
+            RuntimeError, MemoryError) as e:
         zf.close()
         raise CheckpointError(f"{p}: cannot be read (truncated or damaged file?): {type(e).__name__}: {e}") from None
 

@@ -21,9 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msld_sdk.errors import CheckpointError
 
-class UnsupportedReferenceOption(ValueError):
-    """A reference configuration option outside the supported family."""
+
+class UnsupportedReferenceOption(CheckpointError):
+    """A reference configuration option outside the supported family (named in the message)."""
 
 
 GROUPS = 32  # every normalisation of the reference uses 32 groups
