@@ -194,6 +194,10 @@ class Plan:
                  f"schedule: T={m['schedule']['num_train_timesteps']} {m['schedule']['spacing']} spacing, "
                  f"{m['schedule']['prediction']}-prediction",
                  f"defaults: {m['defaults']}"]
+        ddim = m["schedule"].get("ddim")
+        if isinstance(ddim, dict):  # a named sampler rule (imported reference plans)
+            lines.insert(4, f"ddim: rule {ddim.get('rule')}; timesteps {ddim.get('timesteps')}; previous timestep "
+                            f"{ddim.get('prev_timestep')}; x0 clip {ddim.get('x0_clip')}")
         for name, e in sorted(m["blobs"].items()):
             lines.append(f"blob {name}: {e['path']} {e.get('size', '?')} bytes sha256 {e['sha256'][:16]}...")
         for k, v in sorted(m.get("provenance", {}).items()):

@@ -97,6 +97,17 @@ def test_manifest_names_the_rule_and_provenance(imported):
         assert list(_native.ddim_timesteps(T, S, "linspace_trunc")) == e[f"timesteps_{S}"].tolist()
 
 
+def test_msld_info_shows_provenance(imported, capsys):
+    from msld_sdk.cli import main
+    case, plan, e = imported
+    assert main(["info", str(plan)]) == 0
+    out = capsys.readouterr().out
+    for needle in ("provenance.source_repository: huynhspm/Generative-Model",
+                   "provenance.source_commit: 3983e93d0a95a6b858be28ab9b970cc00d032212",
+                   "provenance.checkpoint_sha256: ", "provenance.config: ", "ddim: rule reference-3983e93"):
+        assert needle in out, needle
+
+
 def _reference_sampler(den, cond_rep, xT, alphas, steps, clip=True):
     """The reference's DDIM reverse process (sampler/base.py + ddim.py at 3983e93), transcribed in
     float32 numpy with the same scalar rounding as the native loop."""
@@ -155,3 +166,47 @@ def test_whole_runs_reproduce_the_reference_masks(imported, steps):
     print(case.name, steps, f"whole run vs reference masks: max abs {d.max():.2e}, mean abs {d.mean():.2e}, "
           f"99.9th pct {np.quantile(d, 0.999):.2e}")
     assert d.mean() <= 1e-4 and d.max() <= 2e-3
+
+
+def test_imported_plan_engines_build(imported, tmp_path):
+    """An imported plan is a first-class plan: `msld build` compiles its three graphs (TensorRT-RTX
+    builds ahead of time without a GPU) and the ONNX graphs stay intact."""
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install tensorrt-rtx-cu13)")
+    import shutil
+
+    from msld_sdk.engine_build import build_engines
+    from test_engine_build import _check_round_trip
+    case, plan, e = imported
+    path = tmp_path / f"{case.name}.plan"
+    shutil.copy(plan, path)
+    before = Plan.open(path)
+    entry = build_engines(path, progress=False, echo=lambda s: None)
+    after = _check_round_trip(path, before, entry)
+    assert after.manifest["provenance"]["source_commit"] == before.manifest["provenance"]["source_commit"]
+    print(case.name, "engine build seconds", entry["build_seconds"])
+
+
+def test_segment_eval_bench_int8_on_an_imported_plan(imported, tmp_path, capsys):
+    """segment, bench, int8 and eval run on an imported plan as on any other."""
+    import shutil
+
+    from msld_sdk.cli import main
+    case, plan, e = imported
+    path = tmp_path / "p.plan"
+    shutil.copy(plan, path)
+    img = tmp_path / "img.npy"
+    np.save(img, np.moveaxis(e["images_01"][0], 0, -1).squeeze())
+    assert main(["segment", str(img), "--plan", str(path), "--k", "2", "--steps", "2", "-o", str(tmp_path / "o"),
+                 "-q"]) == 0
+    assert (tmp_path / "o" / "mean.png").exists()
+    assert main(["bench", "--plan", str(path), "--k", "2", "--steps", "2", "--repeats", "1", "--image", str(img),
+                 "-q"]) == 0
+    data = Path(__file__).parents[1].parent / "shared" / "data"
+    kind = "lidc" if e["images_01"].shape[1] == 1 else "cvc"
+    if not (data / ("lidc" if kind == "lidc" else "cvc-clinicdb")).exists():
+        pytest.skip(f"data set {kind} is absent under {data}")
+    from export.quantize_int8 import main as quantize
+    assert quantize([str(path), "--kind", kind, "--images", "2"]) == 0
+    assert main(["eval", "--plan", str(path), "--kind", kind, "--limit", "2", "--k", "2", "--steps", "2",
+                 "--precision", "int8", "-q"]) == 0
+    assert "Dice" in capsys.readouterr().out
