@@ -134,6 +134,9 @@ def test_non_reference_checkpoint(tmp_path):
     ("classifier_free: false", "classifier_free: true", "classifier_free=True"),
     # Hydra leaves interpolations unresolved in .hydra/config.yaml (the experiments use this one)
     ("d_cond_image: 1", "d_cond_image: ${model.net.image_embedder.d_embed}", None),
+    ("in_channels: 1", "in_channels: ${model.net.img_dims[0]}", None),
+    ("img_dims:\n    - 1", "img_dims:\n    - ${model.net.image_embedder.d_embed}", None),
+    ("d_cond_image: 1", "d_cond_image: ${model.net.nothing.here}", "names nothing"),
 ])
 def test_unsupported_options_are_named(tmp_path, old, new, match):
     _need_fixture()

@@ -61,21 +61,40 @@ def load_config(path: str | Path) -> dict:
     return cfg
 
 
-_INTERP = re.compile(r"^\$\{([A-Za-z0-9_.]+)\}$")
+_INTERP = re.compile(r"^\$\{([A-Za-z0-9_.\[\]]+)\}$")
+_TOKEN = re.compile(r"([A-Za-z0-9_]+)|\[(\d+)\]")
 
 
-def _get(cfg: dict, dotted: str, default: Any = None, _depth: int = 0) -> Any:
-    """cfg[a][b][c] for "a.b.c", resolving whole-value interpolations ``${x.y}`` as Hydra does."""
+def _resolve(cfg: dict, v: Any, depth: int = 0) -> Any:
+    """Whole-value interpolations ``${a.b[0]}`` (Hydra leaves them unresolved in .hydra/config.yaml),
+    also inside lists; anything else (resolvers such as ${now:...}) is returned as written."""
+    if depth > 16:
+        raise ConfigError("config interpolation nests too deeply (a loop?)")
+    if isinstance(v, list):
+        return [_resolve(cfg, x, depth + 1) for x in v]
+    m = _INTERP.match(v) if isinstance(v, str) else None
+    if m is None:
+        return v
+    cur: Any = cfg
+    for key, idx in _TOKEN.findall(m.group(1).replace(".", " ")):
+        if key and isinstance(cur, dict) and key in cur:
+            cur = cur[key]
+        elif idx and isinstance(cur, list) and int(idx) < len(cur):
+            cur = _resolve(cfg, cur[int(idx)], depth + 1)
+        else:
+            raise ConfigError(f"config interpolation {v} names nothing in the config")
+    return _resolve(cfg, cur, depth + 1)
+
+
+def _get(cfg: dict, dotted: str, default: Any = None) -> Any:
+    """cfg[a][b][c] for "a.b.c" (interpolations resolved), or ``default`` when absent."""
     cur: Any = cfg
     for part in dotted.split("."):
+        cur = _resolve(cfg, cur)
         if not isinstance(cur, dict) or part not in cur:
             return default
         cur = cur[part]
-    if isinstance(cur, str) and _INTERP.match(cur):
-        if _depth > 16:
-            raise ConfigError(f"config interpolation loop at {dotted}")
-        return _get(cfg, _INTERP.match(cur).group(1), default, _depth + 1)
-    return cur
+    return _resolve(cfg, cur)
 
 
 def _need(cfg: dict, dotted: str, kinds, check=None) -> Any:
