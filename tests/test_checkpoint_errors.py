@@ -51,6 +51,18 @@ def test_inert_placeholders_never_call(tmp_path):
             state_dict_of(ck)
 
 
+def test_metadata_spellings_of_real_checkpoints_stay_inert(tmp_path):
+    """bytes in protocol 2 (_codecs.encode), argparse.Namespace hparams, copyreg reconstruction."""
+    import collections
+    import pickle
+    import argparse
+    meta = {"b": b"\x00\xff", "ns": argparse.Namespace(lr=0.1), "od": collections.OrderedDict(a=1)}
+    pkl = pickle.dumps({"state_dict": collections.OrderedDict(), "hyper_parameters": meta}, protocol=2)
+    with read_checkpoint(_zip_with_pickle(tmp_path, pkl)) as ck:
+        assert state_dict_of(ck) == {}
+        assert {"_codecs.encode", "argparse.Namespace"} <= set(ck.globals_seen)
+
+
 def test_plain_pickle_file_is_not_a_checkpoint(tmp_path):
     p = tmp_path / "legacy.ckpt"
     p.write_bytes(_call("os", "system", "true"))

@@ -38,8 +38,11 @@ _STORAGE_DTYPES = {
     "ByteStorage": np.uint8, "BoolStorage": np.bool_,
 }
 # Modules whose globals may appear (as inert placeholders) in a Lightning checkpoint's metadata.
+# (argparse: Namespace hparams; _codecs/copyreg: how protocol-2 pickles spell bytes and old-style
+# objects.) Inert means never called, so this list only decides what is refused outright.
 _INERT_PREFIXES = ("torch", "src", "collections", "omegaconf", "pytorch_lightning", "lightning", "lightning_fabric",
-                   "torchmetrics", "hydra", "typing", "numpy", "pathlib", "functools", "enum", "datetime")
+                   "torchmetrics", "hydra", "typing", "numpy", "pathlib", "functools", "enum", "datetime",
+                   "argparse", "_codecs", "copyreg", "copy_reg", "decimal", "uuid")
 _INERT_BUILTINS = {"set", "frozenset", "list", "dict", "tuple", "long", "int", "float", "complex", "str",
                    "bytes", "bytearray", "bool", "slice", "range", "object", "type"}
 # Never placeholders, whatever the prefix: names that hint at code execution.
