@@ -22,7 +22,8 @@ using msld_py::check;
 msld_spacing parse_spacing(const std::string& s) {
     if (s == "leading") return MSLD_SPACING_LEADING;
     if (s == "trailing") return MSLD_SPACING_TRAILING;
-    throw py::value_error("timestep spacing must be 'leading' or 'trailing', got '" + s + "'");
+    if (s == "linspace_trunc") return MSLD_SPACING_LINSPACE_TRUNC;
+    throw py::value_error("timestep spacing must be 'leading', 'trailing' or 'linspace_trunc', got '" + s + "'");
 }
 
 // A float32, C-contiguous, writeable array the caller owns (an I/O buffer bound elsewhere).
@@ -147,7 +148,7 @@ PYBIND11_MODULE(_native, m) {
 
     m.def("ddim_sample", [](py::object denoise, farray alphas_cumprod, int steps, const std::string& spacing,
                             float eta, float clip, uint64_t seed, int k, int n_images,
-                            py::array x, py::array eps, py::array t, py::object progress) {
+                            py::array x, py::array eps, py::array t, py::object progress, bool latents_given) {
         if (k < 1 || n_images < 1) throw py::value_error("k and n_images must be >= 1");
         py::ssize_t batch = (py::ssize_t)k * n_images;
         if (x.size() % batch) throw py::value_error("x size is not a multiple of k * n_images");
@@ -162,6 +163,7 @@ PYBIND11_MODULE(_native, m) {
         p.k = k;
         p.n_images = n_images;
         p.elems = x.size() / batch;
+        p.latents_given = latents_given ? 1 : 0;
         float* xp = buffer(x, x.size(), "x");
         float* ep = buffer(eps, x.size(), "eps");
         float* tp = buffer(t, batch, "t");
@@ -179,7 +181,8 @@ PYBIND11_MODULE(_native, m) {
         check(s, "ddim_sample");
     }, py::arg("denoise"), py::arg("alphas_cumprod"), py::arg("steps"), py::arg("spacing"), py::arg("eta"),
        py::arg("clip"), py::arg("seed"), py::arg("k"), py::arg("n_images"), py::arg("x"), py::arg("eps"),
-       py::arg("t"), py::arg("progress") = py::none(),
+       py::arg("t"), py::arg("progress") = py::none(), py::arg("latents_given") = false,
        "Run the whole DDIM loop. `denoise()` is called once per step and must read the bound\n"
-       "buffers x (latents) and t (timesteps) and write eps; x holds the final latents.");
+       "buffers x (latents) and t (timesteps) and write eps; x holds the final latents.\n"
+       "latents_given=True: x already holds the initial latents (no noise is drawn for them).");
 }

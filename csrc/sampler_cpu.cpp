@@ -77,6 +77,21 @@ msld_status msld_ddim_timesteps(int32_t T, int32_t steps, msld_spacing spacing, 
         // np.round(np.arange(T, 0, -T / steps)) - 1 ; numpy's arange fills start + i * delta
         double delta = -(double)T / (double)steps;
         for (int32_t i = 0; i < steps; ++i) out[i] = (int32_t)std::nearbyint((double)T + i * delta) - 1;
+    } else if (spacing == MSLD_SPACING_LINSPACE_TRUNC) {
+        // torch.linspace(0, T - 1, steps) in float32 (its scalar CPU formula), .to(int64), flipped.
+        // Each product is stored through a volatile so that no contraction into an FMA changes it.
+        const float start = 0.0f, end = (float)(T - 1);
+        const float step = steps > 1 ? (end - start) / (float)(steps - 1) : 0.0f;  // float32, as torch
+        const int32_t half = steps / 2;
+        if (steps == 1) {  // torch.linspace with one step gives [start]
+            out[0] = (int32_t)start;
+            return MSLD_OK;
+        }
+        for (int32_t j = 0; j < steps; ++j) {
+            volatile float prod = step * (float)(j < half ? j : steps - j - 1);
+            float v = j < half ? start + prod : end - prod;
+            out[steps - 1 - j] = (int32_t)v;  // truncation toward zero, as .to(torch.int64)
+        }
     } else {
         return MSLD_ERR_INVALID_ARG;
     }
@@ -184,8 +199,8 @@ msld_status msld_ddim_sample(const msld_sampler_params* p, msld_denoise_fn denoi
     const int32_t batch = p->k * p->n_images;
     const int64_t n = (int64_t)batch * p->elems;
     // Initial latents: stream 0. Every image gets hypotheses 0..k-1 of the same seed, so a
-    // batch gives exactly what each image would give alone.
-    for (int32_t b = 0; b < p->n_images; ++b) {
+    // batch gives exactly what each image would give alone. Given latents are used as they are.
+    for (int32_t b = 0; b < (p->latents_given ? 0 : p->n_images); ++b) {
         msld_status st = msld_gaussian(p->seed, 0, p->k, p->elems, 0u, x + b * per_image);
         if (st != MSLD_OK) return st;
     }

@@ -68,6 +68,16 @@ def export_graphs(model: MedSegLatDiff, check_batches=(1, 3, 8), seed: int = 0) 
         "denoiser": (ExportDenoiser(model), (lat, t, lat.clone()), ["x", "t", "cond"], ["eps"], ["x", "t", "cond"]),
         "decoder": (ExportDecoder(model), (lat,), ["z"], ["prob"], ["z"]),
     }
+    return export_checked(parts, cfg.num_train_timesteps, check_batches, g)
+
+
+def export_checked(parts: dict, num_train_timesteps: int, check_batches=(1, 3, 8),
+                   g: torch.Generator | None = None) -> tuple[dict, dict]:
+    """Export each part {name: (module, example args, input names, output names, dynamic inputs)}
+    and check the ONNX graph against PyTorch on random inputs of every batch size in
+    ``check_batches`` (1-d float inputs are timesteps in [0, num_train_timesteps)).
+    Returns ({part: onnx bytes}, {part: max relative error vs PyTorch})."""
+    g = g if g is not None else torch.Generator().manual_seed(0)
     graphs, errors = {}, {}
     for name, (mod, args, ins, outs, dyn) in parts.items():
         graphs[name] = _export(mod, args, ins, outs, dyn)
@@ -75,7 +85,7 @@ def export_graphs(model: MedSegLatDiff, check_batches=(1, 3, 8), seed: int = 0) 
         worst = 0.0
         for b in check_batches:
             feeds_t = [torch.randn(b, *a.shape[1:], generator=g) if a.dtype == torch.float32 and a.ndim > 1
-                       else torch.randint(0, cfg.num_train_timesteps, (b,), generator=g).float() for a in args]
+                       else torch.randint(0, num_train_timesteps, (b,), generator=g).float() for a in args]
             with torch.no_grad():
                 ref = mod(*feeds_t).numpy()
             got = sess.run(None, {n: v.numpy() for n, v in zip(ins, feeds_t)})[0]
@@ -129,7 +139,7 @@ def export_plan(model: MedSegLatDiff, out: str | Path, provenance: dict | None =
     return write_plan(out, manifest_for(model.cfg, prov), blobs)
 
 
-def _sha256_file(p: Path) -> str:
+def sha256_file(p: Path) -> str:
     h = hashlib.sha256()
     with open(p, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -155,7 +165,7 @@ def main(argv=None) -> int:
         if not a.checkpoint:
             ap.error("give a checkpoint, or --random")
         model, info = load_checkpoint(a.checkpoint)
-        prov = {"checkpoint": Path(a.checkpoint).name, "checkpoint_sha256": _sha256_file(Path(a.checkpoint)),
+        prov = {"checkpoint": Path(a.checkpoint).name, "checkpoint_sha256": sha256_file(Path(a.checkpoint)),
                 "trained": True, "training": info}
     m = export_plan(model, a.out, prov)
     errs = ", ".join(f"{k} {v:.1e}" for k, v in m["provenance"]["onnx_vs_torch_max_rel_err"].items())

@@ -98,7 +98,7 @@ def compare_denoiser_precisions(plan, batch: int, cond: np.ndarray, threads: int
     from .backends.onnxruntime_backend import OnnxRuntimeBackend
     from .cpu_features import int8_kernel_path
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, *cond.shape[1:]), dtype=np.float32)
+    x = rng.standard_normal((batch, *plan.latent_shape), dtype=np.float32)
     variants = {"fp32": ("fp32", None), "int8": ("int8", None)}
     if int8_kernel_path().name == "u8s8-vnni":
         variants["int8_u8u8"] = ("int8", "exact")

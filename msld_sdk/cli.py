@@ -105,9 +105,8 @@ def cmd_export(a, rest) -> int:
     return _torch_side_main("msld export", "msld_export.export_plan", rest)
 
 
-# Hook for msld import (the reference-checkpoint importer): it is torch-side too, so its
-# cmd_import starts with require_export_extra("msld import") (or is _torch_side_main("msld import",
-# "msld_export.<its module>", rest)); exit 2 and the one-line hint then come from main().
+def cmd_import(a, rest) -> int:
+    return _torch_side_main("msld import", "msld_export.reference.importer", rest)
 
 
 def cmd_bench(a) -> int:
@@ -297,10 +296,15 @@ def main(argv=None) -> int:
     sub.add_parser("export", help="checkpoint -> plan (needs the [export] extra); `msld export --help` for options",
                    add_help=False)
 
+    sub.add_parser("import", help="checkpoint trained with the MedSegLatDiff reference code (last.ckpt + its "
+                   ".hydra/config.yaml) -> plan (needs the [export] extra); `msld import --help` for options", add_help=False)
+
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["export"]:
             return cmd_export(None, argv[1:])
+        if argv[:1] == ["import"]:
+            return cmd_import(None, argv[1:])
         a = ap.parse_args(argv)
         logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
         return {"segment": cmd_segment, "info": cmd_info, "build": cmd_build, "bench": cmd_bench,

@@ -40,3 +40,8 @@ class BackendUnavailableError(MsldError, RuntimeError):
 class MissingExtraError(MsldError, ImportError):
     """A command or metric needs an optional part of msld_sdk that is not installed; the message
     names the extra, e.g. ``pip install 'msld_sdk[export]'``."""
+
+
+class CheckpointError(MsldError, ValueError):
+    """A training checkpoint cannot be imported: not a checkpoint, damaged, of another model,
+    or holding something the restricted reader refuses (it never executes code from the file)."""

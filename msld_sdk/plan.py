@@ -32,6 +32,9 @@ MAX_BLOB_BYTES = 2 << 30
 GRAPH_PARTS = ("encoder", "denoiser", "decoder")
 PRECISIONS = ("fp32", "int8")
 INT8_KEY = "int8"   # manifest entry of the optional int8 denoiser (added by msld_export.quantize_int8)
+# DDIM timestep spacings the native loop knows (msld.h msld_spacing): diffusers' leading and
+# trailing, and linspace_trunc, the MedSegLatDiff reference sampler's rule (imported plans).
+SPACINGS = ("leading", "trailing", "linspace_trunc")
 REQUIRED_KEYS = ("format", "format_version", "model", "schedule", "input", "latent", "defaults", "blobs")
 
 
@@ -166,6 +169,19 @@ class Plan:
         return int(self.manifest["input"]["channels"])
 
     @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        lat = self.manifest["latent"]
+        return int(lat["channels"]), int(lat["size"][0]), int(lat["size"][1])
+
+    @property
+    def condition_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of the encoder's output, the denoiser's ``cond`` input: the manifest's optional
+        "condition" entry (imported reference plans, whose condition may have more channels than
+        the latent), else the latent's shape."""
+        c = self.manifest.get("condition")
+        return (int(c["channels"]), int(c["size"][0]), int(c["size"][1])) if c else self.latent_shape
+
+    @property
     def defaults(self) -> dict:
         return self.manifest["defaults"]
 
@@ -178,6 +194,10 @@ class Plan:
                  f"schedule: T={m['schedule']['num_train_timesteps']} {m['schedule']['spacing']} spacing, "
                  f"{m['schedule']['prediction']}-prediction",
                  f"defaults: {m['defaults']}"]
+        ddim = m["schedule"].get("ddim")
+        if isinstance(ddim, dict):  # a named sampler rule (imported reference plans)
+            lines.insert(4, f"ddim: rule {ddim.get('rule')}; timesteps {ddim.get('timesteps')}; previous timestep "
+                            f"{ddim.get('prev_timestep')}; x0 clip {ddim.get('x0_clip')}")
         for name, e in sorted(m["blobs"].items()):
             lines.append(f"blob {name}: {e['path']} {e.get('size', '?')} bytes sha256 {e['sha256'][:16]}...")
         for k, v in sorted(m.get("provenance", {}).items()):
@@ -197,12 +217,16 @@ def _validate_manifest_values(m: dict, p: Path) -> None:
         lat = m["latent"]
         assert isinstance(lat["channels"], int) and lat["channels"] > 0
         assert isinstance(lat["size"], list) and len(lat["size"]) == 2
+        for shape in (lat, m.get("condition") or lat):  # the optional condition shape, as the latent's
+            assert isinstance(shape["channels"], int) and shape["channels"] > 0
+            assert isinstance(shape["size"], list) and len(shape["size"]) == 2
+            assert all(isinstance(v, int) and 1 <= v <= 8192 for v in shape["size"])
         sch = m["schedule"]
         T = sch["num_train_timesteps"]
         ac = sch["alphas_cumprod"]
         assert isinstance(T, int) and T >= 1 and isinstance(ac, list) and len(ac) == T
         assert all(isinstance(a, (int, float)) and 0.0 < a < 1.0 for a in ac)
-        assert sch["spacing"] in ("leading", "trailing") and sch["prediction"] == "epsilon"
+        assert sch["spacing"] in SPACINGS and sch["prediction"] == "epsilon"
         d = m["defaults"]
         assert 1 <= d["k"] <= d["max_k"] and 1 <= d["steps"] <= T
     except (AssertionError, KeyError, TypeError, ValueError) as e:

@@ -75,13 +75,19 @@ class Segmenter:
 
     # ---- public API ------------------------------------------------------------------------
     def run(self, img, k: int | None = None, steps: int | None = None, seed: int | None = None,
-            eta: float = 0.0, threshold: float | None = None, roi=None):
+            eta: float = 0.0, threshold: float | None = None, roi=None, initial_latents=None):
         """Segment one image (array, PIL image or path) or a list of them.
 
         Returns a ``SegmentationResult`` (a list of them for a list input). ``seed`` makes
         the result reproducible; hypothesis i is the same whatever ``k`` is. ``roi``: a centre
         (x, y) or a box (x0, y0, x1, y1) in the input's pixels (or a list, one per image): the
         plan's training crop is cut there, segmented and pasted back (see ``msld_sdk.roi``).
+
+        ``initial_latents`` replaces the drawn initial noise: for one image an array of shape
+        (k, C, h, w) (C, h, w: the plan's latent shape); for a list of n images either one
+        array (n*k, C, h, w), hypotheses of image i at rows i*k .. i*k+k-1, or a list of n
+        arrays (k, C, h, w). Values are used as float32. With eta=0 the run is then fully
+        deterministic (``seed`` only matters for eta > 0 noise).
         """
         batch = isinstance(img, (list, tuple))
         images = list(img) if batch else [img]
@@ -89,9 +95,10 @@ class Segmenter:
             raise InputError("empty list of images")
         if roi is not None:
             from .roi import run_with_roi
-            results = run_with_roi(self, images, roi, k=k, steps=steps, seed=seed, eta=eta, threshold=threshold)
+            results = run_with_roi(self, images, roi, k=k, steps=steps, seed=seed, eta=eta, threshold=threshold,
+                                   initial_latents=initial_latents)
         else:
-            results = self._run(images, k, steps, seed, eta, threshold, warn_whole=True)
+            results = self._run(images, k, steps, seed, eta, threshold, initial_latents, warn_whole=True)
         return results if batch else results[0]
 
     __call__ = run
@@ -124,8 +131,31 @@ class Segmenter:
     def _model_input(self, array: np.ndarray) -> np.ndarray:
         return to_model_input(array, tuple(self._in["size"]), self._in["channels"], self._in["mean"], self._in["std"])
 
-    def _run(self, images: Sequence, k, steps, seed, eta, threshold, warn_whole=False) -> list[SegmentationResult]:
+    def _initial_latents(self, x0, n: int, k: int) -> np.ndarray | None:
+        """Validate ``initial_latents`` -> a C-contiguous float32 (n*k, C, h, w) array, or None."""
+        if x0 is None:
+            return None
+        if isinstance(x0, (list, tuple)):
+            if len(x0) != n:
+                raise InputError(f"initial_latents is a list of {len(x0)} arrays; expected one per image ({n})")
+            x0 = np.concatenate([np.asarray(a) for a in x0]) if n else np.empty(0)
+        x0 = np.asarray(x0)
+        lat = self.plan.manifest["latent"]
+        shape = (n * k, int(lat["channels"]), *(int(s) for s in lat["size"]))
+        if x0.shape != shape:
+            raise InputError(f"initial_latents has shape {x0.shape}; expected {shape} "
+                             f"(images x k = {n} x {k}, then the plan's latent shape)")
+        if not np.issubdtype(x0.dtype, np.floating):
+            raise InputError(f"initial_latents must be floating point, got {x0.dtype}")
+        x0 = np.ascontiguousarray(x0, dtype=np.float32)
+        if not np.isfinite(x0).all():
+            raise InputError("initial_latents contains NaN or Inf")
+        return x0
+
+    def _run(self, images: Sequence, k, steps, seed, eta, threshold, initial_latents=None,
+             warn_whole=False) -> list[SegmentationResult]:
         k, steps, seed, eta, threshold = self._check_args(k, steps, seed, eta, threshold)
+        x_init = self._initial_latents(initial_latents, len(images), k)
         t0 = time.perf_counter()
         arrays = [load_image(im) for im in images]
         if warn_whole:
@@ -146,7 +176,8 @@ class Segmenter:
         if run_loop is not None:
             # Device-resident loop (TensorRT): noise, denoiser and DDIM updates never leave the GPU,
             # so the host cannot time them apart; the whole loop is reported as denoise_ms.
-            latents = run_loop(cond, k, n, steps, self._spacing, eta, self._clip, seed, self._alphas)
+            extra = {} if x_init is None else {"initial_latents": x_init}
+            latents = run_loop(cond, k, n, steps, self._spacing, eta, self._clip, seed, self._alphas, **extra)
             if bar is not None:
                 bar.update(steps)
         else:
@@ -161,8 +192,11 @@ class Segmenter:
             def progress(done, total):
                 bar.update(1)
 
+            if x_init is not None:
+                buf.x[...] = x_init.reshape(buf.x.shape)
             _native.ddim_sample(denoise, self._alphas, steps, self._spacing, eta, self._clip, seed, k, n,
-                                buf.x, buf.eps, buf.t, progress if bar is not None else None)
+                                buf.x, buf.eps, buf.t, progress if bar is not None else None,
+                                latents_given=x_init is not None)
             latents = buf.x
         if bar is not None:
             bar.close()

@@ -5,7 +5,8 @@
     python scripts/fuzz.py --all --runs 100000          # every target, one after another
 
 A target passes when every generated input either loads or raises a documented error type
-(PlanError subclasses for plans, InputError for images); anything else stops the run with the
+(PlanError subclasses for plans, InputError for images, CheckpointError for checkpoints read by
+``msld import``); anything else stops the run with the
 input that caused it. The last line per target reports the count of inputs executed.
 """
 import argparse
@@ -16,7 +17,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = ("plan_bytes", "plan_mutation", "manifest", "image_file", "image_array")
+TARGETS = ("plan_bytes", "plan_mutation", "manifest", "image_file", "image_array",
+           "checkpoint_bytes", "checkpoint_mutation", "pickle")
 
 
 def seed_plan_bytes() -> bytes:
@@ -39,13 +41,18 @@ def run_one(target: str, runs: int) -> None:
         import fuzz_targets as ft
         import msld_sdk.image_input  # noqa: F401
         import msld_sdk.plan  # noqa: F401
-    seed = seed_plan_bytes() if target in ("plan_mutation", "manifest") else b""
+        import msld_export.reference.checkpoint_reader  # noqa: F401
+    seed = seed_plan_bytes() if target in ("plan_mutation", "manifest") else \
+        ft.seed_checkpoint_bytes() if target in ("checkpoint_mutation", "pickle") else b""
     fn = {
         "plan_bytes": ft.plan_target,
         "plan_mutation": lambda d: ft.plan_mutation_target(seed, d),
         "manifest": lambda d: ft.manifest_target(seed, d),
         "image_file": ft.image_file_target,
         "image_array": ft.image_array_target,
+        "checkpoint_bytes": ft.checkpoint_target,
+        "checkpoint_mutation": lambda d: ft.checkpoint_mutation_target(seed, d),
+        "pickle": lambda d: ft.pickle_target(seed, d),
     }[target]
     atheris.Setup([sys.argv[0], f"-runs={runs}", "-max_len=4096", "-print_final_stats=1"], fn)
     atheris.Fuzz()

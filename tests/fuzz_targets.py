@@ -12,9 +12,11 @@ import zipfile
 
 import numpy as np
 
-from msld_sdk.errors import InputError, PlanError
+from msld_sdk.errors import CheckpointError, InputError, PlanError
 from msld_sdk.image_input import load_image
 from msld_sdk.plan import Plan
+
+from msld_export.reference.checkpoint_reader import read_checkpoint, state_dict_of
 
 PLAN_ERRORS = (PlanError,)
 IMAGE_ERRORS = (InputError,)
@@ -36,18 +38,21 @@ def plan_target(data: bytes) -> None:
         pass
 
 
-def plan_mutation_target(seed_plan: bytes, data: bytes) -> None:
-    """Mutate a valid plan: the fuzzer's bytes choose positions/values to overwrite, and a cut."""
+def mutate(seed: bytes, data: bytes) -> bytes:
+    """The fuzzer's bytes choose positions/values to overwrite in ``seed``, and a cut."""
     if not data:
-        return plan_target(seed_plan)
-    buf = bytearray(seed_plan)
+        return seed
+    buf = bytearray(seed)
     cut = int.from_bytes(data[:3].ljust(3, b"\0"), "little") % (len(buf) + 1)
     for i in range(3, len(data) - 3, 4):
         pos = int.from_bytes(data[i:i + 3], "little") % len(buf)
         buf[pos] = data[i + 3]
-    if data[0] & 1:
-        buf = buf[:cut]
-    plan_target(bytes(buf))
+    return bytes(buf[:cut] if data[0] & 1 else buf)
+
+
+def plan_mutation_target(seed_plan: bytes, data: bytes) -> None:
+    """Mutate a valid plan (overwritten bytes, a cut)."""
+    plan_target(mutate(seed_plan, data))
 
 
 def manifest_target(seed_plan: bytes, data: bytes) -> None:
@@ -85,3 +90,57 @@ def image_array_target(data: bytes) -> None:
         load_image(arr)
     except IMAGE_ERRORS:
         pass
+
+
+# ---- checkpoint reader (msld import): damaged, truncated and hostile checkpoints --------------
+
+CHECKPOINT_ERRORS = (CheckpointError,)
+
+
+def seed_checkpoint_bytes() -> bytes:
+    """A small Lightning-shaped checkpoint: a state_dict of tensors (one a view with an offset),
+    plus metadata holding a global the reader must only record (torch.device)."""
+    import collections
+
+    import torch
+    w = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    sd = collections.OrderedDict([("net.a.weight", w), ("net.a.bias", w[1]), ("net.b", torch.ones(2, dtype=torch.int64))])
+    buf = io.BytesIO()
+    torch.save({"state_dict": sd, "epoch": 3, "hyper_parameters": {"lr": 1e-3, "device": torch.device("cpu"),
+                                                                      "dims": [1, 32, 32]}}, buf)
+    return buf.getvalue()
+
+
+def checkpoint_target(data: bytes) -> None:
+    """Read a checkpoint file and every tensor of its state_dict; only CheckpointError may escape."""
+    try:
+        with read_checkpoint(_write(data, ".ckpt")) as ck:
+            for name, t in state_dict_of(ck).items():
+                ck.tensor(t, name)
+    except CHECKPOINT_ERRORS:
+        pass
+
+
+def checkpoint_mutation_target(seed: bytes, data: bytes) -> None:
+    """Overwrite bytes of a valid checkpoint (zip headers, pickle, storages) and cut it."""
+    checkpoint_target(mutate(seed, data))
+
+
+def pickle_target(seed: bytes, data: bytes) -> None:
+    """A valid checkpoint whose data.pkl is replaced: by the fuzzer's bytes (data[0] even) or by
+    the seed's pickle with bytes overwritten (odd), so that most inputs stay near-valid pickles."""
+    with zipfile.ZipFile(io.BytesIO(seed)) as zin:
+        items = [(i.filename, zin.read(i)) for i in zin.infolist()]
+    pkl = next(b for n, b in items if n.endswith("/data.pkl"))
+    if data and data[0] & 1:
+        body = bytearray(pkl)
+        for i in range(1, len(data) - 2, 3):
+            body[int.from_bytes(data[i:i + 2], "little") % len(body)] = data[i + 2]
+        pkl = bytes(body)
+    else:
+        pkl = data[1:]
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zout:
+        for n, b in items:
+            zout.writestr(n, pkl if n.endswith("/data.pkl") else b)
+    checkpoint_target(out.getvalue())

@@ -49,3 +49,22 @@ def test_image_file_bytes(data):
 @given(st.binary(min_size=4, max_size=512))
 def test_image_arrays(data):
     ft.image_array_target(data)
+
+
+_CKPT_SEED: list = []
+
+
+@pytest.mark.parametrize("target", ["random_bytes", "mutated_checkpoint", "fuzzed_pickle"])
+@cfg
+@given(data=st.binary(max_size=1024))
+def test_checkpoint_reader(target, data):
+    """msld import's restricted checkpoint reader: only CheckpointError, never a crash or code run."""
+    if not _CKPT_SEED:
+        _CKPT_SEED.append(ft.seed_checkpoint_bytes())
+    seed = _CKPT_SEED[0]
+    if target == "random_bytes":
+        ft.checkpoint_target(data)
+    elif target == "mutated_checkpoint":
+        ft.checkpoint_mutation_target(seed, data[:64])
+    else:
+        ft.pickle_target(seed, data[:256])

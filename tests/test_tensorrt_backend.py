@@ -60,7 +60,7 @@ def cpu_loop(alphas, steps, spacing, eta, clip, seed, k, cond, record_t=None):
 
 # ---- schedule and timestep tables ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace_trunc"])
 @pytest.mark.parametrize("steps", [1, 3, 10, 20, 50])
 def test_schedule_is_the_cpu_loops(tiny_plan, spacing, steps):
     ac = plan_alphas(tiny_plan)
@@ -86,7 +86,7 @@ def test_schedule_is_the_verified_gpu_loops(tiny_plan, spacing):
                list(zip(s.timesteps.tolist(), s.alpha_t.tolist(), s.alpha_prev.tolist()))
 
 
-@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace_trunc"])
 @pytest.mark.parametrize("n_images", [1, 2])
 def test_timestep_table_is_what_the_cpu_loop_writes(tiny_plan, spacing, n_images, rng):
     ac, k, steps = plan_alphas(tiny_plan), 3, 7
@@ -100,7 +100,7 @@ def test_timestep_table_is_what_the_cpu_loop_writes(tiny_plan, spacing, n_images
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @pytest.mark.parametrize("clip", [0.0, 1.0])
-@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace_trunc"])
 @pytest.mark.parametrize("n_images", [1, 2])
 def test_device_step_sequence_with_cpu_kernels_is_the_cpu_loop(tiny_plan, rng, eta, clip, spacing, n_images):
     """What run_loop enqueues, with each CUDA kernel replaced by its CPU twin (bit-identical by
@@ -142,13 +142,15 @@ class CpuLoopBackend:
         self.decoded.append(latents)
         return self.inner.decode(latents)
 
-    def run_loop(self, cond, k, n_images, steps, spacing, eta, clip, seed, alphas_cumprod):
+    def run_loop(self, cond, k, n_images, steps, spacing, eta, clip, seed, alphas_cumprod, initial_latents=None):
         self.calls.append(dict(cond=cond.copy(), k=k, n_images=n_images, steps=steps, spacing=spacing, eta=eta,
-                               clip=clip, seed=seed, alphas=np.array(alphas_cumprod)))
+                               clip=clip, seed=seed, alphas=np.array(alphas_cumprod), initial=initial_latents))
         buf = self.inner.buffers(n_images * k)
         buf.cond[...] = np.repeat(cond, k, axis=0)
+        if initial_latents is not None:
+            buf.x[...] = initial_latents
         _native.ddim_sample(lambda: self.inner.denoise_bound(buf), alphas_cumprod, steps, spacing, eta, clip, seed,
-                            k, n_images, buf.x, buf.eps, buf.t)
+                            k, n_images, buf.x, buf.eps, buf.t, latents_given=initial_latents is not None)
         out = buf.x.copy()
         self.returned.append(out)
         return out
@@ -168,10 +170,25 @@ class CountingNative:
         return _native.ddim_sample(*a, **kw)
 
 
+def test_initial_latents_reach_run_loop_and_equal_the_cpu_path(tiny_plan, rng):
+    imgs = [rng.random((40, 50), dtype=np.float32) for _ in range(2)]
+    plain = Segmenter(tiny_plan, backend="onnxruntime")
+    lat = plain.plan.latent_shape
+    x0 = rng.standard_normal((6, *lat)).astype(np.float32)
+    ref = plain.run(imgs, k=3, steps=4, initial_latents=x0)
+    hooked = Segmenter(tiny_plan, backend="onnxruntime")
+    fake = hooked.backend = CpuLoopBackend(hooked.backend)
+    got = hooked.run(imgs, k=3, steps=4, initial_latents=[x0[:3], x0[3:]])
+    np.testing.assert_array_equal(fake.calls[0]["initial"], x0)
+    for a, b in zip(got, ref):
+        np.testing.assert_array_equal(a.probs, b.probs)
+
+
 def test_only_the_tensorrt_backend_has_run_loop():
     assert not hasattr(OnnxRuntimeBackend, "run_loop")
     params = list(inspect.signature(TensorRTBackend.run_loop).parameters)
-    assert params == ["self", "cond", "k", "n_images", "steps", "spacing", "eta", "clip", "seed", "alphas_cumprod"]
+    assert params == ["self", "cond", "k", "n_images", "steps", "spacing", "eta", "clip", "seed", "alphas_cumprod",
+                      "initial_latents"]
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])

@@ -24,7 +24,7 @@
 extern "C" {
 #endif
 
-#define MSLD_API_VERSION 1
+#define MSLD_API_VERSION 2  /* 2: MSLD_SPACING_LINSPACE_TRUNC, msld_sampler_params.latents_given */
 
 typedef enum msld_status {
     MSLD_OK = 0,
@@ -39,8 +39,18 @@ typedef enum msld_status {
 /* Human-readable text for a status code (static storage, never NULL). */
 const char* msld_status_string(msld_status s);
 
-/* Timestep spacing, as diffusers' DDIMScheduler `timestep_spacing`. */
-typedef enum msld_spacing { MSLD_SPACING_LEADING = 0, MSLD_SPACING_TRAILING = 1 } msld_spacing;
+/* Timestep spacing. LEADING and TRAILING are diffusers' DDIMScheduler `timestep_spacing`.
+ * LINSPACE_TRUNC is the rule of the MedSegLatDiff reference sampler (huynhspm/Generative-Model
+ * at 3983e93, BaseSampler.set_timesteps 'uniform'): torch.linspace(0, T - 1, steps) in float32
+ * (start + step * i for the first steps/2 entries, end - step * (steps - 1 - i) after, as
+ * torch's scalar CPU kernel), truncated toward zero, descending. With every spacing the
+ * previous timestep is t - T / steps (integer division) and alpha_prev = 1 when it is negative,
+ * so with LINSPACE_TRUNC the previous timestep is generally not the next visited one. */
+typedef enum msld_spacing {
+    MSLD_SPACING_LEADING = 0,
+    MSLD_SPACING_TRAILING = 1,
+    MSLD_SPACING_LINSPACE_TRUNC = 2
+} msld_spacing;
 
 /* One DDIM step's scalars (host-side, per step). */
 typedef struct msld_ddim_coeffs {
@@ -101,11 +111,14 @@ typedef struct msld_sampler_params {
     int32_t k;                   /* hypotheses per image */
     int32_t n_images;            /* batch of images; each gets hypotheses 0..k-1 */
     int64_t elems;               /* elements of one latent */
+    int32_t latents_given;       /* non-zero: x already holds the initial latents [n_images*k*elems]
+                                    and the loop draws none (zero-initialise for v1 behaviour) */
 } msld_sampler_params;
 
 /* The whole DDIM loop on the CPU. x[n_images*k*elems] receives the final latents; eps is
  * scratch of the same size; t is scratch of n_images*k floats. The loop draws the initial
- * noise itself and calls `denoise` once per step with all n_images*k latents in one batch. */
+ * noise itself (unless p->latents_given: then it starts from what x holds) and calls
+ * `denoise` once per step with all n_images*k latents in one batch. */
 msld_status msld_ddim_sample(const msld_sampler_params* p, msld_denoise_fn denoise, void* denoise_user,
                              msld_progress_fn progress, void* progress_user,
                              float* x, float* eps, float* t);

@@ -54,12 +54,12 @@ def _physical_cores() -> int:
 class DenoiserBuffers:
     """Input/output memory of one denoiser batch size, bound to ORT once."""
 
-    def __init__(self, session: ort.InferenceSession, batch: int, latent_shape: tuple[int, int, int]):
-        c, h, w = latent_shape
-        self.x = np.zeros((batch, c, h, w), np.float32)
-        self.eps = np.zeros((batch, c, h, w), np.float32)
+    def __init__(self, session: ort.InferenceSession, batch: int, latent_shape: tuple[int, int, int],
+                 cond_shape: tuple[int, int, int] | None = None):
+        self.x = np.zeros((batch, *latent_shape), np.float32)
+        self.eps = np.zeros((batch, *latent_shape), np.float32)
         self.t = np.zeros((batch,), np.float32)
-        self.cond = np.zeros((batch, c, h, w), np.float32)
+        self.cond = np.zeros((batch, *(cond_shape or latent_shape)), np.float32)
         self.binding = session.io_binding()
         for name, arr in (("x", self.x), ("t", self.t), ("cond", self.cond)):
             self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
@@ -84,8 +84,7 @@ class OnnxRuntimeBackend:
         self.denoiser = ort.InferenceSession(plan.blob(plan.denoiser_blob(precision)), denoiser_opts,
                                              providers=self.providers)
         self.decoder = ort.InferenceSession(plan.blob("decoder"), opts, providers=self.providers)
-        lat = plan.manifest["latent"]
-        self.latent_shape = (int(lat["channels"]), int(lat["size"][0]), int(lat["size"][1]))
+        self.latent_shape, self.cond_shape = plan.latent_shape, plan.condition_shape
         self._local = threading.local()  # per-thread buffers, freed with their thread
 
     def encode(self, image: np.ndarray) -> np.ndarray:
@@ -101,7 +100,7 @@ class OnnxRuntimeBackend:
             cache = self._local.buffers = {}
         buf = cache.get(batch)
         if buf is None:
-            buf = cache[batch] = DenoiserBuffers(self.denoiser, batch, self.latent_shape)
+            buf = cache[batch] = DenoiserBuffers(self.denoiser, batch, self.latent_shape, self.cond_shape)
         return buf
 
     def denoise_bound(self, buf: DenoiserBuffers) -> None:

@@ -194,12 +194,11 @@ class _EnginePart:
 class DenoiserBuffers:
     """Host memory of one denoiser batch size (the native loop writes x and t, reads eps)."""
 
-    def __init__(self, batch: int, latent_shape: tuple[int, int, int]):
-        c, h, w = latent_shape
-        self.x = np.zeros((batch, c, h, w), np.float32)
-        self.eps = np.zeros((batch, c, h, w), np.float32)
+    def __init__(self, batch: int, latent_shape: tuple[int, int, int], cond_shape: tuple[int, int, int] | None = None):
+        self.x = np.zeros((batch, *latent_shape), np.float32)
+        self.eps = np.zeros((batch, *latent_shape), np.float32)
         self.t = np.zeros((batch,), np.float32)
-        self.cond = np.zeros((batch, c, h, w), np.float32)
+        self.cond = np.zeros((batch, *(cond_shape or latent_shape)), np.float32)
 
 
 def _loop_context(engine, flavour):
@@ -230,7 +229,8 @@ def _loop_context(engine, flavour):
 class _LoopState:
     """Device side of ``run_loop`` for one batch size: context, buffers, t tables and graphs."""
 
-    def __init__(self, backend: "TensorRTBackend", batch: int, latent_shape: tuple[int, int, int]):
+    def __init__(self, backend: "TensorRTBackend", batch: int, latent_shape: tuple[int, int, int],
+                 cond_shape: tuple[int, int, int] | None = None):
         self.cudart = backend.cudart
         den = backend.parts["denoiser"]
         self.batch, self.elems = batch, int(np.prod(latent_shape))
@@ -241,19 +241,21 @@ class _LoopState:
         self.no_graph: dict[tuple, str] = {}   # graph key -> why capture failed
         self.context = None
         try:
-            self._setup(den, backend.flavour, (batch,) + tuple(latent_shape))
+            self._setup(den, backend.flavour, (batch,) + tuple(latent_shape),
+                        (batch,) + tuple(cond_shape or latent_shape))
         except BaseException:
             self.free()
             raise
 
-    def _setup(self, den, flavour, shape: tuple) -> None:
+    def _setup(self, den, flavour, shape: tuple, cond_shape: tuple) -> None:
         self.context, user_memory = _loop_context(den.engine, flavour)
-        lat = int(np.prod(shape)) * 4
-        self.x, self.eps, self.cond, self.cond_img = (self._malloc(lat) for _ in range(4))
+        lat, cnd = int(np.prod(shape)) * 4, int(np.prod(cond_shape)) * 4
+        self.x, self.eps = (self._malloc(lat) for _ in range(2))
+        self.cond, self.cond_img = (self._malloc(cnd) for _ in range(2))
         self.t = self._malloc(self.batch * self.t_dtype.itemsize)
         self.seed = self._malloc(8)
         # every input shape is set before the first enqueue and never changes for this context
-        for name, shp in (("x", shape), ("cond", shape), ("t", (self.batch,))):
+        for name, shp in (("x", shape), ("cond", cond_shape), ("t", (self.batch,))):
             if not self.context.set_input_shape(name, shp):
                 raise ValueError(f"denoiser engine rejects input {name} of shape {shp}")
         if tuple(self.context.get_tensor_shape("eps")) != shape:
@@ -334,8 +336,7 @@ class TensorRTBackend:
                                               f"{entry['key']} (see the messages above): rebuild with "
                                               f"`msld build {plan.path}`")
             self.parts[part] = _EnginePart(part, engine, self.cudart, self.stream, trt)
-        lat = plan.manifest["latent"]
-        self.latent_shape = (int(lat["channels"]), int(lat["size"][0]), int(lat["size"][1]))
+        self.latent_shape, self.cond_shape = plan.latent_shape, plan.condition_shape
         self.providers = [f"{self.flavour.display} ({entry['key']})"]
         self.threads = 1
         self._buffers: dict[tuple[int, int], DenoiserBuffers] = {}
@@ -356,7 +357,7 @@ class TensorRTBackend:
         with self._lock:
             buf = self._buffers.get(key)
             if buf is None:
-                buf = self._buffers[key] = DenoiserBuffers(batch, self.latent_shape)
+                buf = self._buffers[key] = DenoiserBuffers(batch, self.latent_shape, self.cond_shape)
             return buf
 
     def denoise_bound(self, buf: DenoiserBuffers) -> None:
@@ -365,10 +366,12 @@ class TensorRTBackend:
 
     # ---- the device-resident DDIM loop --------------------------------------------------------
     def run_loop(self, cond: np.ndarray, k: int, n_images: int, steps: int, spacing: str, eta: float,
-                 clip: float, seed: int, alphas_cumprod: np.ndarray) -> np.ndarray:
+                 clip: float, seed: int, alphas_cumprod: np.ndarray,
+                 initial_latents: np.ndarray | None = None) -> np.ndarray:
         """The whole DDIM loop (``msld_ddim_sample``) for ``cond`` (n_images, C, h, w), the
         encoder's output: returns the final latents (n_images * k, C, h, w) float32, laid out
-        [image][hypothesis] and equal to the CPU loop's up to the denoiser's arithmetic."""
+        [image][hypothesis] and equal to the CPU loop's up to the denoiser's arithmetic.
+        ``initial_latents`` (n_images * k, C, h, w) float32, if given, replaces the drawn noise."""
         cond = np.ascontiguousarray(cond, dtype=np.float32)
         if cond.shape[0] != n_images:
             raise ValueError(f"cond holds {cond.shape[0]} images, expected {n_images}")
@@ -385,24 +388,31 @@ class TensorRTBackend:
                 self._host_reasons.add(why)
                 log.info("msld_sdk: TensorRT DDIM loop driven from the CPU (%s)", why)
             self.last_loop_mode = "host"
-            return self._host_loop(cond, k, n_images, steps, spacing, eta, clip, seed, alphas_cumprod)
-        out = np.empty((n_images * k,) + cond.shape[1:], np.float32)
+            return self._host_loop(cond, k, n_images, steps, spacing, eta, clip, seed, alphas_cumprod,
+                                   initial_latents)
+        out = np.empty((n_images * k,) + tuple(self.latent_shape), np.float32)
         for start in range(0, n_images, group):
             m = min(group, n_images - start)
+            init = None if initial_latents is None else \
+                np.ascontiguousarray(initial_latents[start * k:(start + m) * k], np.float32)
             self._device_loop(cond[start:start + m], k, schedule, float(eta), float(clip), int(seed),
-                              out[start * k:(start + m) * k])
+                              out[start * k:(start + m) * k], init)
         return out
 
-    def _host_loop(self, cond, k, n_images, steps, spacing, eta, clip, seed, alphas_cumprod) -> np.ndarray:
+    def _host_loop(self, cond, k, n_images, steps, spacing, eta, clip, seed, alphas_cumprod,
+                   initial_latents=None) -> np.ndarray:
         """The CPU-driven loop on this backend's host buffers (what Segmenter did before run_loop)."""
         buf = self.buffers(n_images * k)
         buf.cond[...] = np.repeat(cond, k, axis=0)
+        if initial_latents is not None:
+            buf.x[...] = np.asarray(initial_latents, np.float32).reshape(buf.x.shape)
         _native.ddim_sample(lambda: self.denoise_bound(buf), np.ascontiguousarray(alphas_cumprod, np.float32),
-                            steps, spacing, eta, clip, seed, k, n_images, buf.x, buf.eps, buf.t)
+                            steps, spacing, eta, clip, seed, k, n_images, buf.x, buf.eps, buf.t,
+                            latents_given=initial_latents is not None)
         return buf.x.copy()
 
     def _device_loop(self, cond: np.ndarray, k: int, schedule: DdimSchedule, eta: float, clip: float, seed: int,
-                     out: np.ndarray) -> None:
+                     out: np.ndarray, initial_latents: np.ndarray | None = None) -> None:
         cudart, stream = self.cudart, self.loop_stream
         s = int(stream)
         h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
@@ -411,7 +421,7 @@ class TensorRTBackend:
         with self._loop_lock:
             st = self._loops.get((n * k, cond.shape[1:]))
             if st is None:
-                st = self._loops[(n * k, cond.shape[1:])] = _LoopState(self, n * k, cond.shape[1:])
+                st = self._loops[(n * k, cond.shape[1:])] = _LoopState(self, n * k, self.latent_shape, cond.shape[1:])
             table = st.table(schedule, stream)
             # this call's inputs: seed word, cond (up once, then k copies per image on the device),
             # initial latents (Philox stream 0, hypotheses 0..k-1 for every image)
@@ -422,7 +432,11 @@ class TensorRTBackend:
                 for j in range(k):
                     _cuda_call(cudart.cudaMemcpyAsync(st.cond + (b * k + j) * per, st.cond_img + b * per, per, d2d,
                                                       stream), "cond repeat")
-            _native.cuda_gaussian_dev(st.seed, 0, k, n, st.elems, 0, st.x, s)
+            if initial_latents is None:
+                _native.cuda_gaussian_dev(st.seed, 0, k, n, st.elems, 0, st.x, s)
+            else:  # given initial latents replace Philox stream 0
+                _cuda_call(cudart.cudaMemcpyAsync(st.x, initial_latents.ctypes.data, initial_latents.nbytes, h2d,
+                                                  stream), "initial latents upload")
             key = (k, n, eta, clip) + schedule.key()
             graph = st.graphs.get(key) if self.use_cuda_graph else None
             if graph is not None:

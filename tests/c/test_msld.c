@@ -102,7 +102,7 @@ int main(void) {
     float ac[1000];
     double prod = 1.0;
     for (int i = 0; i < 1000; ++i) { prod *= 1.0 - (1e-4 + (0.02 - 1e-4) * i / 999.0); ac[i] = (float)prod; }
-    msld_sampler_params p = {1000, ac, 10, MSLD_SPACING_TRAILING, 0.0f, 0.0f, 123, 3, 2, 16};
+    msld_sampler_params p = {1000, ac, 10, MSLD_SPACING_TRAILING, 0.0f, 0.0f, 123, 3, 2, 16, 0};
     float lx[6 * 16], le[6 * 16], lt[6];
     toy_state st = {0, 0};
     CHECK(msld_ddim_sample(&p, toy_denoise, &st, NULL, NULL, lx, le, lt) == MSLD_OK, "loop ok");
@@ -118,6 +118,21 @@ int main(void) {
               st.calls == 2, "progress callback cancels");
     p.eta = 1.0f;
     CHECK(msld_ddim_sample(&p, toy_denoise, &st, NULL, NULL, lx, le, lt) == MSLD_OK, "loop with eta=1 ok");
+    /* given initial latents: the loop starts from x instead of drawing */
+    p.eta = 0.0f;
+    float gx[6 * 16], gx2[6 * 16];
+    for (int i = 0; i < 6 * 16; ++i) gx[i] = gx2[i] = 0.01f * (float)(i % 17) - 0.08f;
+    p.latents_given = 1;
+    CHECK(msld_ddim_sample(&p, toy_denoise, &st, NULL, NULL, gx, le, lt) == MSLD_OK, "loop from given latents ok");
+    p.latents_given = 0;
+    CHECK(msld_ddim_sample(&p, toy_denoise, &st, NULL, NULL, gx2, le, lt) == MSLD_OK &&
+              memcmp(gx, gx2, sizeof gx) != 0, "given latents are used, not overwritten by drawn noise");
+    /* the reference sampler's timesteps: trunc(linspace(0, 999, steps)) descending */
+    int32_t rts[20];
+    CHECK(msld_ddim_timesteps(1000, 20, MSLD_SPACING_LINSPACE_TRUNC, rts) == MSLD_OK && rts[0] == 999 &&
+              rts[1] == 946 && rts[18] == 52 && rts[19] == 0, "linspace_trunc timesteps");
+    CHECK(msld_ddim_timesteps(1000, 1, MSLD_SPACING_LINSPACE_TRUNC, rts) == MSLD_OK && rts[0] == 0,
+          "linspace_trunc with one step starts at 0");
     p.k = 0;
     CHECK(msld_ddim_sample(&p, toy_denoise, &st, NULL, NULL, lx, le, lt) == MSLD_ERR_INVALID_ARG, "k=0 rejected");
 
