@@ -69,6 +69,8 @@ class Int8KernelPath:
     name: str
     reason: str
     session_config: dict = field(default_factory=dict)
+    # the u8u8 kernels were measured no faster than fp32 (benchmarks/README.md, "int8 per CPU")
+    slower_than_fp32: bool = False
 
 
 def int8_kernel_path(info: dict | None = None, mode: str | None = None) -> Int8KernelPath:
@@ -81,7 +83,8 @@ def int8_kernel_path(info: dict | None = None, mode: str | None = None) -> Int8K
         return Int8KernelPath("default", f"{info['arch']} CPU: ONNX Runtime's x86 u8s8 saturation does not apply")
     if mode == "exact":
         return Int8KernelPath("u8u8-exact", f"{KERNEL_ENV}=exact: ONNX Runtime's u8u8 kernels "
-                              "(session.x64quantprecision=1) as on a CPU without VNNI", dict(EXACT_CONFIG))
+                              "(session.x64quantprecision=1) as on a CPU without VNNI", dict(EXACT_CONFIG),
+                              slower_than_fp32=True)
     if info["isa"] is None:
         return Int8KernelPath("u8u8-exact", "the CPU's instruction sets cannot be read: ONNX Runtime's exact u8u8 "
                               "kernels (session.x64quantprecision=1), safe on every x86 CPU", dict(EXACT_CONFIG))
@@ -89,4 +92,6 @@ def int8_kernel_path(info: dict | None = None, mode: str | None = None) -> Int8K
     if vnni:
         return Int8KernelPath("u8s8-vnni", f"CPU has {vnni[0]}: ONNX Runtime's u8s8 kernels sum in 32 bits (exact)")
     return Int8KernelPath("u8u8-exact", "CPU has no VNNI: ONNX Runtime's u8s8 kernels would saturate 16-bit pair sums "
-                          "(VPMADDUBSW), so session.x64quantprecision=1 selects its exact u8u8 kernels", dict(EXACT_CONFIG))
+                          "(VPMADDUBSW), so session.x64quantprecision=1 selects its exact u8u8 kernels; they were "
+                          "measured no faster than fp32 (0.86-0.98x), so fp32 is the better choice on this CPU",
+                          dict(EXACT_CONFIG), slower_than_fp32=True)

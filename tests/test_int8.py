@@ -149,6 +149,7 @@ def test_int8_kernel_path_follows_the_cpu(monkeypatch):
     vnni = {"model": "VNNI CPU", "arch": "x86_64", "isa": {**isa, "avx2": True, "avx512f": True, "avx512_vnni": True}}
     assert int8_kernel_path(avx2).session_config == {"session.x64quantprecision": "1"}
     assert "saturate" in int8_kernel_path(avx2).reason
+    assert int8_kernel_path(avx2).slower_than_fp32 and not int8_kernel_path(vnni).slower_than_fp32
     assert int8_kernel_path(vnni).session_config == {} and int8_kernel_path(vnni).name == "u8s8-vnni"
     assert int8_kernel_path({**avx2, "isa": None}).session_config == {"session.x64quantprecision": "1"}
     assert int8_kernel_path({**avx2, "arch": "aarch64"}).session_config == {}

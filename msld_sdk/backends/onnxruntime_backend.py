@@ -79,7 +79,8 @@ class OnnxRuntimeBackend:
         self.int8_kernel = int8_kernel_path(mode=int8_kernel_mode) if precision == "int8" else None
         denoiser_opts = opts
         if self.int8_kernel is not None:
-            log.info("msld_sdk: int8 kernels: %s (%s)", self.int8_kernel.name, self.int8_kernel.reason)
+            (log.warning if self.int8_kernel.slower_than_fp32 else log.info)(
+                "msld_sdk: int8 kernels: %s (%s)", self.int8_kernel.name, self.int8_kernel.reason)
             denoiser_opts = session_options(threads, self.int8_kernel.session_config)
         self.denoiser = ort.InferenceSession(plan.blob(plan.denoiser_blob(precision)), denoiser_opts,
                                              providers=self.providers)
