@@ -186,6 +186,8 @@ def consensus_agreement(seg_a, seg_b, img, k: int, steps: int, seed: int) -> dic
             "consensus_pixel_agreement": float(np.mean(a.consensus == b.consensus)),
             "masks_pixel_agreement": float(np.mean(a.masks == b.masks)),
             "consensus_foreground_fraction": [float(a.consensus.mean()), float(b.consensus.mean())],
+            # the agreement on the lesion itself (pixel agreement is high wherever most pixels are background)
+            "consensus_iou": float(np.sum(a.consensus & b.consensus) / max(1, np.sum(a.consensus | b.consensus))),
             "mean_prob_max_abs_diff": float(np.abs(a.mean - b.mean).max()),
             "run_ms": [runs["a_ms"], runs["b_ms"]]}
 
