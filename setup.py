@@ -39,7 +39,7 @@ setup(
     description="Inference SDK for MedSegLatDiff: k plausible segmentation masks, their mean and confidence",
     # export/ (torch-side: model, training, export, importers) installs as the package msld_export;
     # it is only usable with the [export] extra, the runtime (msld_sdk) never imports it.
-    packages=["msld_sdk", "msld_sdk.backends", "msld_export"],
+    packages=["msld_sdk", "msld_sdk.backends", "msld_export", "msld_export.reference"],
     package_dir={"msld_export": "export"},
     package_data={"msld_sdk": ["models/*.plan", "samples/*", "samples/**/*"],
                   # configs: `--config`; checkpoints: the shipped plans' weights (msld bench --baselines)

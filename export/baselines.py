@@ -31,13 +31,11 @@ from .model import ExportDecoder, ExportDenoiser, ExportEncoder, MedSegLatDiff
 HERE = Path(__file__).resolve().parent
 CHECKPOINT_DIRS = (HERE / "checkpoints", HERE.parent / "runs")  # shipped with the package; a clone's runs/
 REFERENCE_MODEL = "medseglatdiff-reference"   # model.name of plans of the reference architecture
+CHECKPOINT_DIRS_ENV = "MSLD_CHECKPOINT_DIRS"   # more folders (os.pathsep-separated) for an imported plan's checkpoint
 
 
 def _sha256(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
-CHECKPOINT_DIRS_ENV = "MSLD_CHECKPOINT_DIRS"   # more folders to look for an imported plan's checkpoint in
 
 
 def _find_checkpoint(plan: Plan, name: str | None, sha: str | None, dirs) -> Path:
