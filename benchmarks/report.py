@@ -35,6 +35,26 @@ def tables(d: dict) -> str:
         q = d["int8_denoiser"]
         out += ["", f"int8 denoiser (one call at batch {q['batch']}, {q['repeats']} interleaved calls each): "
                     f"fp32 {q['fp32_ms']:.2f} ms, int8 {q['int8_ms']:.2f} ms = {q['speedup']:.2f}x."]
+        if "int8_u8u8_ms" in q:
+            out[-1] += f" Exact u8u8 path (a CPU without VNNI): {q['int8_u8u8_ms']:.2f} ms = {q['speedup_u8u8']:.2f}x."
+    if "int8_run" in d:
+        r, ag = d["int8_run"], d["int8_run"]["int8_vs_fp32"]
+        out += ["", "| precision | median ms | encode ms | denoise ms | decode ms | rest ms (mean stage times) |", "|---|---|---|---|---|---|"]
+        for name in ("fp32", "int8"):
+            st = r[name]["stages_ms"]
+            other = sum(v for k, v in st.items() if k not in ("encode_ms", "denoise_ms", "decode_ms"))
+            out.append(f"| {name} | {r[name]['median_ms']:.1f} | {st['encode_ms']:.1f} | {st['denoise_ms']:.1f} "
+                       f"| {st['decode_ms']:.1f} | {other:.1f} |")
+        out += ["", f"Whole run int8 vs fp32 (k={ag['k']}, {ag['steps']} steps, seed {ag['seed']}, same noise): "
+                    f"{r['speedup']:.2f}x, denoising {r['denoise_speedup']:.2f}x; consensus masks agree on "
+                    f"{100 * ag['consensus_pixel_agreement']:.2f}% of pixels, the k masks on "
+                    f"{100 * ag['masks_pixel_agreement']:.2f}%; consensus foreground fp32/int8 "
+                    f"{100 * ag['consensus_foreground_fraction'][0]:.1f}% / {100 * ag['consensus_foreground_fraction'][1]:.1f}%"
+                    + (f"; consensus IoU {ag['consensus_iou']:.3f}." if "consensus_iou" in ag else ".")]
+    if "peak_rss_by_k" in d:
+        out += ["", "| k | steps | peak RSS MB (one run, fresh process) | after loading the plan MB |", "|---|---|---|---|"]
+        out += [f"| {r['k']} | {r['steps']} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb_after_load']:.0f} |"
+                for r in d["peak_rss_by_k"]]
     return "\n".join(out)
 
 

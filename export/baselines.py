@@ -1,7 +1,9 @@
 """The ways of running MedSegLatDiff that the SDK is compared with, on the plan's own weights.
 
 (a) research code: PyTorch eager, one hypothesis at a time, the image encoder re-run for
-    every hypothesis, diffusers' DDIMScheduler for the update;
+    every hypothesis, diffusers' DDIMScheduler for the update (for plans of the MedSegLatDiff
+    reference architecture, ``msld import`` / ``bench_plan``: the reference's own modules and its
+    DDIM rule, timesteps ``linspace_trunc`` and x0 clipping, in torch);
 (b) ONNX Runtime on the plan's graphs, called once per hypothesis (batch 1), numpy update.
 
 Both draw the same initial noise as the SDK (hypothesis i from the same seed), so with eta=0
@@ -10,6 +12,7 @@ they compute the same masks; ``check_same_result`` asserts it before anything is
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -27,39 +30,88 @@ from .model import ExportDecoder, ExportDenoiser, ExportEncoder, MedSegLatDiff
 
 HERE = Path(__file__).resolve().parent
 CHECKPOINT_DIRS = (HERE / "checkpoints", HERE.parent / "runs")  # shipped with the package; a clone's runs/
+REFERENCE_MODEL = "medseglatdiff-reference"   # model.name of plans of the reference architecture
+CHECKPOINT_DIRS_ENV = "MSLD_CHECKPOINT_DIRS"   # more folders (os.pathsep-separated) for an imported plan's checkpoint
 
 
 def _sha256(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def torch_model_for_plan(plan: Plan) -> MedSegLatDiff:
-    """The PyTorch model whose weights the plan's graphs hold, proven by comparing outputs."""
-    prov = plan.manifest.get("provenance", {})
-    cfg = ModelConfig.from_dict(plan.manifest["model"])
-    if prov.get("trained"):
-        name, sha = prov.get("checkpoint"), prov.get("checkpoint_sha256")
-        found = [p for d in CHECKPOINT_DIRS if d.exists() for p in d.rglob(name or "?")]
-        found = [p for p in found if _sha256(p) == sha]
-        if not found:
-            raise FileNotFoundError(f"checkpoint {name} (sha256 {str(sha)[:12]}...) of {plan.path} not found under "
-                                    f"{[str(d) for d in CHECKPOINT_DIRS]}")
-        model, _ = load_checkpoint(found[0])
+def _find_checkpoint(plan: Plan, name: str | None, sha: str | None, dirs) -> Path:
+    found = [p for d in dirs if d.exists() for p in d.rglob(name or "?")]
+    found = [p for p in found if _sha256(p) == sha]
+    if not found:
+        raise FileNotFoundError(f"checkpoint {name} (sha256 {str(sha)[:12]}...) of {plan.path} not found under "
+                                f"{[str(d) for d in dirs]}")
+    return found[0]
+
+
+class ReferenceTorch:
+    """The PyTorch modules of a reference-architecture plan (imported or ``bench_plan``): image
+    embedder, denoiser, mask decoder mapped to [0, 1], as the plan's three graphs."""
+
+    def __init__(self, denoiser, embedder, decoder, latent_scaling_factor: float):
+        from .reference.model import DecoderGraph
+        self.denoiser, self.embedder = denoiser.eval(), embedder.eval()
+        self.decoder = DecoderGraph(decoder, latent_scaling_factor).eval()
+
+    def graph_cases(self, plan: Plan, g: torch.Generator) -> dict:
+        m = plan.manifest
+        S, ch = m["input"]["size"][0], m["input"]["channels"]
+        C, (L, _) = m["latent"]["channels"], m["latent"]["size"]
+        z = torch.randn(2, C, L, L, generator=g)
+        cond = torch.randn(2, m["condition"]["channels"], L, L, generator=g)
+        return {"encoder": (self.embedder, {"image": torch.randn(2, ch, S, S, generator=g)}),
+                "denoiser": (self.denoiser, {"x": z, "t": torch.tensor([900.0, 50.0]), "cond": cond}),
+                "decoder": (self.decoder, {"z": z})}
+
+
+def _reference_torch_for_plan(plan: Plan) -> ReferenceTorch:
+    m, prov = plan.manifest["model"], plan.manifest.get("provenance", {})
+    if prov.get("random_weights"):
+        from .reference.bench_plan import rebuild_random_modules
+        mods = rebuild_random_modules(m["denoiser"], m["image_embedder"], m["mask_decoder"], int(prov["random_seed"]))
     else:
-        model = random_model(cfg, int(prov.get("random_seed", 0)))
+        from .reference.importer import ImportedModel
+        extra = [Path(p) for p in os.environ.get(CHECKPOINT_DIRS_ENV, "").split(os.pathsep) if p]
+        ckpt = _find_checkpoint(plan, prov.get("checkpoint"), prov.get("checkpoint_sha256"),
+                                (*CHECKPOINT_DIRS, *extra))
+        im = ImportedModel(ckpt, prov["config"])
+        mods = (im.denoiser, im.embedder, im.decoder)
+    return ReferenceTorch(*mods, m["latent_scaling_factor"])
+
+
+def torch_model_for_plan(plan: Plan):
+    """The PyTorch model whose weights the plan's graphs hold, proven by comparing outputs:
+    a ``MedSegLatDiff`` for this package's own plans, a ``ReferenceTorch`` for plans of the
+    reference architecture."""
+    prov = plan.manifest.get("provenance", {})
+    if plan.manifest["model"].get("name") == REFERENCE_MODEL:
+        model = _reference_torch_for_plan(plan)
+    elif prov.get("trained"):
+        model, _ = load_checkpoint(_find_checkpoint(plan, prov.get("checkpoint"), prov.get("checkpoint_sha256"),
+                                                    CHECKPOINT_DIRS))
+    else:
+        model = random_model(ModelConfig.from_dict(plan.manifest["model"]), int(prov.get("random_seed", 0)))
     verify_against_plan(model, plan)
     return model
 
 
-def verify_against_plan(model: MedSegLatDiff, plan: Plan, tol: float = 1e-4) -> None:
-    cfg, g = model.cfg, torch.Generator().manual_seed(0)
+def _own_graph_cases(model: MedSegLatDiff, g: torch.Generator) -> dict:
+    cfg = model.cfg
     L, S = cfg.latent_size, cfg.image_size
     z = torch.randn(2, cfg.latent_channels, L, L, generator=g)
-    cases = {
+    return {
         "encoder": (ExportEncoder(model), {"image": torch.randn(2, cfg.image_channels, S, S, generator=g)}),
         "denoiser": (ExportDenoiser(model), {"x": z, "t": torch.tensor([900.0, 50.0]), "cond": z.flip(0)}),
         "decoder": (ExportDecoder(model), {"z": z}),
     }
+
+
+def verify_against_plan(model, plan: Plan, tol: float = 1e-4) -> None:
+    g = torch.Generator().manual_seed(0)
+    cases = model.graph_cases(plan, g) if isinstance(model, ReferenceTorch) else _own_graph_cases(model, g)
     for part, (mod, feeds) in cases.items():
         sess = ort.InferenceSession(plan.blob(part), providers=["CPUExecutionProvider"])
         got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
@@ -88,9 +140,44 @@ def _normalise(plan: Plan, img01: np.ndarray) -> np.ndarray:
     return ((a.transpose(2, 0, 1) - m) / s)[None].astype(np.float32)
 
 
-def torch_eager_per_hypothesis(model: MedSegLatDiff, plan: Plan, img01: np.ndarray, k: int, steps: int,
+def ddim_prev(T: int, steps: int, t: int) -> int:
+    """The previous timestep of both DDIM rules the plans use (diffusers' and the reference's)."""
+    return t - T // steps
+
+
+def _reference_eager_per_hypothesis(model: ReferenceTorch, plan: Plan, img01: np.ndarray, k: int, steps: int,
+                                    seed: int) -> np.ndarray:
+    """(a) for the reference architecture: its modules, one hypothesis at a time, the embedder
+    re-run per hypothesis (the reference's ui.py n_ensemble loop), its DDIM rule in torch float32."""
+    m = plan.manifest
+    C, (L, _) = m["latent"]["channels"], m["latent"]["size"]
+    ac = torch.tensor(m["schedule"]["alphas_cumprod"], dtype=torch.float32)
+    T, clip = len(ac), float(m["schedule"].get("clip_sample", 0.0))
+    ts = _native.ddim_timesteps(T, steps, m["schedule"]["spacing"])
+    x_img = torch.from_numpy(_normalise(plan, img01))
+    one = torch.tensor(1.0)
+    out = []
+    with torch.no_grad():
+        for i in range(k):
+            cond = model.embedder(x_img)
+            x = torch.from_numpy(_native.gaussian(seed, i, 1, C * L * L, 0).reshape(1, C, L, L))
+            for t in ts:
+                eps = model.denoiser(x, torch.tensor([float(t)]), cond)
+                prev = ddim_prev(T, steps, t)
+                a, ap = ac[t], (ac[prev] if prev >= 0 else one)
+                x0 = (x - torch.sqrt(1 - a) * eps) / torch.sqrt(a)
+                if clip > 0:
+                    x0 = x0.clamp(-clip, clip)
+                x = torch.sqrt(ap) * x0 + torch.sqrt(1 - ap) * eps
+            out.append(model.decoder(x)[0, 0].numpy())
+    return np.stack(out)
+
+
+def torch_eager_per_hypothesis(model, plan: Plan, img01: np.ndarray, k: int, steps: int,
                                seed: int) -> np.ndarray:
     """(a) k x H x W probabilities, the research-code way."""
+    if isinstance(model, ReferenceTorch):
+        return _reference_eager_per_hypothesis(model, plan, img01, k, steps, seed)
     sched = _scheduler(plan, steps)
     cfg = model.cfg
     L, C = cfg.latent_size, cfg.latent_channels
@@ -125,6 +212,7 @@ class OrtPerHypothesis:
                      for p in ("encoder", "denoiser", "decoder")}
         self.ac = np.asarray(plan.manifest["schedule"]["alphas_cumprod"], np.float32)
         self.T = len(self.ac)
+        self.clip = float(plan.manifest["schedule"].get("clip_sample", 0.0))   # x0 clipping (reference plans)
 
     def __call__(self, img01: np.ndarray, k: int, steps: int, seed: int) -> np.ndarray:
         C, (L, _) = self.plan.manifest["latent"]["channels"], self.plan.manifest["latent"]["size"]
@@ -137,9 +225,11 @@ class OrtPerHypothesis:
             for t in ts:
                 eps = self.sess["denoiser"].run(None, {"x": x, "t": np.array([t], np.float32), "cond": cond})[0]
                 a_t = self.ac[t]
-                prev = t - self.T // steps
+                prev = ddim_prev(self.T, steps, t)
                 a_p = self.ac[prev] if prev >= 0 else np.float32(1.0)
                 x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
+                if self.clip > 0:
+                    x0 = np.clip(x0, -self.clip, self.clip)
                 x = (np.sqrt(a_p) * x0 + np.sqrt(1 - a_p) * eps).astype(np.float32)
             out.append(self.sess["decoder"].run(None, {"z": x})[0][0, 0])
         return np.stack(out)

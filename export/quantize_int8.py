@@ -109,10 +109,21 @@ def calibration_images(kind: str, data_root, size: int, n: int) -> tuple[list[np
     return [im[:, :, 0] if im.shape[2] == 1 else im for im in imgs], [data.ids[i] for i in idx]
 
 
-def add_int8_denoiser(plan_path, images: list[np.ndarray], source: dict, k: int = 2, seed: int = 0) -> dict:
-    """Quantize the plan's denoiser with ``images`` as calibration and store it in the plan."""
+def random_images(plan: Plan, n: int, seed: int = 0) -> list[np.ndarray]:
+    """n uniform-noise images of the plan's size and channels: calibration for plans with random
+    weights (``msld_export.reference.bench_plan``), which have no data set to calibrate on."""
+    rng = np.random.default_rng(seed)
+    h, w = plan.image_size
+    shape = (h, w) if plan.channels == 1 else (h, w, plan.channels)
+    return [rng.random(shape, dtype=np.float32) for _ in range(n)]
+
+
+def add_int8_denoiser(plan_path, images: list[np.ndarray], source: dict, k: int = 2, seed: int = 0,
+                      steps: int | None = None) -> dict:
+    """Quantize the plan's denoiser with ``images`` as calibration and store it in the plan
+    (calibration runs at ``steps``, default the plan's default step count)."""
     plan = Plan.open(plan_path)
-    steps = int(plan.defaults["steps"])
+    steps = int(steps or plan.defaults["steps"])
     feeds = record_denoiser_inputs(plan_path, images, k=k, steps=steps, seed=seed)
     fp32 = plan.blob("denoiser")
     int8 = quantize_denoiser(fp32, feeds)
@@ -133,17 +144,23 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m msld_export.quantize_int8", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("plan", help="plan file to add the int8 denoiser to (rewritten in place)")
-    ap.add_argument("--kind", default=None, help="calibration data set (default: from the plan's model name)")
+    ap.add_argument("--kind", default=None, help="calibration data set (default: from the plan's model name); "
+                    "'random': uniform-noise images, for plans with random weights (bench_plan)")
     ap.add_argument("--data", default=None, help="data root (default ../shared/data)")
     ap.add_argument("--images", type=int, default=16, help="training images to calibrate on (default 16)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=None, help="DDIM steps of the calibration runs (default: the plan's)")
     a = ap.parse_args(argv)
     from .data import data_kind_for, default_data_root
     plan = Plan.open(a.plan)
     kind = a.kind or data_kind_for(plan.manifest["model"]["name"])
-    root = Path(a.data) if a.data else default_data_root()
-    images, ids = calibration_images(kind, root, plan.image_size[0], a.images)
-    e = add_int8_denoiser(a.plan, images, {"kind": kind, "split": "train", "first_ids": ids[:3]}, seed=a.seed)
+    if kind == "random":
+        images, source = random_images(plan, a.images, a.seed), {"kind": "random", "note": "uniform noise images"}
+    else:
+        root = Path(a.data) if a.data else default_data_root()
+        images, ids = calibration_images(kind, root, plan.image_size[0], a.images)
+        source = {"kind": kind, "split": "train", "first_ids": ids[:3]}
+    e = add_int8_denoiser(a.plan, images, source, seed=a.seed, steps=a.steps)
     print(f"added {BLOB} to {a.plan}: calibrated on {e['calibration']['feeds']} denoiser calls "
           f"({len(images)} {kind} training images, k={e['calibration']['k']}); "
           f"max relative eps error vs fp32 on them {e['eps_max_rel_err_on_calibration']:.3f}")

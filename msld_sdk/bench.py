@@ -9,6 +9,7 @@ import os
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -35,6 +36,14 @@ def time_calls(fn, repeats: int, warmup: int = 1) -> list[float]:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory: VmHWM where /proc has it (Linux; reset at exec), else
+    ru_maxrss (which on Linux carries the parent's peak over fork + exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -153,3 +162,67 @@ def format_table(rows: list[dict]) -> str:
                      f"{r['hypotheses_per_s']:>7.1f} {100 * sh['denoise_ms']:>7.1f}% {100 * sh['decode_ms']:>6.1f}% "
                      f"{100 * r['overhead_fraction']:>7.2f}%")
     return "\n".join(lines)
+
+
+def plan_sized_image(plan, img: np.ndarray) -> np.ndarray:
+    """H x W x C image in [0, 1] -> the plan's size and channel count (what the SDK feeds its
+    encoder before normalisation), so that every way compared sees the same pixels."""
+    from .image_input import convert_channels, resize_planes
+    a = convert_channels(np.asarray(img, np.float32), plan.channels)
+    planes = resize_planes(np.ascontiguousarray(a.transpose(2, 0, 1)), tuple(plan.image_size))
+    return np.ascontiguousarray(planes.transpose(1, 2, 0))
+
+
+def consensus_agreement(seg_a, seg_b, img, k: int, steps: int, seed: int) -> dict:
+    """Two segmenters (fp32 and int8) on the same image, k, steps and seed, hence the same noise:
+    fraction of pixels where their consensus masks, and their k masks, agree; with the time of each run."""
+    runs = {}
+    for name, seg in (("a", seg_a), ("b", seg_b)):
+        t0 = time.perf_counter()
+        runs[name] = seg.run(img, k=k, steps=steps, seed=seed)
+        runs[name + "_ms"] = (time.perf_counter() - t0) * 1e3
+    a, b = runs["a"], runs["b"]
+    return {"k": k, "steps": steps, "seed": seed,
+            "consensus_pixel_agreement": float(np.mean(a.consensus == b.consensus)),
+            "masks_pixel_agreement": float(np.mean(a.masks == b.masks)),
+            "consensus_foreground_fraction": [float(a.consensus.mean()), float(b.consensus.mean())],
+            # the agreement on the lesion itself (pixel agreement is high wherever most pixels are background)
+            "consensus_iou": float(np.sum(a.consensus & b.consensus) / max(1, np.sum(a.consensus | b.consensus))),
+            "mean_prob_max_abs_diff": float(np.abs(a.mean - b.mean).max()),
+            "run_ms": [runs["a_ms"], runs["b_ms"]]}
+
+
+def peak_rss_of_run(plan, image: str, k: int, steps: int, precision: str = "fp32", threads: int | None = None,
+                    backend: str = "onnxruntime", seed: int = 0) -> dict:
+    """Peak resident memory of a fresh process that loads ``plan`` and segments ``image`` once at
+    ``k``/``steps`` (peak RSS only grows within a process, so each k gets its own process)."""
+    import json
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "msld_sdk.bench", "rss", str(plan), str(image), str(k), str(steps), precision,
+           str(threads or 0), backend, str(seed)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _rss_child(argv: list[str]) -> None:
+    import json
+
+    from .segmenter import Segmenter
+    plan, image, k, steps, precision, threads, backend, seed = argv
+    before = peak_rss_mb()
+    seg = Segmenter(plan, backend=backend, threads=int(threads) or None, precision=precision)
+    loaded = peak_rss_mb()
+    t0 = time.perf_counter()
+    seg.run(image, k=int(k), steps=int(steps), seed=int(seed))
+    print(json.dumps({"k": int(k), "steps": int(steps), "precision": precision, "peak_rss_mb": peak_rss_mb(),
+                      "peak_rss_mb_after_load": loaded, "peak_rss_mb_at_start": before,
+                      "run_ms": (time.perf_counter() - t0) * 1e3}))
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:2] == ["rss"]:
+        _rss_child(sys.argv[2:])
+    else:
+        raise SystemExit("usage: python -m msld_sdk.bench rss PLAN IMAGE K STEPS PRECISION THREADS BACKEND SEED")

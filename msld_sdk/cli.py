@@ -143,13 +143,32 @@ def cmd_bench(a) -> int:
     if seg.plan.manifest.get("int8") and seg.backend.name == "onnxruntime":
         # the plan offers an int8 denoiser: time one call of each precision, interleaved, at the main k
         cond = seg.backend.encode(seg.preprocess(img))
-        report["int8_denoiser"] = bench.compare_denoiser_precisions(seg.plan, main_row["k"], cond, a.threads)
+        report["int8_denoiser"] = bench.compare_denoiser_precisions(seg.plan, main_row["k"], cond, a.threads,
+                                                                    repeats=a.int8_repeats)
+        if not a.no_int8_run:
+            # whole runs of the other precision on the same image, k, steps and seed (hence the same
+            # noise): its timings, and how far its consensus mask is from this precision's
+            other = "int8" if a.precision == "fp32" else "fp32"
+            seg_o = Segmenter(a.plan, backend="onnxruntime", threads=a.threads, precision=other)
+            row_o = bench.bench_sdk(seg_o, img, main_row["k"], main_row["steps"], a.repeats, seed=a.seed)
+            rws, segs = {a.precision: main_row, other: row_o}, {a.precision: seg, other: seg_o}
+            report["int8_run"] = {
+                "fp32": rws["fp32"], "int8": rws["int8"], "speedup": rws["fp32"]["median_ms"] / rws["int8"]["median_ms"],
+                "denoise_speedup": rws["fp32"]["stages_ms"]["denoise_ms"] / rws["int8"]["stages_ms"]["denoise_ms"],
+                "int8_vs_fp32": bench.consensus_agreement(segs["fp32"], segs["int8"], img, main_row["k"],
+                                                          main_row["steps"], a.seed)}
+    if a.rss_k:
+        # peak RSS of one run at each k, each in a fresh process
+        report["peak_rss_by_k"] = [bench.peak_rss_of_run(seg.plan.path, image_path, k, a.rss_steps or rows[0]["steps"],
+                                                         a.precision, a.threads, seg.backend.name, a.seed)
+                                   for k in a.rss_k]
     if a.baselines:
         from msld_export.baselines import measure_baselines
 
         k, steps = main_row["k"], main_row["steps"]
-        sdk_probs = seg.run(img, k=k, steps=steps, seed=a.seed).probs
-        base = measure_baselines(seg.plan, img[:, :, 0] if img.shape[2] == 1 else img, sdk_probs, k, steps,
+        img_b = bench.plan_sized_image(seg.plan, img)   # the baselines take the plan's size and channels
+        sdk_probs = seg.run(img_b, k=k, steps=steps, seed=a.seed).probs
+        base = measure_baselines(seg.plan, img_b[:, :, 0] if img_b.shape[2] == 1 else img_b, sdk_probs, k, steps,
                                  a.seed, a.baseline_repeats, threads)
         # the SDK measured again right after the baselines, so that the ratios come from one run
         sdk_again = statistics.median(bench.time_calls(lambda: seg.run(img, k=k, steps=steps, seed=a.seed),
@@ -172,6 +191,16 @@ def cmd_bench(a) -> int:
         if "int8_u8u8_ms" in q:
             print(f"  int8 on the exact u8u8 kernels (what a CPU without VNNI runs): {q['int8_u8u8_ms']:.2f} ms "
                   f"= {q['speedup_u8u8']:.2f}x; same eps as this CPU's path: {q['u8u8_equals_own_path']}")
+    if "int8_run" in report:
+        r = report["int8_run"]
+        ag = r["int8_vs_fp32"]
+        print(f"whole run, int8 vs fp32 (k={ag['k']}, {ag['steps']} steps, same seed): {r['speedup']:.2f}x "
+              f"(denoising {r['denoise_speedup']:.2f}x); consensus masks agree on "
+              f"{100 * ag['consensus_pixel_agreement']:.2f}% of pixels, the k masks on "
+              f"{100 * ag['masks_pixel_agreement']:.2f}%")
+    for r in report.get("peak_rss_by_k", []):
+        print(f"peak RSS, one run in a fresh process, k={r['k']} steps={r['steps']} {r['precision']}: "
+              f"{r['peak_rss_mb']:.0f} MB ({r['peak_rss_mb_after_load']:.0f} MB after loading the plan)")
     if a.baselines:
         print(f"k={report['k']} steps={report['steps']}: SDK {report['sdk_ms']:.1f} ms | "
               f"(a) PyTorch eager per hypothesis {report['torch_eager_per_hypothesis_ms']:.1f} ms "
@@ -264,6 +293,13 @@ def main(argv=None) -> int:
     p.add_argument("--baselines", action="store_true", help="also time the research-code and per-hypothesis "
                    "ONNX Runtime ways on the same weights, k, steps and seed (first --k/--steps)")
     p.add_argument("--baseline-repeats", type=int, default=3, help="timed runs per baseline (default: 3)")
+    p.add_argument("--int8-repeats", type=int, default=30, help="interleaved denoiser calls per precision when "
+                   "the plan has an int8 denoiser (default: 30)")
+    p.add_argument("--no-int8-run", action="store_true", help="with an int8 plan, skip the whole runs of the other "
+                   "precision (timings and consensus-mask agreement on the same noise)")
+    p.add_argument("--rss-k", type=int, nargs="+", default=None, metavar="K",
+                   help="also measure peak RSS of one run at each K, each in a fresh process")
+    p.add_argument("--rss-steps", type=int, default=None, help="steps of the --rss-k runs (default: first --steps)")
     p.add_argument("--image", default=None, help="image to segment (default: a shipped LIDC sample)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])

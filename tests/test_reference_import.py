@@ -210,3 +210,12 @@ def test_segment_eval_bench_int8_on_an_imported_plan(imported, tmp_path, capsys)
     assert main(["eval", "--plan", str(path), "--kind", kind, "--limit", "2", "--k", "2", "--steps", "2",
                  "--precision", "int8", "-q"]) == 0
     assert "Dice" in capsys.readouterr().out
+
+
+def test_baselines_rebuild_the_torch_model_of_an_imported_plan(imported, monkeypatch):
+    """`msld bench --baselines` on an imported plan: its checkpoint, found by name and sha256 under
+    MSLD_CHECKPOINT_DIRS, and the config recorded in the plan rebuild the modules the graphs hold."""
+    from msld_export.baselines import ReferenceTorch, torch_model_for_plan
+    case, plan, e = imported
+    monkeypatch.setenv("MSLD_CHECKPOINT_DIRS", str(case))
+    assert isinstance(torch_model_for_plan(Plan.open(plan)), ReferenceTorch)   # verified against the graphs inside

@@ -303,9 +303,12 @@ def _linspace_rule_matches_torch(T: int) -> None:
 class ImportedModel:
     """The three torch modules of an imported checkpoint plus everything the manifest records."""
 
-    def __init__(self, checkpoint: str | Path, config: str | Path):
-        self.checkpoint, self.config_path = Path(checkpoint), Path(config)
-        self.config = load_config(self.config_path)
+    def __init__(self, checkpoint: str | Path, config: str | Path | dict):
+        """``config``: the run's .hydra/config.yaml, or that config already read (a plan's
+        ``provenance.config``, when a benchmark rebuilds the torch model of an imported plan)."""
+        self.checkpoint = Path(checkpoint)
+        self.config_path = None if isinstance(config, dict) else Path(config)
+        self.config = config if isinstance(config, dict) else load_config(self.config_path)
         o = self.opts = parse_reference_config(self.config)
         with read_checkpoint(self.checkpoint) as ckpt:
             sd = state_dict_of(ckpt)
@@ -392,28 +395,36 @@ class ImportedModel:
         }
 
 
-def import_reference(checkpoint: str | Path, config: str | Path, out: str | Path) -> dict:
-    """Import, export the three graphs (each checked against PyTorch), write the plan; returns
-    the manifest."""
+def write_reference_plan(m: "ImportedModel", out: str | Path, provenance: dict) -> dict:
+    """Export the three graphs of ``m`` (each checked against PyTorch) and write the plan; the
+    provenance gets what every reference-architecture plan records. Returns the manifest.
+    Used by the importer and by ``bench_plan`` (random weights at published widths)."""
     import onnx
 
-    m = ImportedModel(checkpoint, config)
     _linspace_rule_matches_torch(m.opts["n_train_steps"])
     with torch.no_grad():
         graphs, errors = export_checked(m.graphs(), m.opts["n_train_steps"])
     prov = {
-        "source_repository": SOURCE_REPOSITORY, "source_commit": SOURCE_COMMIT,
+        "source_repository": SOURCE_REPOSITORY, "source_commit": SOURCE_COMMIT, **provenance,
+        "ddim_rule": DDIM_RULE, "msld_sdk": sdk_version, "torch": torch.__version__, "onnx": onnx.__version__,
+        "onnx_opset": OPSET, "host": platform.machine(), "onnx_vs_torch_max_rel_err": errors,
+    }
+    blobs = {name: (f"graphs/{name}.onnx", data) for name, data in graphs.items()}
+    return write_plan(out, m.manifest(prov), blobs)
+
+
+def import_reference(checkpoint: str | Path, config: str | Path, out: str | Path) -> dict:
+    """Import, export the three graphs (each checked against PyTorch), write the plan; returns
+    the manifest."""
+    m = ImportedModel(checkpoint, config)
+    return write_reference_plan(m, out, {
         "imported": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": m.checkpoint.name, "checkpoint_sha256": sha256_file(m.checkpoint),
         "config_file": m.config_path.name, "config_sha256": sha256_file(m.config_path), "config": m.config,
         "weights": "EMA (model_ema.*), as the reference predicts" if m.use_ema else "raw (no EMA in the checkpoint)",
-        "training": m.training, "ddim_rule": DDIM_RULE, "trained": True,
+        "training": m.training, "trained": True,
         "checkpoint_globals": f"{len(m.globals_seen)} pickled globals, none executed (restricted reader)",
-        "msld_sdk": sdk_version, "torch": torch.__version__, "onnx": onnx.__version__, "onnx_opset": OPSET,
-        "host": platform.machine(), "onnx_vs_torch_max_rel_err": errors,
-    }
-    blobs = {name: (f"graphs/{name}.onnx", data) for name, data in graphs.items()}
-    return write_plan(out, m.manifest(prov), blobs)
+    })
 
 
 def main(argv=None) -> int:
