@@ -140,8 +140,7 @@ class Segmenter:
                 raise InputError(f"initial_latents is a list of {len(x0)} arrays; expected one per image ({n})")
             x0 = np.concatenate([np.asarray(a) for a in x0]) if n else np.empty(0)
         x0 = np.asarray(x0)
-        lat = self.plan.manifest["latent"]
-        shape = (n * k, int(lat["channels"]), *(int(s) for s in lat["size"]))
+        shape = (n * k, *self.plan.latent_shape)
         if x0.shape != shape:
             raise InputError(f"initial_latents has shape {x0.shape}; expected {shape} "
                              f"(images x k = {n} x {k}, then the plan's latent shape)")
