@@ -53,9 +53,14 @@ def dihedral(x: torch.Tensor, tf) -> torch.Tensor:
 
 
 def intensity_jitter(img: torch.Tensor, rng: np.random.Generator, brightness=0.08, contrast=0.15,
-                     color=0.05) -> torch.Tensor:
-    """Small random brightness/contrast (and per-channel gain for RGB) change, clipped to [0,1]."""
+                     color=0.05, strength: float = 1.0) -> torch.Tensor:
+    """Random brightness/contrast (and per-channel gain for RGB) change, clipped to [0,1].
+
+    ``strength`` scales all three ranges (1 = the small jitter of the first shipped models; the
+    polyp recipe uses 2-3 so that a new video's lighting and white balance look familiar).
+    """
     b, c = img.shape[:2]
+    brightness, contrast, color = brightness * strength, contrast * strength, color * strength
     mean = img.mean(dim=(1, 2, 3), keepdim=True)
     con = torch.from_numpy(rng.uniform(1 - contrast, 1 + contrast, (b, 1, 1, 1)).astype(np.float32))
     bri = torch.from_numpy(rng.uniform(-brightness, brightness, (b, 1, 1, 1)).astype(np.float32))
@@ -63,6 +68,30 @@ def intensity_jitter(img: torch.Tensor, rng: np.random.Generator, brightness=0.0
     if c > 1:
         out = out * torch.from_numpy(rng.uniform(1 - color, 1 + color, (b, c, 1, 1)).astype(np.float32))
     return out.clamp_(0.0, 1.0)
+
+
+def random_affine(img: torch.Tensor, msk: torch.Tensor, rng: np.random.Generator, scale=(0.75, 1.3),
+                  max_rotation_deg: float = 45.0, max_shift: float = 0.12):
+    """The same random zoom / rotation / shift for each image and its mask.
+
+    Flips and 90-degree turns (``dihedral``) only reorder pixels; a polyp in a new video also
+    appears at another size and place. Images are resampled bilinearly, masks bilinearly then
+    thresholded at 0.5 (as when the data are resized); pixels from outside the frame are
+    reflected, for the image and its mask alike, so labels stay consistent at the border.
+    ``scale`` > 1 zooms in.
+    """
+    b = img.shape[0]
+    s = rng.uniform(scale[0], scale[1], b)
+    a = np.deg2rad(rng.uniform(-max_rotation_deg, max_rotation_deg, b))
+    sh = rng.uniform(-max_shift, max_shift, (b, 2)) * 2.0          # grid units: the frame spans [-1, 1]
+    theta = np.zeros((b, 2, 3), np.float32)                         # output -> input coordinates
+    theta[:, 0, 0], theta[:, 0, 1] = np.cos(a) / s, -np.sin(a) / s
+    theta[:, 1, 0], theta[:, 1, 1] = np.sin(a) / s, np.cos(a) / s
+    theta[:, :, 2] = sh
+    grid = torch.nn.functional.affine_grid(torch.from_numpy(theta), list(img.shape), align_corners=False)
+    warp = lambda x: torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",  # noqa: E731
+                                                     align_corners=False)
+    return warp(img).clamp_(0.0, 1.0), (warp(msk) > 0.5).to(msk.dtype)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig
-from .data import SegData, data_kind_for, default_data_root, dihedral, intensity_jitter, load_split, torch_batch
+from .data import (SegData, data_kind_for, default_data_root, dihedral, intensity_jitter, load_split, random_affine,
+                   torch_batch)
 from .model import MedSegLatDiff, alphas_cumprod, weighted_bce
 
 
@@ -69,6 +70,9 @@ class TrainOptions:
     tune_encoder: bool = False      # also train the image encoder (from its stage-1 VAE weights) in stage 2
     latent_cache: bool = True
     jitter_variants: int = 4        # stage-2 image intensity variants cached per (image, flip)
+    jitter_strength: float = 1.0    # scales the intensity jitter ranges (tuned-encoder stage 2)
+    affine_prob: float = 0.0        # tuned-encoder stage 2: share of samples also zoomed/rotated/shifted
+                                    # (their mask latents are encoded live, not cached)
     # both
     warmup: int = 100
     weight_decay: float = 0.01
@@ -384,7 +388,7 @@ class Log:
 class Trainer:
     def __init__(self, cfg: ModelConfig, train: SegData, val: SegData | None, out: Path,
                  opts: TrainOptions, fresh: bool = False, quiet: bool = False, device: str = "cpu",
-                 init: str | None = None):
+                 init: str | None = None, stage: str = "all"):
         self.cfg, self.train, self.val, self.out, self.o = cfg, train, val, Path(out), opts
         self.dev = torch.device(device)  # batches are made on the CPU and moved here
         self.out.mkdir(parents=True, exist_ok=True)
@@ -407,6 +411,10 @@ class Trainer:
                 raise SystemExit(f"{init} has another architecture than {cfg.name}")
             self.model.load_state_dict(m.state_dict())
             self.init = init
+            if stage == "2":
+                # fine-tuning stage 2 of a finished model: its autoencoders and latent scale stay
+                cfg.mask_latent_scale = m.cfg.mask_latent_scale
+                self.info.update({"stage": 2, "stage1_done": True})
             self.print(f"initialised from {init}")
         if last.exists() and not fresh:
             m, info = load_checkpoint(last)
@@ -627,11 +635,21 @@ class Trainer:
 
     def _encode_tuned(self, idx, ann):
         """Mask latents from the cache (no gradient); image latents computed here with gradient,
-        from freshly augmented images (same flip/rotation as the mask, new intensity jitter)."""
+        from freshly augmented images (same flip/rotation as the mask, new intensity jitter).
+        With ``affine_prob`` > 0 that share of the samples is also zoomed / rotated / shifted
+        together with its mask, whose latent is then encoded live."""
         tf = self.rng.integers(0, 8, len(idx))
         z0, _ = self._encode_cached(idx, ann, tf, np.zeros(len(idx), int), images=False)
         img = dihedral(torch.from_numpy(self.train.images[idx].astype(np.float32) / 255.0), tf)
-        img = intensity_jitter(img, self.rng)
+        if self.o.affine_prob > 0:
+            aff = np.nonzero(self.rng.random(len(idx)) < self.o.affine_prob)[0]
+            if len(aff):
+                m = torch.from_numpy(self.train.masks[idx[aff], ann[aff]][:, None].astype(np.float32))
+                img_a, m_a = random_affine(img[aff], dihedral(m, tf[aff]), self.rng)
+                img[aff] = img_a
+                with torch.no_grad():
+                    z0[torch.from_numpy(aff).to(z0.device)] = self.model.mask_ae.encode(m_a.to(self.dev))
+        img = intensity_jitter(img, self.rng, strength=self.o.jitter_strength)
         mean, _ = self.model.image_vae.encode(normalize(img.to(self.dev), self.cfg))
         return z0, mean
 
@@ -833,7 +851,7 @@ def main(argv=None) -> int:
               f"threads={torch.get_num_threads()} device={args.device}", flush=True)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     tr = Trainer(cfg, train, val, Path(args.out), opts, fresh=args.fresh, quiet=args.quiet, device=device,
-                 init=args.init)
+                 init=args.init, stage=args.stage)
     ok = tr.run(args.stage)
     return 0 if ok else 3
 

@@ -221,7 +221,8 @@ def cmd_eval(a) -> int:
 
     from . import metrics
     from .cpu_features import describe
-    from .datasets import FOLDER, data_kind_for, default_data_root, is_folder_pair, load_split
+    from .datasets import (FOLDER, data_kind_for, default_data_root, is_folder_pair, load_split,
+                           middle_slice_per_nodule)
     from .evaluate import Sample, evaluate, format_report, to_json
     from .segmenter import Segmenter
 
@@ -230,6 +231,8 @@ def cmd_eval(a) -> int:
     try:
         kind = a.kind or (FOLDER if is_folder_pair(a.data) else data_kind_for(seg.plan.manifest["model"]["name"]))
         data = load_split(kind, a.data, a.split, seg.plan.image_size[0], limit=a.limit, channels=seg.plan.channels)
+        if a.per_nodule:
+            data = middle_slice_per_nodule(data)
     except (FileNotFoundError, ValueError) as e:
         raise MsldError(str(e)) from e
     split = "all" if kind == FOLDER else a.split   # a folder is evaluated whole
@@ -242,6 +245,7 @@ def cmd_eval(a) -> int:
                    progress=lambda n: bar.update(n - bar.n))
     bar.close()
     rep.update(plan=seg.plan.path, data=str(a.data), kind=kind, split=split, precision=a.precision,
+               per_nodule=bool(a.per_nodule),
                trained=seg.plan.manifest.get("provenance", {}).get("trained"), cpu=describe(),
                int8_kernel=getattr(seg.backend, "int8_kernel", None) and seg.backend.int8_kernel.name)
     print(format_report(rep))
@@ -323,6 +327,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0,
                    help="image i is sampled with a seed derived from (seed, i), so images do not share noise")
     p.add_argument("--limit", type=int, default=None, help="first N items of the split only")
+    p.add_argument("--per-nodule", action="store_true",
+                   help="LIDC: one slice per nodule, its middle one (a nodule's slices are near-duplicates)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
     _add_precision_arg(p)
     p.add_argument("--threads", type=int, default=None)

@@ -113,12 +113,19 @@ def cvc_frames(root) -> list[int]:
     return sorted(int(p.stem) for p in (Path(root) / "cvc-clinicdb" / "images").glob("*.png"))
 
 
-def cvc_split(root) -> dict[str, list[int]]:
-    """Contiguous blocks of frame numbers: [first .. cut-1] train, [cut .. last] validation.
+CVC_GUARD_FRAMES = 25   # frames before the validation block that no split uses
 
-    The nominal cut leaves the last 15 % of frames for validation; it is then moved to the
-    largest change between consecutive frames within +-5 % of the frames (a sequence boundary
-    in practice), so that one video sequence never lands in both splits.
+
+def cvc_split(root) -> dict[str, list[int]]:
+    """Contiguous blocks of frame numbers: train, then a guard band, then validation.
+
+    CVC-ClinicDB's frames come from short video sequences (about 20 frames each) whose frames
+    are near-duplicates, so a validation frame must not have a sequence-mate in training. The
+    nominal cut leaves the last 15 % of frames for validation; it is moved to the largest
+    change between consecutive frames within +-5 % of the frames (a sequence boundary: on the
+    shared data, frames 428 | 429, whose masks do not overlap at all). As a second safeguard,
+    should that change ever fall inside a sequence, the ``CVC_GUARD_FRAMES`` frames before the
+    cut are in neither split ("guard"): a sequence of up to 26 frames cannot then reach both.
     """
     frames = cvc_frames(root)
     n = len(frames)
@@ -134,7 +141,8 @@ def cvc_split(root) -> dict[str, list[int]]:
     thumbs = [small(f) for f in frames[lo - 1: hi + 1]]
     diffs = [np.abs(thumbs[i + 1] - thumbs[i]).mean() for i in range(len(thumbs) - 1)]
     cut = lo + int(np.argmax(diffs))  # index in `frames` of the first validation frame
-    return {"train": frames[:cut], "val": frames[cut:]}
+    start = max(0, cut - CVC_GUARD_FRAMES)
+    return {"train": frames[:start], "guard": frames[start:cut], "val": frames[cut:]}
 
 
 def kvasir_split(root) -> dict[str, list[str]]:
@@ -322,6 +330,21 @@ def load_split(kind: str, root=None, split: str = "train", image_size: int = 128
                                   load_split("cvc", root, split, image_size, limit)])
         _CACHE[key] = ds
     return _CACHE[key]
+
+
+def middle_slice_per_nodule(ds: SegData) -> SegData:
+    """One item per LIDC nodule: its middle slice (the lower middle of an even count).
+
+    A nodule's two or three slices are near-duplicates, so a mean over all slices weights
+    nodules by their slice count and counts one case several times; the literature and the
+    held-out evaluation score one slice per nodule.
+    """
+    if ds.kind != "lidc":
+        raise ValueError(f"one slice per nodule applies to LIDC only, not {ds.kind!r}")
+    nodules: dict[str, list[int]] = {}
+    for i, item_id in enumerate(ds.ids):          # "LIDC-IDRI-NNNN/nodule-K/slice-N", slices in order
+        nodules.setdefault(item_id.rsplit("/", 1)[0], []).append(i)
+    return ds.subset([idx[(len(idx) - 1) // 2] for idx in nodules.values()])
 
 
 def pack_split(kind: str, root, split: str, image_size: int, out_root) -> Path:

@@ -1,24 +1,36 @@
 #!/usr/bin/env bash
-# `msld eval` of a shipped model on its full validation split, for several seeds, step counts
-# and precisions, then a summary over everything evaluated so far. A split's mean moves with
-# the seed (polyp consensus Dice by about 1 point), so step counts and precisions are compared
-# at the same seeds, against that spread.
+# `msld eval` of a model on its full validation split, for several seeds, step counts and
+# precisions, then a summary over everything evaluated so far. A split's mean moves with the
+# seed (polyp consensus Dice by about 1 point), so step counts, precisions and models are
+# compared at the same seeds, against that spread.
 #   bash scripts/eval_seeds.sh lidc 0 1 2                          # fp32 and int8, default steps
 #   STEPS="5 10 20" PRECISIONS=fp32 bash scripts/eval_seeds.sh polyp 0 1 2 3 4
-#   LIMIT=N: first N validation items only.  Results already on disk are kept (resumable).
+# Environment (all optional):
+#   KIND=cvc|kvasir|lidc|polyp  data set (default: the model's own)
+#   K=16                        hypotheses per image (default: the plan's)
+#   PER_NODULE=1                LIDC: one slice per nodule, the middle one
+#   PLAN=path/to/x.plan         evaluate this plan file under NAME (default: the shipped NAME)
+#   TAG=name                    results go to benchmarks/results/eval_seeds_TAG
+#                               (default: NAME, plus _KIND, _kK and _per_nodule when given)
+#   LIMIT=N                     first N validation items only
+# Results already on disk are kept (resumable). The evaluation protocol of the model card
+# (held-out video sequences, one slice per nodule, k=16 for LIDC): scripts/eval_protocol.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=${1:?model name}; shift
-OUT=benchmarks/results/eval_seeds_$NAME
+PLAN=${PLAN:-$NAME}
+TAG=${TAG:-$NAME${KIND:+_$KIND}${K:+_k$K}${PER_NODULE:+_per_nodule}}
+OUT=benchmarks/results/eval_seeds_$TAG
 mkdir -p "$OUT"
-STEPS=${STEPS:-$(python -c "from msld_sdk import Segmenter; print(Segmenter('$NAME').defaults['steps'])")}
+STEPS=${STEPS:-$(python -c "from msld_sdk import Segmenter; print(Segmenter('$PLAN').defaults['steps'])")}
 for st in $STEPS; do
   for s in "$@"; do
     for p in ${PRECISIONS:-fp32 int8}; do
       f="$OUT/steps${st}_seed${s}_$p.json"
       [ -f "$f" ] && continue
-      python -m msld_sdk.cli eval --plan "$NAME" --kind "$NAME" --split val -q --seed "$s" --steps "$st" \
-          --precision "$p" ${LIMIT:+--limit "$LIMIT"} --json "$f" > /dev/null
+      python -m msld_sdk.cli eval --plan "$PLAN" --kind "${KIND:-$NAME}" --split val -q --seed "$s" --steps "$st" \
+          --precision "$p" ${K:+--k "$K"} ${PER_NODULE:+--per-nodule} ${LIMIT:+--limit "$LIMIT"} \
+          ${THREADS:+--threads "$THREADS"} --json "$f" > /dev/null
     done
   done
 done

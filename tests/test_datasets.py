@@ -82,3 +82,18 @@ def test_eval_without_data_says_how_to_give_it(tmp_path, tiny_plan, capsys):
     assert main(["eval", "--plan", str(tiny_plan), "--kind", "lidc", "--data", str(tmp_path), "-q"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--data" in err and "MSLD_DATA" in err, err
+
+
+def test_middle_slice_per_nodule():
+    from msld_sdk.datasets import SegData, middle_slice_per_nodule
+
+    ids = ["P1/nodule-0/slice-3", "P1/nodule-0/slice-7", "P1/nodule-0/slice-10",
+           "P1/nodule-1/slice-0", "P1/nodule-1/slice-1", "P2/nodule-0/slice-4"]
+    n = len(ids)
+    ds = SegData("lidc", "val", np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1), np.zeros((n, 4, 1, 1), np.uint8),
+                 ids, [i.split("/")[0] for i in ids])
+    one = middle_slice_per_nodule(ds)
+    assert one.ids == ["P1/nodule-0/slice-7", "P1/nodule-1/slice-0", "P2/nodule-0/slice-4"]
+    assert one.images[:, 0, 0, 0].tolist() == [1, 3, 5] and one.groups == ["P1", "P1", "P2"]
+    with pytest.raises(ValueError, match="LIDC only"):
+        middle_slice_per_nodule(SegData("cvc", "val", ds.images, ds.masks[:, :1], ids, ids))

@@ -13,7 +13,9 @@ import torch
 
 from msld_export.checkpoint import load_checkpoint
 from msld_export.config import tiny_config
-from msld_export.data import cvc_split, default_data_root, dihedral, kvasir_split, lidc_split, load_split
+from msld_sdk.datasets import CVC_GUARD_FRAMES
+from msld_export.data import (cvc_split, default_data_root, dihedral, kvasir_split, lidc_split, load_split,
+                               random_affine)
 from msld_export.train import main as train_main
 
 ROOT = default_data_root()
@@ -97,6 +99,46 @@ def test_train_x0_prediction_with_tuned_encoder(tmp_path):
     assert any(not torch.equal(st[k], after[k]) for k in st)                  # model = EMA, not the live weights
 
 
+@needs_polyp
+def test_stage2_fine_tune_from_finished_model_with_affine(tmp_path):
+    """--init CKPT --stage 2: the checkpoint's autoencoders and latent scale are kept (stage 1
+    does not run again), the denoiser goes on training with zoom/rotation/shift augmentation."""
+    torch.set_num_threads(1)
+    cfg_path = _tiny(tmp_path, "polyp-tiny", channels=3)
+    d = json.loads(cfg_path.read_text())
+    d["prediction_type"] = "sample"
+    cfg_path.write_text(json.dumps(d))
+    first = tmp_path / "first"
+    assert train_main(["--config", str(cfg_path), "--data", str(ROOT), "--out", str(first), "--tune-encoder", "true"]
+                      + FAST + ["--limit", "4", "--eval-images", "0"]) == 0
+    base, _ = load_checkpoint(first / "model.safetensors")
+    out = tmp_path / "fine"
+    assert train_main(["--config", str(cfg_path), "--data", str(ROOT), "--out", str(out), "--stage", "2",
+                       "--init", str(first / "model.safetensors"), "--tune-encoder", "true",
+                       "--affine-prob", "1", "--jitter-strength", "2"] + FAST + ["--limit", "4", "--eval-images", "0"]) == 0
+    model, info = load_checkpoint(out / "model.safetensors")
+    assert info["complete"] and info["step"] == 4
+    assert model.cfg.mask_latent_scale == base.cfg.mask_latent_scale != 1.0
+    assert all(torch.equal(base.mask_ae.state_dict()[k], v) for k, v in model.mask_ae.state_dict().items())
+    b, a = base.denoiser.state_dict(), model.denoiser.state_dict()
+    assert any(not torch.equal(b[k], a[k]) for k in b)
+    log = json.loads((out / "log.json").read_text())
+    assert "stage1" not in log and log["options"]["affine_prob"] == 1.0
+
+
+def test_random_affine_moves_image_and_mask_together():
+    rng = np.random.default_rng(0)
+    m = torch.zeros(6, 1, 32, 32)
+    m[:, :, 10:20, 12:24] = 1.0
+    img = torch.cat([m, 1 - m, torch.full_like(m, 0.5)], dim=1)   # channel 0 is the mask itself
+    img_a, m_a = random_affine(img, m, rng)
+    assert torch.equal((img_a[:, :1] > 0.5).float(), m_a)          # same warp for both
+    assert set(torch.unique(m_a).tolist()) <= {0.0, 1.0} and not torch.equal(m_a, m)
+    assert torch.allclose(img_a[:, 2], torch.full_like(img_a[:, 2], 0.5))
+    same_img, same_m = random_affine(img, m, rng, scale=(1.0, 1.0), max_rotation_deg=0.0, max_shift=0.0)
+    assert torch.allclose(same_img, img, atol=1e-6) and torch.equal(same_m, m)   # no transform = identity
+
+
 @needs_lidc
 def test_lidc_split_by_patient():
     s = lidc_split(ROOT)
@@ -116,9 +158,9 @@ def test_lidc_split_by_patient():
 @needs_polyp
 def test_cvc_split_contiguous_and_kvasir_disjoint():
     s = cvc_split(ROOT)
-    tr, va = s["train"], s["val"]
+    tr, guard, va = s["train"], s["guard"], s["val"]
     assert tr == list(range(tr[0], tr[-1] + 1)) and va == list(range(va[0], va[-1] + 1))
-    assert tr[-1] + 1 == va[0]
+    assert guard == list(range(tr[-1] + 1, va[0])) and len(guard) == CVC_GUARD_FRAMES
     assert 0.08 < len(va) / (len(tr) + len(va)) < 0.22
     k = kvasir_split(ROOT)
     assert not set(k["train"]) & set(k["val"]) and len(k["train"]) == 700
