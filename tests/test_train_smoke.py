@@ -28,10 +28,13 @@ FAST = ["--iters1", "4", "--iters2", "4", "--batch1", "4", "--batch-vae", "2", "
         "--limit", "8", "--nice", "0", "--threads", "1", "--quiet"]
 
 
-def _tiny(tmp_path, name, channels=1):
+def _tiny(tmp_path, name, channels=1, prediction_type=None):
     cfg = tiny_config(name=name, image_channels=channels, image_mean=(0.5,) * channels, image_std=(0.5,) * channels)
+    d = cfg.to_dict()
+    if prediction_type:
+        d["prediction_type"] = prediction_type
     p = tmp_path / f"{name}.json"
-    p.write_text(json.dumps(cfg.to_dict()))
+    p.write_text(json.dumps(d))
     return p
 
 
@@ -80,10 +83,7 @@ def test_train_polyp_rgb(tmp_path):
 def test_train_x0_prediction_with_tuned_encoder(tmp_path):
     """The shipped recipe: clean-latent prediction, image encoder trained in stage 2 (EMA saved)."""
     torch.set_num_threads(1)
-    cfg_path = _tiny(tmp_path, "polyp-tiny", channels=3)
-    d = json.loads(cfg_path.read_text())
-    d["prediction_type"] = "sample"
-    cfg_path.write_text(json.dumps(d))
+    cfg_path = _tiny(tmp_path, "polyp-tiny", channels=3, prediction_type="sample")
     out = tmp_path / "run"
     assert train_main(["--config", str(cfg_path), "--data", str(ROOT), "--out", str(out), "--stage", "1"]
                       + FAST + ["--limit", "4"]) == 0
@@ -104,10 +104,7 @@ def test_stage2_fine_tune_from_finished_model_with_affine(tmp_path):
     """--init CKPT --stage 2: the checkpoint's autoencoders and latent scale are kept (stage 1
     does not run again), the denoiser goes on training with zoom/rotation/shift augmentation."""
     torch.set_num_threads(1)
-    cfg_path = _tiny(tmp_path, "polyp-tiny", channels=3)
-    d = json.loads(cfg_path.read_text())
-    d["prediction_type"] = "sample"
-    cfg_path.write_text(json.dumps(d))
+    cfg_path = _tiny(tmp_path, "polyp-tiny", channels=3, prediction_type="sample")
     first = tmp_path / "first"
     assert train_main(["--config", str(cfg_path), "--data", str(ROOT), "--out", str(first), "--tune-encoder", "true"]
                       + FAST + ["--limit", "4", "--eval-images", "0"]) == 0
