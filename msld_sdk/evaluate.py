@@ -1,5 +1,8 @@
 """``msld eval``: run a plan over a labelled split and report the paper's metrics.
 
+The JSON report also lists every image's figures with its id (``per_image``), so that a
+spread over cases, video sequences or patients can be computed from it.
+
 Per image: Dice and IoU of the consensus mask (majority of the k hypotheses), of the mean
 mask (mean probability > 0.5), and the mean over hypotheses of each hypothesis' Dice/IoU,
 all against the reference mask; for multi-annotator data the reference is the 50 %
@@ -61,6 +64,7 @@ def evaluate(segmenter, samples: Iterable[Sample], k: int, steps: int | None, se
              progress=None) -> dict:
     """Metrics over ``samples`` (see the module docstring). ``progress(n_done)`` is called per image."""
     acc, acc_major = _Acc(), _Acc()
+    per_image = []
     bins = None
     n = 0
     t0 = time.perf_counter()
@@ -80,6 +84,7 @@ def evaluate(segmenter, samples: Iterable[Sample], k: int, steps: int | None, se
             row["hm_iou"] = metrics.hungarian_matched_iou(r.masks, ann)
         for name, v in row.items():
             acc.add(name, v)
+        per_image.append({"id": s.id, **row})
         if ann.shape[0] > 1 and ann.reshape(ann.shape[0], -1).any(1).sum() * 2 > ann.shape[0]:
             for name in ("dice_consensus", "iou_consensus", "dice_mean_mask", "iou_mean_mask"):
                 acc_major.add(name, row[name])
@@ -94,6 +99,7 @@ def evaluate(segmenter, samples: Iterable[Sample], k: int, steps: int | None, se
            "seconds": time.perf_counter() - t0}
     if acc_major.values:
         out["majority_marked"] = {"n_images": acc_major.counts()["dice_consensus"], "metrics": acc_major.means()}
+    out["per_image"] = per_image   # last: figures per case, e.g. for a spread over sequences or patients
     return out
 
 

@@ -34,7 +34,8 @@ def test_known_answers():
     anns[1][:] = False           # nobody marked anything
     anns[2][1:] = False          # only one annotator marked: not a majority
     hyps = [a[:2].copy() for a in anns]  # the model returns two of the annotations
-    rep = evaluate(FixedSegmenter(hyps), [Sample(np.zeros((16, 16, 1), np.float32), a) for a in anns], k=2, steps=1)
+    rep = evaluate(FixedSegmenter(hyps), [Sample(np.zeros((16, 16, 1), np.float32), a, f"case{i}")
+                                             for i, a in enumerate(anns)], k=2, steps=1)
     ref = [reference_mask(a) for a in anns]
     want_dice = np.mean([metrics.dice((h.sum(0) * 2 > 2), r) for h, r in zip(hyps, ref)])
     assert rep["metrics"]["dice_consensus"] == pytest.approx(want_dice)
@@ -42,6 +43,10 @@ def test_known_answers():
                                                            for h, a in zip(hyps, anns)]))
     assert rep["n_images"] == 5 and rep["majority_marked"]["n_images"] == 3
     assert 0 <= rep["ece"] <= 1
+    # every image's figures are kept, and the split's figure is their mean
+    assert [r["id"] for r in rep["per_image"]] == [f"case{i}" for i in range(5)]
+    for name, v in rep["metrics"].items():
+        assert v == pytest.approx(np.mean([r[name] for r in rep["per_image"]]))
 
 
 def test_perfect_single_annotator_scores_one():
