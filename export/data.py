@@ -103,7 +103,9 @@ if __name__ == "__main__":
     ap.add_argument("--size", type=int, required=True)
     ap.add_argument("--data", default=None, help="data root (default ../shared/data)")
     ap.add_argument("--out", required=True, help="folder that receives packed/{kind}_{split}_{size}.npz")
+    ap.add_argument("--jpeg-quality", type=int, default=None,
+                    help="store images as JPEG at this quality (lossy; to fit the device tool's 64 MiB)")
     a = ap.parse_args()
     for sp in ("train", "val"):
-        print(pack_split(a.kind, a.data, sp, a.size, a.out))
+        print(pack_split(a.kind, a.data, sp, a.size, a.out, a.jpeg_quality))
 

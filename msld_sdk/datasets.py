@@ -26,6 +26,7 @@ filtering, masks with bilinear filtering of the 0/255 mask followed by a thresho
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -314,9 +315,7 @@ def load_split(kind: str, root=None, split: str = "train", image_size: int = 128
     key = (kind, str(root.resolve()), split, int(image_size), limit)
     packed = root / "packed" / f"{kind}_{split}_{int(image_size)}.npz"
     if key not in _CACHE and packed.exists():  # a pack written by `python -m msld_export.data pack`
-        with np.load(packed, allow_pickle=False) as z:
-            ds = SegData(kind, split, z["images"], z["masks"], [str(i) for i in z["ids"]],
-                         [str(g) for g in z["groups"]])
+        ds = _read_pack(packed, kind, split)
         _CACHE[key] = ds.subset(np.arange(min(limit, len(ds)))) if limit is not None else ds
     if key not in _CACHE:
         if kind == "lidc":
@@ -347,15 +346,48 @@ def middle_slice_per_nodule(ds: SegData) -> SegData:
     return ds.subset([idx[(len(idx) - 1) // 2] for idx in nodules.values()])
 
 
-def pack_split(kind: str, root, split: str, image_size: int, out_root) -> Path:
+def pack_split(kind: str, root, split: str, image_size: int, out_root, jpeg_quality: int | None = None) -> Path:
     """Write one split, decoded and resized exactly as ``load_split`` gives it, to
     ``out_root/packed/{kind}_{split}_{size}.npz``; ``load_split(kind, out_root, ...)`` then reads
-    it back. This is how a split travels to a machine without the raw data (the GPU machine)."""
+    it back. This is how a split travels to a machine without the raw data (the GPU machine).
+
+    ``jpeg_quality``: store the images as JPEG at that quality instead of raw pixels (masks stay
+    exact, bit-packed). Lossy, but it is what lets the polyp training split at 256 x 256 (217 MB
+    of raw pixels) travel within the device tool's 64 MiB.
+    """
     ds = load_split(kind, root, split, image_size)
     out = Path(out_root) / "packed" / f"{kind}_{split}_{int(image_size)}.npz"
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out, images=ds.images, masks=ds.masks, ids=np.array(ds.ids), groups=np.array(ds.groups))
+    common = dict(ids=np.array(ds.ids), groups=np.array(ds.groups))
+    if jpeg_quality is None:
+        np.savez_compressed(out, images=ds.images, masks=ds.masks, **common)
+        return out
+    blobs = []
+    for im in ds.images:
+        buf = io.BytesIO()
+        Image.fromarray(im[0] if im.shape[0] == 1 else im.transpose(1, 2, 0)).save(buf, "JPEG", quality=int(jpeg_quality))
+        blobs.append(np.frombuffer(buf.getvalue(), np.uint8))
+    np.savez_compressed(out, images_jpeg=np.concatenate(blobs), images_offsets=np.cumsum([0] + [len(b) for b in blobs]),
+                        images_shape=np.array(ds.images.shape), masks_bits=np.packbits(ds.masks),
+                        masks_shape=np.array(ds.masks.shape), **common)
     return out
+
+
+def _read_pack(path: Path, kind: str, split: str) -> SegData:
+    """A split written by ``pack_split`` (raw pixels, or JPEG images with bit-packed masks)."""
+    with np.load(path, allow_pickle=False) as z:
+        ids, groups = [str(i) for i in z["ids"]], [str(g) for g in z["groups"]]
+        if "images" in z:
+            return SegData(kind, split, z["images"], z["masks"], ids, groups)
+        shape, off, blob = tuple(z["images_shape"]), z["images_offsets"], z["images_jpeg"]
+        images = np.empty(shape, np.uint8)
+        for i in range(shape[0]):
+            with Image.open(io.BytesIO(blob[off[i]:off[i + 1]].tobytes())) as im:
+                a = np.asarray(im)
+            images[i] = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+        mshape = tuple(z["masks_shape"])
+        masks = np.unpackbits(z["masks_bits"], count=int(np.prod(mshape))).reshape(mshape)
+        return SegData(kind, split, images, masks, ids, groups)
 
 
 def is_folder_pair(root) -> bool:

@@ -8,7 +8,9 @@ import pytest
 from PIL import Image
 
 from msld_sdk.cli import main
-from msld_sdk.datasets import FOLDER, is_folder_pair, load_split
+from msld_sdk.datasets import FOLDER, default_data_root, is_folder_pair, load_split
+
+DATA_ROOT = default_data_root()
 
 
 def write_folder(root, n=3, size=(40, 30), mask_scale=255, suffixes=(".png", ".png")):
@@ -97,3 +99,21 @@ def test_middle_slice_per_nodule():
     assert one.images[:, 0, 0, 0].tolist() == [1, 3, 5] and one.groups == ["P1", "P1", "P2"]
     with pytest.raises(ValueError, match="LIDC only"):
         middle_slice_per_nodule(SegData("cvc", "val", ds.images, ds.masks[:, :1], ids, ids))
+
+
+@pytest.mark.skipif(not (DATA_ROOT / "cvc-clinicdb").is_dir(), reason="CVC-ClinicDB not under the data root")
+@pytest.mark.parametrize("jpeg_quality", [None, 95])
+def test_packed_split_reads_back(tmp_path, jpeg_quality):
+    """A split packed for the GPU machine loads as the split itself: exactly with raw pixels;
+    with JPEG images, masks and ids exactly and images within the codec's loss at quality 95."""
+    from msld_sdk.datasets import pack_split
+
+    orig = load_split("cvc", DATA_ROOT, "val", 32)
+    pack_split("cvc", DATA_ROOT, "val", 32, tmp_path, jpeg_quality=jpeg_quality)
+    back = load_split("cvc", tmp_path, "val", 32)
+    assert back.ids == orig.ids and back.groups == orig.groups and np.array_equal(back.masks, orig.masks)
+    if jpeg_quality is None:
+        assert np.array_equal(back.images, orig.images)
+    else:
+        mse = np.mean((back.images.astype(np.float64) - orig.images) ** 2)
+        assert back.images.shape == orig.images.shape and 10 * np.log10(255 ** 2 / mse) > 30   # PSNR in dB
