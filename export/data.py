@@ -105,7 +105,8 @@ if __name__ == "__main__":
     ap.add_argument("--out", required=True, help="folder that receives packed/{kind}_{split}_{size}.npz")
     ap.add_argument("--jpeg-quality", type=int, default=None,
                     help="store images as JPEG at this quality (lossy; to fit the device tool's 64 MiB)")
+    ap.add_argument("--cvc-fold", default=None, metavar="F/N", help="CVC-ClinicDB cross-validation fold")
     a = ap.parse_args()
     for sp in ("train", "val"):
-        print(pack_split(a.kind, a.data, sp, a.size, a.out, a.jpeg_quality))
+        print(pack_split(a.kind, a.data, sp, a.size, a.out, a.jpeg_quality, cvc_fold=a.cvc_fold))
 

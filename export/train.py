@@ -800,6 +800,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from this checkpoint's weights (when --out has no last.safetensors)")
     p.add_argument("--fg-weight", type=float, default=None, help="override cfg.fg_weight (ablation)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N items of each split (tests)")
+    p.add_argument("--cvc-fold", default=None, metavar="F/N",
+                   help="CVC-ClinicDB cross-validation fold (kinds cvc, polyp; msld_sdk.datasets.cvc_split)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared 2-core machine 2 threads were 5-10x slower per step)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when available)")
@@ -844,8 +846,9 @@ def main(argv=None) -> int:
     kind = args.kind or data_kind_for(cfg.name)
     opts = TrainOptions(**{k: getattr(args, k) for k in asdict(TrainOptions())})
     t = time.time()
-    train = load_split(kind, root, "train", cfg.image_size, args.limit)
-    val = load_split(kind, root, "val", cfg.image_size, args.limit)
+    fold = {"cvc_fold": args.cvc_fold} if args.cvc_fold else {}
+    train = load_split(kind, root, "train", cfg.image_size, args.limit, **fold)
+    val = load_split(kind, root, "val", cfg.image_size, args.limit, **fold)
     if not args.quiet:
         print(f"data {kind}: {len(train)} train / {len(val)} val items, loaded in {time.time()-t:.1f}s; "
               f"threads={torch.get_num_threads()} device={args.device}", flush=True)

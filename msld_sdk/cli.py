@@ -230,7 +230,8 @@ def cmd_eval(a) -> int:
     a.data = a.data or str(default_data_root())
     try:
         kind = a.kind or (FOLDER if is_folder_pair(a.data) else data_kind_for(seg.plan.manifest["model"]["name"]))
-        data = load_split(kind, a.data, a.split, seg.plan.image_size[0], limit=a.limit, channels=seg.plan.channels)
+        data = load_split(kind, a.data, a.split, seg.plan.image_size[0], limit=a.limit, channels=seg.plan.channels,
+                          cvc_fold=a.cvc_fold)
         if a.per_nodule:
             data = middle_slice_per_nodule(data)
     except (FileNotFoundError, ValueError) as e:
@@ -245,7 +246,7 @@ def cmd_eval(a) -> int:
                    progress=lambda n: bar.update(n - bar.n))
     bar.close()
     rep.update(plan=seg.plan.path, data=str(a.data), kind=kind, split=split, precision=a.precision,
-               per_nodule=bool(a.per_nodule),
+               per_nodule=bool(a.per_nodule), cvc_fold=a.cvc_fold,
                trained=seg.plan.manifest.get("provenance", {}).get("trained"), cpu=describe(),
                int8_kernel=getattr(seg.backend, "int8_kernel", None) and seg.backend.int8_kernel.name)
     print(format_report(rep))
@@ -327,6 +328,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0,
                    help="image i is sampled with a seed derived from (seed, i), so images do not share noise")
     p.add_argument("--limit", type=int, default=None, help="first N items of the split only")
+    p.add_argument("--cvc-fold", default=None, metavar="F/N",
+                   help="CVC-ClinicDB (kinds cvc, polyp): validate on the F-th of N sequence-safe blocks "
+                        "(cross-validation; default: the shipped models' split, the last 15 %%)")
     p.add_argument("--per-nodule", action="store_true",
                    help="LIDC: one slice per nodule, its middle one (a nodule's slices are near-duplicates)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])

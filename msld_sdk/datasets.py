@@ -117,33 +117,63 @@ def cvc_frames(root) -> list[int]:
 CVC_GUARD_FRAMES = 25   # frames before the validation block that no split uses
 
 
-def cvc_split(root) -> dict[str, list[int]]:
-    """Contiguous blocks of frame numbers: train, then a guard band, then validation.
+def cvc_split(root, fold: str | None = None) -> dict[str, list[int]]:
+    """Contiguous blocks of frame numbers: train, a guard band, validation (and guard, train).
 
     CVC-ClinicDB's frames come from short video sequences (about 20 frames each) whose frames
-    are near-duplicates, so a validation frame must not have a sequence-mate in training. The
-    nominal cut leaves the last 15 % of frames for validation; it is moved to the largest
-    change between consecutive frames within +-5 % of the frames (a sequence boundary: on the
-    shared data, frames 428 | 429, whose masks do not overlap at all). As a second safeguard,
-    should that change ever fall inside a sequence, the ``CVC_GUARD_FRAMES`` frames before the
-    cut are in neither split ("guard"): a sequence of up to 26 frames cannot then reach both.
+    are near-duplicates, so a validation frame must not have a sequence-mate in training.
+
+    * ``fold=None`` (the shipped models' split): the nominal cut leaves the last 15 % of frames
+      for validation.
+    * ``fold="F/N"``: cross-validation over sequences. Validation is the F-th of N equal
+      contiguous blocks (F = 1..N); everything else outside the guard bands is training. Over
+      the N folds every frame is validated once, by a model that saw none of its sequence.
+
+    Each inner edge of the validation block is moved to the largest change between consecutive
+    frames within +-5 % of the frames (a sequence boundary: for the default split, frames
+    428 | 429, whose masks do not overlap at all). As a second safeguard, should that change
+    ever fall inside a sequence, the ``CVC_GUARD_FRAMES`` frames on each side of the block are in
+    neither split ("guard"): a sequence of up to 26 frames cannot then reach both.
     """
     frames = cvc_frames(root)
     n = len(frames)
-    nominal = n - int(round(n * VAL_FRACTION))
+    if fold is None:
+        lo, hi = n - int(round(n * VAL_FRACTION)), n
+    else:
+        f, k = parse_fold(fold)
+        lo, hi = round((f - 1) * n / k), round(f * n / k)
+    d = Path(root) / "cvc-clinicdb" / "images"
+    lo = _largest_change_near(d, frames, lo) if 0 < lo < n else lo
+    hi = _largest_change_near(d, frames, hi) if 0 < hi < n else hi
+    g0, g1 = max(0, lo - CVC_GUARD_FRAMES), min(n, hi + CVC_GUARD_FRAMES)
+    return {"train": frames[:g0] + frames[g1:], "guard": frames[g0:lo] + frames[hi:g1], "val": frames[lo:hi]}
+
+
+def parse_fold(fold: str) -> tuple[int, int]:
+    """"F/N" -> (F, N), with 1 <= F <= N and N >= 2."""
+    try:
+        f, k = (int(v) for v in str(fold).split("/"))
+    except ValueError:
+        raise ValueError(f"a fold is written F/N, e.g. 2/5, not {fold!r}") from None
+    if not (k >= 2 and 1 <= f <= k):
+        raise ValueError(f"fold {fold!r}: need N >= 2 and 1 <= F <= N")
+    return f, k
+
+
+def _largest_change_near(image_dir: Path, frames: list[int], nominal: int) -> int:
+    """The index i (first frame of a block) within +-5 % of ``nominal`` where frame i differs
+    most from frame i - 1 (mean absolute difference of 32 x 24 grey thumbnails)."""
+    n = len(frames)
     win = max(1, int(round(n * 0.05)))
     lo, hi = max(1, nominal - win), min(n - 1, nominal + win)
-    d = Path(root) / "cvc-clinicdb" / "images"
 
     def small(f):
-        with Image.open(d / f"{f}.png") as im:
+        with Image.open(image_dir / f"{f}.png") as im:
             return np.asarray(im.convert("L").resize((32, 24), Image.BILINEAR), dtype=np.float32)
 
     thumbs = [small(f) for f in frames[lo - 1: hi + 1]]
     diffs = [np.abs(thumbs[i + 1] - thumbs[i]).mean() for i in range(len(thumbs) - 1)]
-    cut = lo + int(np.argmax(diffs))  # index in `frames` of the first validation frame
-    start = max(0, cut - CVC_GUARD_FRAMES)
-    return {"train": frames[:start], "guard": frames[start:cut], "val": frames[cut:]}
+    return lo + int(np.argmax(diffs))
 
 
 def kvasir_split(root) -> dict[str, list[str]]:
@@ -238,8 +268,8 @@ def _load_lidc(root: Path, split: str, size: int, limit=None) -> SegData:
     return SegData("lidc", split, images, masks, ids, [p for p, _, _ in items])
 
 
-def _load_cvc(root: Path, split: str, size: int, limit=None) -> SegData:
-    frames = cvc_split(root)[split][:limit]
+def _load_cvc(root: Path, split: str, size: int, limit=None, fold: str | None = None) -> SegData:
+    frames = cvc_split(root, fold)[split][:limit]
     d = root / "cvc-clinicdb"
     res = _pmap(lambda f: (_read_image(d / "images" / f"{f}.png", size, 3),
                            _read_mask(d / "masks" / f"{f}.png", size)), frames)
@@ -291,29 +321,34 @@ def concat(kind: str, parts: list[SegData]) -> SegData:
 
 
 def load_split(kind: str, root=None, split: str = "train", image_size: int = 128,
-               limit: int | None = None, channels: int = 3) -> SegData:
+               limit: int | None = None, channels: int = 3, cvc_fold: str | None = None) -> SegData:
     """Load (and cache in memory) one split of one data set, resized to ``image_size``.
 
     ``limit``: keep only the first ``limit`` items of the split, in its fixed order (tests);
     for ``polyp`` the limit applies to each of kvasir and cvc. ``channels``: of the images of
-    ``folder`` (1: grayscale, 3: RGB); the data sets have their own.
+    ``folder`` (1: grayscale, 3: RGB); the data sets have their own. ``cvc_fold``: "F/N", the
+    CVC-ClinicDB cross-validation fold of ``cvc_split`` (for kinds cvc and polyp).
     """
     if kind not in KINDS + (FOLDER,):
         raise ValueError(f"kind must be one of {KINDS + (FOLDER,)}, not {kind!r}")
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     root = Path(root) if root is not None else default_data_root()
+    if cvc_fold is not None:
+        parse_fold(cvc_fold)
+        if kind not in ("cvc", "polyp"):
+            raise ValueError(f"cvc_fold applies to the kinds cvc and polyp, not {kind!r}")
     if kind == FOLDER:
         if not is_folder_pair(root):
             raise FileNotFoundError(f"{root} has no images/ and masks/ folders")
         return _load_folder(root, split, image_size, limit, int(channels))   # not cached: users edit folders
     if not (root / ("lidc" if kind == "lidc" else "kvasir-seg" if kind == "kvasir" else
                      "cvc-clinicdb" if kind == "cvc" else "kvasir-seg")).is_dir() \
-            and not (root / "packed" / f"{kind}_{split}_{int(image_size)}.npz").exists():
+            and not _pack_path(root, kind, split, image_size, cvc_fold).exists():
         raise FileNotFoundError(f"no {kind} data under {root}: give the data root (msld eval --data DIR) or "
                                 "set MSLD_DATA; layouts in ../shared/data/README.md")
-    key = (kind, str(root.resolve()), split, int(image_size), limit)
-    packed = root / "packed" / f"{kind}_{split}_{int(image_size)}.npz"
+    key = (kind, str(root.resolve()), split, int(image_size), limit, cvc_fold)
+    packed = _pack_path(root, kind, split, image_size, cvc_fold)
     if key not in _CACHE and packed.exists():  # a pack written by `python -m msld_export.data pack`
         ds = _read_pack(packed, kind, split)
         _CACHE[key] = ds.subset(np.arange(min(limit, len(ds)))) if limit is not None else ds
@@ -321,12 +356,12 @@ def load_split(kind: str, root=None, split: str = "train", image_size: int = 128
         if kind == "lidc":
             ds = _load_lidc(root, split, image_size, limit)
         elif kind == "cvc":
-            ds = _load_cvc(root, split, image_size, limit)
+            ds = _load_cvc(root, split, image_size, limit, cvc_fold)
         elif kind == "kvasir":
             ds = _load_kvasir(root, split, image_size, limit)
         else:
             ds = concat("polyp", [load_split("kvasir", root, split, image_size, limit),
-                                  load_split("cvc", root, split, image_size, limit)])
+                                  load_split("cvc", root, split, image_size, limit, cvc_fold=cvc_fold)])
         _CACHE[key] = ds
     return _CACHE[key]
 
@@ -346,7 +381,13 @@ def middle_slice_per_nodule(ds: SegData) -> SegData:
     return ds.subset([idx[(len(idx) - 1) // 2] for idx in nodules.values()])
 
 
-def pack_split(kind: str, root, split: str, image_size: int, out_root, jpeg_quality: int | None = None) -> Path:
+def _pack_path(root: Path, kind: str, split: str, image_size: int, cvc_fold: str | None) -> Path:
+    fold = "" if cvc_fold is None else "_fold{}of{}".format(*parse_fold(cvc_fold))
+    return Path(root) / "packed" / f"{kind}_{split}_{int(image_size)}{fold}.npz"
+
+
+def pack_split(kind: str, root, split: str, image_size: int, out_root, jpeg_quality: int | None = None,
+               cvc_fold: str | None = None) -> Path:
     """Write one split, decoded and resized exactly as ``load_split`` gives it, to
     ``out_root/packed/{kind}_{split}_{size}.npz``; ``load_split(kind, out_root, ...)`` then reads
     it back. This is how a split travels to a machine without the raw data (the GPU machine).
@@ -355,8 +396,8 @@ def pack_split(kind: str, root, split: str, image_size: int, out_root, jpeg_qual
     exact, bit-packed). Lossy, but it is what lets the polyp training split at 256 x 256 (217 MB
     of raw pixels) travel within the device tool's 64 MiB.
     """
-    ds = load_split(kind, root, split, image_size)
-    out = Path(out_root) / "packed" / f"{kind}_{split}_{int(image_size)}.npz"
+    ds = load_split(kind, root, split, image_size, cvc_fold=cvc_fold)
+    out = _pack_path(out_root, kind, split, image_size, cvc_fold)
     out.parent.mkdir(parents=True, exist_ok=True)
     common = dict(ids=np.array(ds.ids), groups=np.array(ds.groups))
     if jpeg_quality is None:

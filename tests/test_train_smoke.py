@@ -165,6 +165,31 @@ def test_cvc_split_contiguous_and_kvasir_disjoint():
     assert d.images.shape == (6, 3, 32, 32) and d.masks.shape == (6, 1, 32, 32)
 
 
+@needs_polyp
+def test_cvc_cross_validation_folds_are_sequence_safe():
+    """Over 5 folds every frame is validated exactly once; within a fold no training frame is
+    closer than the guard band to a validation frame, so a sequence of up to 26 frames cannot
+    be on both sides even if an edge fell inside it."""
+    from msld_sdk.datasets import cvc_frames, parse_fold
+
+    frames = cvc_frames(ROOT)
+    seen = []
+    for f in range(1, 6):
+        s = cvc_split(ROOT, f"{f}/5")
+        va, tr = s["val"], s["train"]
+        assert va == list(range(va[0], va[-1] + 1)) and sorted(tr + s["guard"] + va) == frames
+        assert min(abs(t - v) for t in tr for v in (va[0], va[-1])) > CVC_GUARD_FRAMES
+        seen += va
+    assert sorted(seen) == frames
+    d = load_split("polyp", ROOT, "val", 32, limit=3, cvc_fold="2/5")
+    assert [i for i in d.ids if i.startswith("cvc/")] == [f"cvc/{f}" for f in cvc_split(ROOT, "2/5")["val"][:3]]
+    for bad in ("0/5", "6/5", "1/1", "two"):
+        with pytest.raises(ValueError, match="fold"):
+            parse_fold(bad)
+    with pytest.raises(ValueError, match="cvc_fold"):
+        load_split("lidc", ROOT, "val", 32, cvc_fold="1/5")
+
+
 def test_dihedral_augmentation_consistent():
     x = torch.arange(2 * 16, dtype=torch.float32).view(2, 1, 4, 4)
     for t in range(8):
