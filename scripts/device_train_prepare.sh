@@ -4,12 +4,15 @@
 # leases (runs/NAME_gpu/last.safetensors, see device_train_collect.sh) into .dev/resume/NAME in
 # 15 MiB parts; check that everything fits the device tool's 64 MiB carry; print the call.
 #   bash scripts/device_train_prepare.sh polyp-large 256
+#   CVC_FOLD=2/5 bash scripts/device_train_prepare.sh polyp-large 256   # a cross-validation fold
+#     (one fold at a time: the resume state is kept per config name)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=${1:?config name under export/configs}; SIZE=${2:?image size}
 KIND=$(python3 -c "from msld_sdk.datasets import data_kind_for; print(data_kind_for('$NAME'))")
 rm -rf .dev/data .dev/resume/$NAME
-python3 -m msld_export.data pack --kind "$KIND" --size "$SIZE" --out .dev/data --jpeg-quality 95
+python3 -m msld_export.data pack --kind "$KIND" --size "$SIZE" --out .dev/data --jpeg-quality 95 \
+    ${CVC_FOLD:+--cvc-fold "$CVC_FOLD"}
 if [ -f runs/${NAME}_gpu/last.safetensors ]; then
   mkdir -p .dev/resume/$NAME
   split -b 15m -d runs/${NAME}_gpu/last.safetensors .dev/resume/$NAME/last.safetensors.part
@@ -17,5 +20,5 @@ fi
 TOTAL=$(du -cb .dev/data .dev/resume 2>/dev/null | tail -1 | cut -f1)
 echo "to carry: $((TOTAL / 1048576)) MiB of 64 (the rest of the tree travels too)"
 [ "$TOTAL" -lt $((56 * 1048576)) ] || { echo "too large to carry: lower the JPEG quality or the size" >&2; exit 1; }
-echo "run tool: command='TRAIN_ARGS=\"--tune-encoder true --affine-prob 0.5 --jitter-strength 2\" bash scripts/device_train.sh $NAME 2 40 8'," \
+echo "run tool: command='TRAIN_ARGS=\"--tune-encoder true --affine-prob 0.5 --jitter-strength 2${CVC_FOLD:+ --cvc-fold $CVC_FOLD}\" bash scripts/device_train.sh $NAME 2 40 8'," \
      "carry=['.dev/data', '.dev/resume'], timeout_s=600  (stage 2: 40 min in all, 8 a lease; resumes from .dev/resume)"
