@@ -17,7 +17,7 @@ if [ -f runs/${NAME}_gpu/last.safetensors ]; then
   mkdir -p .dev/resume/$NAME
   split -b 15m -d runs/${NAME}_gpu/last.safetensors .dev/resume/$NAME/last.safetensors.part
 fi
-TOTAL=$(du -cb .dev/data .dev/resume 2>/dev/null | tail -1 | cut -f1)
+TOTAL=$(du -cb .dev/data $(ls -d .dev/resume 2>/dev/null) | tail -1 | cut -f1)
 echo "to carry: $((TOTAL / 1048576)) MiB of 64 (the rest of the tree travels too)"
 [ "$TOTAL" -lt $((56 * 1048576)) ] || { echo "too large to carry: lower the JPEG quality or the size" >&2; exit 1; }
 echo "run tool: command='TRAIN_ARGS=\"--tune-encoder true --affine-prob 0.5 --jitter-strength 2${CVC_FOLD:+ --cvc-fold $CVC_FOLD}\" bash scripts/device_train.sh $NAME 2 40 8'," \
