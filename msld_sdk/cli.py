@@ -33,6 +33,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_segment(a) -> int:
+    from .evaluate import image_seed
     from .image_input import load_image
     from .segmenter import Segmenter
     from .visualize import save_result_pngs
@@ -46,8 +47,11 @@ def cmd_segment(a) -> int:
     stems = [Path(p).stem for p in a.images]
     # one folder per image, named by its file; by parent folder too when names repeat (x/image.png)
     names = stems if len(set(stems)) == len(stems) else [f"{Path(p).parent.name}_{Path(p).stem}" for p in a.images]
-    for path, name in zip(a.images, names):
-        r = seg.run(path, k=a.k, steps=a.steps, seed=a.seed, eta=a.eta, roi=a.roi or a.center)
+    for i, (path, name) in enumerate(zip(a.images, names)):
+        # several images with one --seed: image i gets image_seed(seed, i), as `--ray` and `msld eval`
+        # do, so that images do not share noise; one image gets the seed itself, as Segmenter.run
+        seed = image_seed(a.seed, i) if a.seed is not None and len(a.images) > 1 else a.seed
+        r = seg.run(path, k=a.k, steps=a.steps, seed=seed, eta=a.eta, roi=a.roi or a.center)
         d = out / name if len(a.images) > 1 else out
         save_result_pngs(d, r, load_image(path))
         fg = float(r.consensus.mean())

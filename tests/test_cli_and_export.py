@@ -90,6 +90,32 @@ def test_segment_several_images_with_the_same_file_name(tmp_path, tiny_plan):
     assert sorted(p.name for p in out.iterdir()) == ["a_image", "b_image"]
 
 
+def test_segment_several_images_do_not_share_noise(tmp_path, tiny_plan, capsys):
+    """One --seed, several images: image i is sampled with image_seed(seed, i) (as --ray and
+    msld eval); the same image twice gets two different draws, each reproducible alone."""
+    from msld_sdk import Segmenter
+    from msld_sdk.evaluate import image_seed
+
+    img = tmp_path / "same.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (24, 24), dtype=np.uint8)).save(img)
+    (tmp_path / "b").mkdir()
+    twin = tmp_path / "b" / "same.png"
+    twin.write_bytes(img.read_bytes())
+    out = tmp_path / "out"
+    assert main(["segment", str(img), str(twin), "--plan", str(tiny_plan), "-k", "3", "--steps", "3",
+                 "--seed", "5", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"seed={image_seed(5, 0)}" in text and f"seed={image_seed(5, 1)}" in text
+    first, second = (np.asarray(Image.open(out / d / "mean.png")) for d in (f"{tmp_path.name}_same", "b_same"))
+    assert not np.array_equal(first, second)
+    alone = Segmenter(tiny_plan).run(str(twin), k=3, steps=3, seed=image_seed(5, 1))
+    assert np.array_equal(second, (alone.mean * 255 + 0.5).astype(np.uint8))   # reproducible from its seed
+    one = tmp_path / "one"
+    assert main(["segment", str(img), "--plan", str(tiny_plan), "-k", "3", "--steps", "3", "--seed", "5",
+                 "-o", str(one), "-q"]) == 0
+    assert "seed=5" in capsys.readouterr().out                   # one image: the seed itself
+
+
 def test_set_defaults_keeps_the_graphs(tiny_plan, tmp_path):
     """export/set_defaults.py: a new default number of steps, same graphs, the change recorded."""
     import shutil
