@@ -239,8 +239,18 @@ def test_device_script_is_one_prepared_command():
 
 # ---- on a GPU ----------------------------------------------------------------------------------------
 
+@pytest.fixture
+def no_tf32():
+    """fp32 convolutions and matmuls in fp32 (PyTorch lets cuDNN use TF32 by default)."""
+    b = torch.backends
+    prev = b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32
+    b.cudnn.allow_tf32 = b.cuda.matmul.allow_tf32 = False
+    yield
+    b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = prev
+
+
 @cuda
-def test_cuda_graph_replay_equals_eager_and_the_cpu(ref_model):
+def test_cuda_graph_replay_equals_eager_and_the_cpu(ref_model, no_tf32):
     from msld_export.batched_sampler import BatchedSampler
     cpu = BatchedSampler.from_reference(ref_model, device="cpu").sample(_image(2), k=3, steps=3, seed=7)
     for eta in (0.0, 0.5):
