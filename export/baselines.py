@@ -148,29 +148,13 @@ def ddim_prev(T: int, steps: int, t: int) -> int:
 def _reference_eager_per_hypothesis(model: ReferenceTorch, plan: Plan, img01: np.ndarray, k: int, steps: int,
                                     seed: int) -> np.ndarray:
     """(a) for the reference architecture: its modules, one hypothesis at a time, the embedder
-    re-run per hypothesis (the reference's ui.py n_ensemble loop), its DDIM rule in torch float32."""
-    m = plan.manifest
-    C, (L, _) = m["latent"]["channels"], m["latent"]["size"]
-    ac = torch.tensor(m["schedule"]["alphas_cumprod"], dtype=torch.float32)
-    T, clip = len(ac), float(m["schedule"].get("clip_sample", 0.0))
-    ts = _native.ddim_timesteps(T, steps, m["schedule"]["spacing"])
-    x_img = torch.from_numpy(_normalise(plan, img01))
-    one = torch.tensor(1.0)
-    out = []
-    with torch.no_grad():
-        for i in range(k):
-            cond = model.embedder(x_img)
-            x = torch.from_numpy(_native.gaussian(seed, i, 1, C * L * L, 0).reshape(1, C, L, L))
-            for t in ts:
-                eps = model.denoiser(x, torch.tensor([float(t)]), cond)
-                prev = ddim_prev(T, steps, t)
-                a, ap = ac[t], (ac[prev] if prev >= 0 else one)
-                x0 = (x - torch.sqrt(1 - a) * eps) / torch.sqrt(a)
-                if clip > 0:
-                    x0 = x0.clamp(-clip, clip)
-                x = torch.sqrt(ap) * x0 + torch.sqrt(1 - ap) * eps
-            out.append(model.decoder(x)[0, 0].numpy())
-    return np.stack(out)
+    re-run per hypothesis (the reference's ui.py n_ensemble loop), its DDIM rule in torch float32
+    (``batched_sampler.per_hypothesis_eager``, which the GPU benchmark runs on the device too)."""
+    from .batched_sampler import per_hypothesis_eager
+    sch = plan.manifest["schedule"]
+    return per_hypothesis_eager(model.embedder, model.denoiser, model.decoder, sch["alphas_cumprod"],
+                                torch.from_numpy(_normalise(plan, img01)), k=k, steps=steps, seed=seed,
+                                spacing=sch["spacing"], clip=float(sch.get("clip_sample", 0.0))).numpy()
 
 
 def torch_eager_per_hypothesis(model, plan: Plan, img01: np.ndarray, k: int, steps: int,

@@ -28,6 +28,10 @@ The timestep schedule comes from ``msld_sdk._native.ddim_timesteps`` and the alp
 
 This module lives under export/ because it needs torch; the runtime never imports it. Importing
 it needs no GPU; constructing a ``GpuSampler`` does.
+
+``batched_sampler.BatchedSampler`` (beside this) runs the same loop with the update and aggregation in
+PyTorch: on any device (the CPU too), with fp16/bf16 networks and channels_last, for plans of the
+reference architecture (the paper-scale GPU benchmark, benchmarks/gpu_paper_scale.py).
 """
 from __future__ import annotations
 

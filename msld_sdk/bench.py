@@ -173,6 +173,17 @@ def plan_sized_image(plan, img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(planes.transpose(1, 2, 0))
 
 
+def mask_agreement(cons_a, cons_b, masks_a, masks_b) -> dict:
+    """How far two runs on the same noise agree: fraction of pixels where the consensus masks, and
+    the k masks, are equal; each consensus' foreground fraction; the consensus IoU (pixel agreement
+    is high wherever most pixels are background, the IoU is the agreement on the lesion itself)."""
+    a, b = np.asarray(cons_a, bool), np.asarray(cons_b, bool)
+    return {"consensus_pixel_agreement": float(np.mean(a == b)),
+            "masks_pixel_agreement": float(np.mean(np.asarray(masks_a, bool) == np.asarray(masks_b, bool))),
+            "consensus_foreground_fraction": [float(a.mean()), float(b.mean())],
+            "consensus_iou": float(np.sum(a & b) / max(1, np.sum(a | b)))}
+
+
 def consensus_agreement(seg_a, seg_b, img, k: int, steps: int, seed: int) -> dict:
     """Two segmenters (fp32 and int8) on the same image, k, steps and seed, hence the same noise:
     fraction of pixels where their consensus masks, and their k masks, agree; with the time of each run."""
@@ -182,12 +193,7 @@ def consensus_agreement(seg_a, seg_b, img, k: int, steps: int, seed: int) -> dic
         runs[name] = seg.run(img, k=k, steps=steps, seed=seed)
         runs[name + "_ms"] = (time.perf_counter() - t0) * 1e3
     a, b = runs["a"], runs["b"]
-    return {"k": k, "steps": steps, "seed": seed,
-            "consensus_pixel_agreement": float(np.mean(a.consensus == b.consensus)),
-            "masks_pixel_agreement": float(np.mean(a.masks == b.masks)),
-            "consensus_foreground_fraction": [float(a.consensus.mean()), float(b.consensus.mean())],
-            # the agreement on the lesion itself (pixel agreement is high wherever most pixels are background)
-            "consensus_iou": float(np.sum(a.consensus & b.consensus) / max(1, np.sum(a.consensus | b.consensus))),
+    return {"k": k, "steps": steps, "seed": seed, **mask_agreement(a.consensus, b.consensus, a.masks, b.masks),
             "mean_prob_max_abs_diff": float(np.abs(a.mean - b.mean).max()),
             "run_ms": [runs["a_ms"], runs["b_ms"]]}
 

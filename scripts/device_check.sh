@@ -9,27 +9,18 @@
 # MSLD_MEMCHECK=1 adds a compute-sanitizer memcheck pass over the kernel tests (slow).
 set -x
 set -o pipefail
-export PYTHONUNBUFFERED=1
-. scripts/source_tree_env.sh   # msld_sdk and msld_export importable without an install
+. scripts/device_env.sh   # msld_sdk and msld_export importable without an install; OUT, PY, build_native
 
-OUT="${OUT:-$PWD/device_out}"
-mkdir -p "$OUT"
-PY="$(command -v "${PYTHON:-python3}")"
 BUILD="${MSLD_BUILD_DIR:-/tmp/msld_device_build}"
 START=$(date +%s)
 
 nvidia-smi -L
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
-command -v nvcc >/dev/null || export PATH="/usr/local/cuda/bin:$PATH"
 nvcc --version | tail -n 2
 "$PY" -c "import sys, torch, pybind11; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available(), 'pybind11', pybind11.__version__)"
 
 # ---- 1. build msld_sdk._native in place (CPU + CUDA kernels, sm_75 and sm_90) -------------------
-rm -rf "$BUILD"
-timeout 150 bash -c "
-  cmake -S . -B '$BUILD' -DPython_EXECUTABLE='$PY' -DCMAKE_BUILD_TYPE=Release \
-        -DCMAKE_LIBRARY_OUTPUT_DIRECTORY='$PWD/msld_sdk' -DCMAKE_CUDA_ARCHITECTURES='75;90' &&
-  cmake --build '$BUILD' -j \$(nproc)" > "$OUT/build.log" 2>&1
+build_native "$BUILD" 150 -DCMAKE_CUDA_ARCHITECTURES='75;90' > "$OUT/build.log" 2>&1
 RC_BUILD=$?
 grep -E "msld:|[Ww]arning|[Ee]rror" "$OUT/build.log" | head -40
 tail -n 5 "$OUT/build.log"

@@ -62,6 +62,21 @@ def tiny_crop_plan(tiny_plan, tmp_path_factory) -> Path:
     return p
 
 
+NARROW_BENCH = {"family": "lidc", "seed": 7, "base_channels": [32, 32, 32]}
+
+
+@pytest.fixture(scope="session")
+def lidc_bench_plan(tmp_path_factory) -> Path:
+    """A benchmark plan of the reference architecture (LIDC family) narrowed to base 32 channels,
+    random weights of seed 7 (``python -m msld_export.reference.bench_plan``); read-only: copy it
+    before changing it."""
+    from msld_export.reference.bench_plan import main as bench_plan
+    out = tmp_path_factory.mktemp("bench_plan") / "lidc_narrow.plan"
+    assert bench_plan([NARROW_BENCH["family"], "--out", str(out), "--seed", str(NARROW_BENCH["seed"]),
+                       "--base-channels", *map(str, NARROW_BENCH["base_channels"])]) == 0
+    return out
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -16,15 +16,7 @@ pytest.importorskip("torch")
 from msld_sdk.cli import main  # noqa: E402
 from msld_sdk.plan import Plan  # noqa: E402
 
-NARROW = [32, 32, 32]
-
-
-@pytest.fixture(scope="module")
-def lidc_bench_plan(tmp_path_factory):
-    from msld_export.reference.bench_plan import main as bench_plan
-    out = tmp_path_factory.mktemp("bench_plan") / "lidc_narrow.plan"
-    assert bench_plan(["lidc", "--out", str(out), "--seed", "7", "--base-channels", *map(str, NARROW)]) == 0
-    return out
+# lidc_bench_plan (conftest.py): the LIDC family narrowed to base 32 channels, weights seed 7
 
 
 def test_published_widths_have_the_papers_parameter_counts():
