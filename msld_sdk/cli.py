@@ -249,7 +249,7 @@ def cmd_eval(a) -> int:
     rep = evaluate(seg, samples, k=a.k or seg.defaults["k"], steps=a.steps, seed=a.seed,
                    progress=lambda n: bar.update(n - bar.n))
     bar.close()
-    rep.update(plan=seg.plan.path, data=str(a.data), kind=kind, split=split, precision=a.precision,
+    rep.update(plan=seg.plan.path, plan_graphs_sha256=seg.plan.graphs_sha256, data=str(a.data), kind=kind, split=split, precision=a.precision,
                per_nodule=bool(a.per_nodule), cvc_fold=a.cvc_fold,
                trained=seg.plan.manifest.get("provenance", {}).get("trained"), cpu=describe(),
                int8_kernel=getattr(seg.backend, "int8_kernel", None) and seg.backend.int8_kernel.name)

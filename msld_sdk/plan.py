@@ -182,6 +182,13 @@ class Plan:
         return (int(c["channels"]), int(c["size"][0]), int(c["size"][1])) if c else self.latent_shape
 
     @property
+    def graphs_sha256(self) -> str:
+        """One checksum of the fp32 graphs (encoder, denoiser, decoder): the model itself. It stays
+        when only metadata, defaults or an int8 graph are added, and changes with a new model."""
+        parts = [f"{n}:{self.manifest['blobs'][n]['sha256']}" for n in ("encoder", "denoiser", "decoder")]
+        return sha256_bytes("\n".join(parts).encode())
+
+    @property
     def defaults(self) -> dict:
         return self.manifest["defaults"]
 

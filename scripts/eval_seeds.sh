@@ -23,6 +23,20 @@ TAG=${TAG:-$NAME${KIND:+_$KIND}${K:+_k$K}${PER_NODULE:+_per_nodule}}
 OUT=benchmarks/results/eval_seeds_$TAG
 mkdir -p "$OUT"
 STEPS=${STEPS:-$(python -c "from msld_sdk import Segmenter; print(Segmenter('$PLAN').defaults['steps'])")}
+# results on disk are reused only if they were made with this very model (a shipped name's plan
+# changes when a new model ships; plan_graphs_sha256 identifies the fp32 graphs): otherwise stop
+python - "$OUT" "$PLAN" <<'PY'
+import json, pathlib, sys
+from msld_sdk.plan import Plan
+from msld_sdk.segmenter import resolve_plan_path
+want = Plan.open(resolve_plan_path(sys.argv[2])).graphs_sha256
+for f in sorted(pathlib.Path(sys.argv[1]).glob("steps*_seed*_*.json")):
+    got = json.loads(f.read_text()).get("plan_graphs_sha256")
+    if got is None:
+        print(f"note: {f} records no model checksum (made before 2026-11-30); reused as it is", file=sys.stderr)
+    elif got != want:
+        sys.exit(f"{f} was made with another model than {sys.argv[2]}: move those results away or give TAG=another_name")
+PY
 for st in $STEPS; do
   for s in "$@"; do
     for p in ${PRECISIONS:-fp32 int8}; do

@@ -133,6 +133,13 @@ def test_set_defaults_keeps_the_graphs(tiny_plan, tmp_path):
     assert after["blobs"] == before["blobs"]
     assert after["provenance"]["defaults_changed"]["from"]["steps"] == before["defaults"]["steps"]
     assert Segmenter(p).run(np.zeros((32, 32), np.float32), k=2, seed=0).steps == 3
+    # the model's checksum (what msld eval records, eval_seeds.sh compares) ignores metadata ...
+    assert Plan.open(p).graphs_sha256 == Plan.open(tiny_plan).graphs_sha256
+    # ... and follows the graphs
+    from msld_sdk.plan import add_blobs
+    other = tmp_path / "other.plan"
+    add_blobs(p, {"decoder": ("graphs/decoder.onnx", Plan.open(p).blob("encoder"))}, {}, out_path=other)
+    assert Plan.open(other, verify=False).graphs_sha256 != Plan.open(p).graphs_sha256
 
 
 def _without(monkeypatch, *modules):

@@ -65,6 +65,8 @@ def test_eval_command_on_a_folder(tmp_path, tiny_plan, capsys):
     auto, explicit = (json.loads((tmp_path / f).read_text()) for f in ("auto.json", "explicit.json"))
     assert auto["kind"] == "folder" and auto["split"] == "all" and auto["n_images"] == 3
     assert auto["metrics"] == explicit["metrics"] and "ged" not in auto["metrics"]
+    from msld_sdk.plan import Plan
+    assert auto["plan_graphs_sha256"] == Plan.open(tiny_plan).graphs_sha256   # which model made the figures
     (root / "masks" / "case2.png").unlink()
     assert main(args) == 1
     assert "case2" in capsys.readouterr().err
