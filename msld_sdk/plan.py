@@ -185,7 +185,7 @@ class Plan:
     def graphs_sha256(self) -> str:
         """One checksum of the fp32 graphs (encoder, denoiser, decoder): the model itself. It stays
         when only metadata, defaults or an int8 graph are added, and changes with a new model."""
-        parts = [f"{n}:{self.manifest['blobs'][n]['sha256']}" for n in ("encoder", "denoiser", "decoder")]
+        parts = [f"{n}:{self.manifest['blobs'][n]['sha256']}" for n in GRAPH_PARTS]
         return sha256_bytes("\n".join(parts).encode())
 
     @property
