@@ -66,7 +66,7 @@ def process_item(seg, item: dict, out: Path, params: dict) -> dict:
     if (d / DONE).exists():
         return {"index": item["index"], "name": item["name"], "status": "skipped", "error": ""}
     seed = image_seed(params["seed"], item["index"])
-    run_kw = dict(k=params["k"], steps=params["steps"], seed=seed, eta=params["eta"])
+    run_kw = dict(k=params["k"], steps=params["steps"], seed=seed, eta=params["eta"], views=params.get("views"))
     t0 = time.perf_counter()
     try:
         d.mkdir(parents=True, exist_ok=True)
@@ -122,7 +122,7 @@ def _check_job(out: Path, params: dict) -> None:
 
 
 def run_items(inputs, out, plan=None, k=None, steps=None, seed: int = 0, eta: float = 0.0, roi=None, slices=None,
-              ray_address: str | None = None, actors: int = 2, threads: int | None = 1, backend: str = "auto",
+              views: int | None = None, ray_address: str | None = None, actors: int = 2, threads: int | None = 1, backend: str = "auto",
               precision: str = "fp32", use_ray: bool = True, on_item=None, progress: bool = False) -> dict:
     """Segment ``inputs`` into ``out`` (see the module docstring); returns the summary."""
     from .segmenter import resolve_plan_path
@@ -131,6 +131,8 @@ def run_items(inputs, out, plan=None, k=None, steps=None, seed: int = 0, eta: fl
     params = {"plan": plan_path, "k": k, "steps": steps, "seed": int(seed), "eta": float(eta),
               "roi": [float(v) for v in roi] if roi is not None else None,
               "slices": [int(v) for v in slices] if slices is not None else None, "precision": precision}
+    if views is not None:   # only when given, so that jobs written before views existed still resume
+        params["views"] = int(views)
     _check_job(out, params)
     items = make_items(inputs)
     pending = [it for it in items if not (out / it["name"] / DONE).exists()]
@@ -183,7 +185,7 @@ def cmd_segment_ray(a) -> int:
     seed = 0 if a.seed is None else a.seed
     roi = a.roi if a.roi is not None else a.center
     s = run_items(a.images, a.out, plan=a.plan, k=a.k, steps=a.steps, seed=seed, eta=a.eta, roi=roi,
-                  slices=a.slices, ray_address=None if a.ray == "local" else a.ray, actors=a.actors,
+                  slices=a.slices, views=a.views, ray_address=None if a.ray == "local" else a.ray, actors=a.actors,
                   threads=a.threads or 1, backend=a.backend, precision=a.precision, progress=not a.quiet)
     print(f"{s['items']} items: {len(s['done'])} done, {len(s['skipped'])} already done (skipped), "
           f"{len(s['failed'])} failed; seed {seed} ({s['seed_scheme']}); {s['seconds']:.1f} s -> {a.out}/")

@@ -21,12 +21,19 @@ def _add_precision_arg(p: argparse.ArgumentParser) -> None:
                    help="denoiser precision (int8: the plan's quantized denoiser, ONNX Runtime only)")
 
 
+def _add_views_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--views", type=int, default=None, metavar="V",
+                   help="hypothesis j sees the image turned by view j %% V (quarter turns, then mirrored; "
+                        "1 = off; default: the plan's)")
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", default=None, help="plan file or shipped model name (default: the embedded lidc model)")
     p.add_argument("-k", "--k", type=int, default=None, help="number of hypotheses (default: the plan's)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the plan's)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible hypotheses (default: random, printed)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic given the seed, 1 = DDPM-like")
+    _add_views_arg(p)
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
     _add_precision_arg(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
@@ -51,11 +58,11 @@ def cmd_segment(a) -> int:
         # several images with one --seed: image i gets image_seed(seed, i), as `--ray` and `msld eval`
         # do, so that images do not share noise; one image gets the seed itself, as Segmenter.run
         seed = image_seed(a.seed, i) if a.seed is not None and len(a.images) > 1 else a.seed
-        r = seg.run(path, k=a.k, steps=a.steps, seed=seed, eta=a.eta, roi=a.roi or a.center)
+        r = seg.run(path, k=a.k, steps=a.steps, seed=seed, eta=a.eta, roi=a.roi or a.center, views=a.views)
         d = out / name if len(a.images) > 1 else out
         save_result_pngs(d, r, load_image(path))
         fg = float(r.consensus.mean())
-        print(f"{path}: k={r.k} steps={r.steps} seed={r.seed} -> {d}/ "
+        print(f"{path}: k={r.k} steps={r.steps} views={r.views} seed={r.seed} -> {d}/ "
               f"(consensus foreground {100 * fg:.2f}% of pixels, mean confidence {float(r.confidence.mean()):.3f}, "
               f"{r.timings['total_ms']:.0f} ms)")
     return 0
@@ -246,7 +253,7 @@ def cmd_eval(a) -> int:
     samples = (Sample(data.images[i].transpose(1, 2, 0).astype(np.float32) / 255.0, data.masks[i] > 0, data.ids[i])
                for i in range(len(data)))
     bar = tqdm(total=len(data), desc=f"eval {kind}/{split}", unit="img", disable=a.quiet)
-    rep = evaluate(seg, samples, k=a.k or seg.defaults["k"], steps=a.steps, seed=a.seed,
+    rep = evaluate(seg, samples, k=a.k or seg.defaults["k"], steps=a.steps, seed=a.seed, views=a.views,
                    progress=lambda n: bar.update(n - bar.n))
     bar.close()
     rep.update(plan=seg.plan.path, plan_graphs_sha256=seg.plan.graphs_sha256, data=str(a.data), kind=kind, split=split, precision=a.precision,
@@ -335,6 +342,7 @@ def main(argv=None) -> int:
     p.add_argument("--cvc-fold", default=None, metavar="F/N",
                    help="CVC-ClinicDB (kinds cvc, polyp): validate on the F-th of N sequence-safe blocks "
                         "(cross-validation; default: the shipped models' split, the last 15 %%)")
+    _add_views_arg(p)
     p.add_argument("--per-nodule", action="store_true",
                    help="LIDC: one slice per nodule, its middle one (a nodule's slices are near-duplicates)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])

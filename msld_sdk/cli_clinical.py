@@ -72,7 +72,8 @@ def cmd_segment_volumes(a) -> int:
     roi = a.roi if a.roi is not None else a.center
     for path, name in zip(a.images, output_names(a.images)):
         vol = load_volume(path)
-        vr = segment_volume(seg, vol, roi=roi, slices=a.slices, k=a.k, steps=a.steps, seed=a.seed, eta=a.eta)
+        vr = segment_volume(seg, vol, roi=roi, slices=a.slices, k=a.k, steps=a.steps, seed=a.seed, eta=a.eta,
+                            views=a.views)
         d = out / name if len(a.images) > 1 else out
         d.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(d / "result.npz", masks=vr.masks, mean=vr.mean, confidence=vr.confidence,

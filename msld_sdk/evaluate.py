@@ -61,15 +61,18 @@ def image_seed(seed: int, index: int) -> int:
 
 
 def evaluate(segmenter, samples: Iterable[Sample], k: int, steps: int | None, seed: int = 0,
-             progress=None) -> dict:
+             progress=None, views: int | None = None) -> dict:
     """Metrics over ``samples`` (see the module docstring). ``progress(n_done)`` is called per image."""
     acc, acc_major = _Acc(), _Acc()
     per_image = []
     bins = None
     n = 0
+    used_views = views or 1
     t0 = time.perf_counter()
     for s in samples:
-        r = segmenter.run([s.image], k=k, steps=steps, seed=image_seed(seed, n))[0]
+        r = segmenter.run([s.image], k=k, steps=steps, seed=image_seed(seed, n),
+                          **({} if views is None else {"views": views}))[0]
+        used_views = getattr(r, "views", 1)
         ann = s.annotations.astype(bool)
         ref = reference_mask(ann)
         mean_mask = r.mean > 0.5
@@ -94,6 +97,7 @@ def evaluate(segmenter, samples: Iterable[Sample], k: int, steps: int | None, se
         if progress:
             progress(n)
     out = {"n_images": n, "k": k, "steps": steps or segmenter.defaults["steps"], "seed": seed,
+           "views": used_views,
            "seed_scheme": SEED_SCHEME,
            "metrics": acc.means(), "ece": metrics.ece_from_bins(*bins) if bins is not None else None,
            "seconds": time.perf_counter() - t0}
@@ -105,7 +109,8 @@ def evaluate(segmenter, samples: Iterable[Sample], k: int, steps: int | None, se
 
 def format_report(rep: dict) -> str:
     m = rep["metrics"]
-    lines = [f"images {rep['n_images']}  k={rep['k']}  steps={rep['steps']}  seed={rep['seed']}  "
+    lines = [f"images {rep['n_images']}  k={rep['k']}  steps={rep['steps']}  views={rep.get('views', 1)}  "
+             f"seed={rep['seed']}  "
              f"({rep['seconds']:.0f} s)",
              f"Dice  consensus {m['dice_consensus']:.4f}  mean-mask {m['dice_mean_mask']:.4f}  "
              f"per-hypothesis {m['dice_per_hypothesis']:.4f}",

@@ -236,6 +236,8 @@ def _validate_manifest_values(m: dict, p: Path) -> None:
         assert sch["spacing"] in SPACINGS and sch["prediction"] == "epsilon"
         d = m["defaults"]
         assert 1 <= d["k"] <= d["max_k"] and 1 <= d["steps"] <= T
+        assert type(d.get("views", 1)) is int and 1 <= d.get("views", 1) <= 8, \
+            "defaults.views must be an integer from 1 to 8 (msld_sdk.views)"
     except (AssertionError, KeyError, TypeError, ValueError) as e:
         raise PlanFormatError(f"{p}: manifest has a missing or invalid field ({type(e).__name__}: {e})") from None
 

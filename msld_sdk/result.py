@@ -18,6 +18,7 @@ class SegmentationResult:
     eta: float
     timings: dict = field(default_factory=dict)  # milliseconds per stage
     roi: tuple | None = None  # (x0, y0, x1, y1) kept when run with roi=...; zeros outside it
+    views: int = 1            # hypothesis j was sampled from the image in view j % views (msld_sdk.views)
 
     @property
     def k(self) -> int:

@@ -22,6 +22,7 @@ from .image_input import load_image, resize_planes, to_model_input
 from .plan import Plan
 from .result import SegmentationResult
 from .roi import warn_if_whole_image
+from .views import check_views, hypothesis_rows, undo_views, view_inputs
 
 log = logging.getLogger("msld_sdk")
 
@@ -75,7 +76,8 @@ class Segmenter:
 
     # ---- public API ------------------------------------------------------------------------
     def run(self, img, k: int | None = None, steps: int | None = None, seed: int | None = None,
-            eta: float = 0.0, threshold: float | None = None, roi=None, initial_latents=None):
+            eta: float = 0.0, threshold: float | None = None, roi=None, initial_latents=None,
+            views: int | None = None):
         """Segment one image (array, PIL image or path) or a list of them.
 
         Returns a ``SegmentationResult`` (a list of them for a list input). ``seed`` makes
@@ -88,6 +90,10 @@ class Segmenter:
         array (n*k, C, h, w), hypotheses of image i at rows i*k .. i*k+k-1, or a list of n
         arrays (k, C, h, w). Values are used as float32. With eta=0 the run is then fully
         deterministic (``seed`` only matters for eta > 0 noise).
+
+        ``views``: hypothesis j is sampled from the image turned by view ``j % views`` (the four
+        quarter turns, then their mirror images; ``msld_sdk.views``) and turned back; 1 turns
+        this off. Default: the plan's (``defaults["views"]``, 1 when it has none).
         """
         batch = isinstance(img, (list, tuple))
         images = list(img) if batch else [img]
@@ -96,16 +102,18 @@ class Segmenter:
         if roi is not None:
             from .roi import run_with_roi
             results = run_with_roi(self, images, roi, k=k, steps=steps, seed=seed, eta=eta, threshold=threshold,
-                                   initial_latents=initial_latents)
+                                   initial_latents=initial_latents, views=views)
         else:
-            results = self._run(images, k, steps, seed, eta, threshold, initial_latents, warn_whole=True)
+            results = self._run(images, k, steps, seed, eta, threshold, initial_latents, views=views,
+                                warn_whole=True)
         return results if batch else results[0]
 
     __call__ = run
 
     # ---- internals -------------------------------------------------------------------------
-    def _check_args(self, k, steps, seed, eta, threshold):
+    def _check_args(self, k, steps, seed, eta, threshold, views=None):
         d = self.defaults
+        views = check_views(d.get("views", 1) if views is None else views, tuple(self._in["size"]))
         k = d["k"] if k is None else k
         steps = d["steps"] if steps is None else steps
         threshold = d.get("threshold", 0.5) if threshold is None else threshold
@@ -122,7 +130,7 @@ class Segmenter:
             seed = secrets.randbits(63)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
             raise InputError(f"seed must be an integer from 0 to 2**64-1, got {seed!r}")
-        return int(k), int(steps), int(seed), float(eta), float(threshold)
+        return int(k), int(steps), int(seed), float(eta), float(threshold), views
 
     def preprocess(self, img) -> np.ndarray:
         """One image (anything ``run`` accepts) -> the encoder's 1 x C x H x W input."""
@@ -151,9 +159,9 @@ class Segmenter:
             raise InputError("initial_latents contains NaN or Inf")
         return x0
 
-    def _run(self, images: Sequence, k, steps, seed, eta, threshold, initial_latents=None,
+    def _run(self, images: Sequence, k, steps, seed, eta, threshold, initial_latents=None, views=None,
              warn_whole=False) -> list[SegmentationResult]:
-        k, steps, seed, eta, threshold = self._check_args(k, steps, seed, eta, threshold)
+        k, steps, seed, eta, threshold, views = self._check_args(k, steps, seed, eta, threshold, views)
         x_init = self._initial_latents(initial_latents, len(images), k)
         t0 = time.perf_counter()
         arrays = [load_image(im) for im in images]
@@ -161,10 +169,12 @@ class Segmenter:
             warn_if_whole_image(self.plan.manifest, [a.shape for a in arrays])
         x_in = np.concatenate([self._model_input(a) for a in arrays])
         t1 = time.perf_counter()
-        cond = self.backend.encode(x_in)
+        n = len(arrays)
+        cond = self.backend.encode(view_inputs(x_in, views))   # (n * views) rows
+        if views > 1:   # one row per hypothesis: hypothesis j of image i sees view j % views
+            cond = np.ascontiguousarray(cond[hypothesis_rows(n, k, views)])
         t2 = time.perf_counter()
 
-        n = len(arrays)
         denoise_s = [0.0]
         bar = None
         if self.progress:
@@ -176,12 +186,14 @@ class Segmenter:
             # Device-resident loop (TensorRT): noise, denoiser and DDIM updates never leave the GPU,
             # so the host cannot time them apart; the whole loop is reported as denoise_ms.
             extra = {} if x_init is None else {"initial_latents": x_init}
+            if views > 1:
+                extra["cond_per_hypothesis"] = True
             latents = run_loop(cond, k, n, steps, self._spacing, eta, self._clip, seed, self._alphas, **extra)
             if bar is not None:
                 bar.update(steps)
         else:
             buf = self.backend.buffers(n * k)
-            buf.cond[...] = np.repeat(cond, k, axis=0)
+            buf.cond[...] = cond if views > 1 else np.repeat(cond, k, axis=0)
 
             def denoise():
                 s = time.perf_counter()
@@ -202,7 +214,7 @@ class Segmenter:
         t3 = time.perf_counter()
         if run_loop is not None:
             denoise_s[0] = t3 - t2                        # loop_overhead_ms is then 0
-        probs = self.backend.decode(latents)[:, 0]        # (n*k) x h x w
+        probs = undo_views(self.backend.decode(latents)[:, 0], k, views)   # (n*k) x h x w
         t4 = time.perf_counter()
 
         results = []
@@ -217,7 +229,7 @@ class Segmenter:
             post_s += s2 - s
             agg_s += s3 - s2
             results.append(SegmentationResult(masks=masks, mean=mean, confidence=conf, consensus=cons, probs=p,
-                                              seed=seed, steps=steps, eta=eta))
+                                              seed=seed, steps=steps, eta=eta, views=views))
         t5 = time.perf_counter()
         loop_s = t3 - t2
         timings = {

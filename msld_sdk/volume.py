@@ -193,7 +193,7 @@ def crop_pixels(info: dict, spacing_yx) -> tuple[int, int]:
 
 
 def segment_volume(seg, vol: Volume, roi=None, slices=None, k=None, steps=None, seed=None, eta=0.0,
-                   threshold=None) -> VolumeResult:
+                   threshold=None, views=None) -> VolumeResult:
     """Segment slices ``slices`` of ``vol`` in the region ``roi`` (see the module docstring)."""
     info = training_input(seg.plan.manifest)
     Z, H, W = vol.hu.shape
@@ -206,7 +206,7 @@ def segment_volume(seg, vol: Volume, roi=None, slices=None, k=None, steps=None, 
     fill = info.get("pad_hu", float(vol.hu.min()))
     cut = crop(stack, win, fill)
     crops = [normalise_crop(cut[:, :, i], info, hu=True) for i in range(z1 - z0)]
-    results = seg._run(crops, k, steps, seed, eta, threshold, warn_whole=roi2 is None)
+    results = seg._run(crops, k, steps, seed, eta, threshold, views=views, warn_whole=roi2 is None)
     kk = results[0].k
     out = VolumeResult(masks=np.zeros((kk, Z, H, W), bool), mean=np.zeros((Z, H, W), np.float32),
                        confidence=np.zeros((Z, H, W), np.float32), consensus=np.zeros((Z, H, W), bool),

@@ -9,9 +9,10 @@
 #   KIND=cvc|kvasir|lidc|polyp  data set (default: the model's own)
 #   K=16                        hypotheses per image (default: the plan's)
 #   PER_NODULE=1                LIDC: one slice per nodule, the middle one
+#   VIEWS=V                     test-time views (msld_sdk.views; default: the plan's)
 #   PLAN=path/to/x.plan         evaluate this plan file under NAME (default: the shipped NAME)
 #   TAG=name                    results go to benchmarks/results/eval_seeds_TAG
-#                               (default: NAME, plus _KIND, _kK and _per_nodule when given)
+#                               (default: NAME, plus _KIND, _kK, _per_nodule and _viewsV when given)
 #   LIMIT=N                     first N validation items only
 # Results already on disk are kept (resumable). The evaluation protocol of the model card
 # (held-out video sequences, one slice per nodule, k=16 for LIDC): scripts/eval_protocol.sh.
@@ -19,23 +20,28 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=${1:?model name}; shift
 PLAN=${PLAN:-$NAME}
-TAG=${TAG:-$NAME${KIND:+_$KIND}${K:+_k$K}${PER_NODULE:+_per_nodule}}
+TAG=${TAG:-$NAME${KIND:+_$KIND}${K:+_k$K}${PER_NODULE:+_per_nodule}${VIEWS:+_views$VIEWS}}
 OUT=benchmarks/results/eval_seeds_$TAG
 mkdir -p "$OUT"
 STEPS=${STEPS:-$(python -c "from msld_sdk import Segmenter; print(Segmenter('$PLAN').defaults['steps'])")}
 # results on disk are reused only if they were made with this very model (a shipped name's plan
-# changes when a new model ships; plan_graphs_sha256 identifies the fp32 graphs): otherwise stop
-python - "$OUT" "$PLAN" <<'PY'
+# changes when a new model ships; plan_graphs_sha256 identifies the fp32 graphs) and the same
+# test-time views (results made before views existed used 1): otherwise stop
+python - "$OUT" "$PLAN" "${VIEWS:-}" <<'PY'
 import json, pathlib, sys
 from msld_sdk.plan import Plan
 from msld_sdk.segmenter import resolve_plan_path
-want = Plan.open(resolve_plan_path(sys.argv[2])).graphs_sha256
+plan = Plan.open(resolve_plan_path(sys.argv[2]))
+want, views = plan.graphs_sha256, int(sys.argv[3] or plan.defaults.get("views", 1))
 for f in sorted(pathlib.Path(sys.argv[1]).glob("steps*_seed*_*.json")):
-    got = json.loads(f.read_text()).get("plan_graphs_sha256")
+    rep = json.loads(f.read_text())
+    got = rep.get("plan_graphs_sha256")
     if got is None:
         print(f"note: {f} records no model checksum (made before 2026-11-30); reused as it is", file=sys.stderr)
     elif got != want:
         sys.exit(f"{f} was made with another model than {sys.argv[2]}: move those results away or give TAG=another_name")
+    if rep.get("views", 1) != views:
+        sys.exit(f"{f} was made with views={rep.get('views', 1)}, this run uses views={views}: give TAG=another_name")
 PY
 for st in $STEPS; do
   for s in "$@"; do
@@ -43,7 +49,7 @@ for st in $STEPS; do
       f="$OUT/steps${st}_seed${s}_$p.json"
       [ -f "$f" ] && continue
       python -m msld_sdk.cli eval --plan "$PLAN" --kind "${KIND:-$NAME}" --split val -q --seed "$s" --steps "$st" \
-          --precision "$p" ${K:+--k "$K"} ${PER_NODULE:+--per-nodule} ${LIMIT:+--limit "$LIMIT"} \
+          --precision "$p" ${K:+--k "$K"} ${VIEWS:+--views "$VIEWS"} ${PER_NODULE:+--per-nodule} ${LIMIT:+--limit "$LIMIT"} \
           ${THREADS:+--threads "$THREADS"} --json "$f" > /dev/null
     done
   done

@@ -43,7 +43,7 @@ def test_segment_default_plan_on_shipped_sample(tmp_path):
     r = subprocess.run([sys.executable, "-m", "msld_sdk.cli", "segment", SAMPLE, "-o", str(tmp_path), "-k", "2",
                         "--steps", "2", "--seed", "1", "-q"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "k=2 steps=2 seed=1" in r.stdout
+    assert "k=2 steps=2 views=1 seed=1" in r.stdout
     assert (tmp_path / "overlay.png").exists()
 
 

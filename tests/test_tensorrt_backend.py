@@ -142,11 +142,13 @@ class CpuLoopBackend:
         self.decoded.append(latents)
         return self.inner.decode(latents)
 
-    def run_loop(self, cond, k, n_images, steps, spacing, eta, clip, seed, alphas_cumprod, initial_latents=None):
+    def run_loop(self, cond, k, n_images, steps, spacing, eta, clip, seed, alphas_cumprod, initial_latents=None,
+                 cond_per_hypothesis=False):
         self.calls.append(dict(cond=cond.copy(), k=k, n_images=n_images, steps=steps, spacing=spacing, eta=eta,
-                               clip=clip, seed=seed, alphas=np.array(alphas_cumprod), initial=initial_latents))
+                               clip=clip, seed=seed, alphas=np.array(alphas_cumprod), initial=initial_latents,
+                               per_hypothesis=cond_per_hypothesis))
         buf = self.inner.buffers(n_images * k)
-        buf.cond[...] = np.repeat(cond, k, axis=0)
+        buf.cond[...] = cond if cond_per_hypothesis else np.repeat(cond, k, axis=0)
         if initial_latents is not None:
             buf.x[...] = initial_latents
         _native.ddim_sample(lambda: self.inner.denoise_bound(buf), alphas_cumprod, steps, spacing, eta, clip, seed,
@@ -188,7 +190,20 @@ def test_only_the_tensorrt_backend_has_run_loop():
     assert not hasattr(OnnxRuntimeBackend, "run_loop")
     params = list(inspect.signature(TensorRTBackend.run_loop).parameters)
     assert params == ["self", "cond", "k", "n_images", "steps", "spacing", "eta", "clip", "seed", "alphas_cumprod",
-                      "initial_latents"]
+                      "initial_latents", "cond_per_hypothesis"]
+
+
+def test_run_loop_gets_one_cond_row_per_hypothesis_with_views(tiny_rgb_plan, rng):
+    """With test-time views the loop gets cond per hypothesis (n*k rows) and gives the CPU path's result."""
+    imgs = [rng.random((40, 50, 3), dtype=np.float32) for _ in range(2)]
+    ref = Segmenter(tiny_rgb_plan, backend="onnxruntime").run(imgs, k=3, steps=4, seed=2, views=4)
+    hooked = Segmenter(tiny_rgb_plan, backend="onnxruntime")
+    fake = hooked.backend = CpuLoopBackend(hooked.backend)
+    got = hooked.run(imgs, k=3, steps=4, seed=2, views=4)
+    c = fake.calls[0]
+    assert c["per_hypothesis"] and c["cond"].shape[0] == 2 * 3
+    for a, b in zip(ref, got):
+        np.testing.assert_array_equal(a.probs, b.probs)
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])

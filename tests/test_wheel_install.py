@@ -108,7 +108,7 @@ def test_runtime_commands_without_extras(wheel, tmp_path, venv_dir):
     shutil.copy(SAMPLE, work / "slice.png")
     r = _run([bin_ / "msld", "segment", "slice.png", "-o", "out", "-k", "2", "--steps", "2", "--seed", "1", "-q"],
              cwd=work)
-    assert "k=2 steps=2 seed=1" in r.stdout and (work / "out" / "overlay.png").exists()
+    assert "k=2 steps=2 views=1 seed=1" in r.stdout and (work / "out" / "overlay.png").exists()
 
     _write_folder(work / "data")
     _run([bin_ / "msld", "eval", "--data", "data", "--kind", "folder", "--k", "2", "--steps", "2", "-q",

@@ -367,14 +367,18 @@ class TensorRTBackend:
     # ---- the device-resident DDIM loop --------------------------------------------------------
     def run_loop(self, cond: np.ndarray, k: int, n_images: int, steps: int, spacing: str, eta: float,
                  clip: float, seed: int, alphas_cumprod: np.ndarray,
-                 initial_latents: np.ndarray | None = None) -> np.ndarray:
+                 initial_latents: np.ndarray | None = None, cond_per_hypothesis: bool = False) -> np.ndarray:
         """The whole DDIM loop (``msld_ddim_sample``) for ``cond`` (n_images, C, h, w), the
         encoder's output: returns the final latents (n_images * k, C, h, w) float32, laid out
         [image][hypothesis] and equal to the CPU loop's up to the denoiser's arithmetic.
-        ``initial_latents`` (n_images * k, C, h, w) float32, if given, replaces the drawn noise."""
+        ``initial_latents`` (n_images * k, C, h, w) float32, if given, replaces the drawn noise.
+        ``cond_per_hypothesis``: ``cond`` has one row per hypothesis (n_images * k, laid out like
+        the latents; test-time views, ``msld_sdk.views``) instead of one per image."""
         cond = np.ascontiguousarray(cond, dtype=np.float32)
-        if cond.shape[0] != n_images:
-            raise ValueError(f"cond holds {cond.shape[0]} images, expected {n_images}")
+        rows = n_images * k if cond_per_hypothesis else n_images
+        if cond.shape[0] != rows:
+            raise ValueError(f"cond holds {cond.shape[0]} rows, expected {rows} "
+                             f"({'one per hypothesis' if cond_per_hypothesis else 'one per image'})")
         schedule = ddim_schedule(alphas_cumprod, steps, spacing)
         den = self.parts["denoiser"]
         group = den.max_batch // k  # whole images per denoiser batch
@@ -389,21 +393,22 @@ class TensorRTBackend:
                 log.info("msld_sdk: TensorRT DDIM loop driven from the CPU (%s)", why)
             self.last_loop_mode = "host"
             return self._host_loop(cond, k, n_images, steps, spacing, eta, clip, seed, alphas_cumprod,
-                                   initial_latents)
+                                   initial_latents, cond_per_hypothesis)
         out = np.empty((n_images * k,) + tuple(self.latent_shape), np.float32)
         for start in range(0, n_images, group):
             m = min(group, n_images - start)
             init = None if initial_latents is None else \
                 np.ascontiguousarray(initial_latents[start * k:(start + m) * k], np.float32)
-            self._device_loop(cond[start:start + m], k, schedule, float(eta), float(clip), int(seed),
-                              out[start * k:(start + m) * k], init)
+            c = cond[start * k:(start + m) * k] if cond_per_hypothesis else cond[start:start + m]
+            self._device_loop(c, k, schedule, float(eta), float(clip), int(seed),
+                              out[start * k:(start + m) * k], init, cond_per_hypothesis)
         return out
 
     def _host_loop(self, cond, k, n_images, steps, spacing, eta, clip, seed, alphas_cumprod,
-                   initial_latents=None) -> np.ndarray:
+                   initial_latents=None, cond_per_hypothesis=False) -> np.ndarray:
         """The CPU-driven loop on this backend's host buffers (what Segmenter did before run_loop)."""
         buf = self.buffers(n_images * k)
-        buf.cond[...] = np.repeat(cond, k, axis=0)
+        buf.cond[...] = cond if cond_per_hypothesis else np.repeat(cond, k, axis=0)
         if initial_latents is not None:
             buf.x[...] = np.asarray(initial_latents, np.float32).reshape(buf.x.shape)
         _native.ddim_sample(lambda: self.denoise_bound(buf), np.ascontiguousarray(alphas_cumprod, np.float32),
@@ -412,12 +417,13 @@ class TensorRTBackend:
         return buf.x.copy()
 
     def _device_loop(self, cond: np.ndarray, k: int, schedule: DdimSchedule, eta: float, clip: float, seed: int,
-                     out: np.ndarray, initial_latents: np.ndarray | None = None) -> None:
+                     out: np.ndarray, initial_latents: np.ndarray | None = None,
+                     cond_per_hypothesis: bool = False) -> None:
         cudart, stream = self.cudart, self.loop_stream
         s = int(stream)
         h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2d = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
-        n, per = cond.shape[0], cond[0].nbytes
+        n, per = cond.shape[0] // (k if cond_per_hypothesis else 1), cond[0].nbytes
         with self._loop_lock:
             st = self._loops.get((n * k, cond.shape[1:]))
             if st is None:
@@ -427,11 +433,15 @@ class TensorRTBackend:
             # initial latents (Philox stream 0, hypotheses 0..k-1 for every image)
             seed_host = np.array([seed], np.uint64)  # pageable H2D copies are staged before the call returns
             _cuda_call(cudart.cudaMemcpyAsync(st.seed, seed_host.ctypes.data, 8, h2d, stream), "seed upload")
-            _cuda_call(cudart.cudaMemcpyAsync(st.cond_img, cond.ctypes.data, cond.nbytes, h2d, stream), "cond upload")
-            for b in range(n):
-                for j in range(k):
-                    _cuda_call(cudart.cudaMemcpyAsync(st.cond + (b * k + j) * per, st.cond_img + b * per, per, d2d,
-                                                      stream), "cond repeat")
+            if cond_per_hypothesis:   # one row per hypothesis already: straight into the denoiser's input
+                _cuda_call(cudart.cudaMemcpyAsync(st.cond, cond.ctypes.data, cond.nbytes, h2d, stream), "cond upload")
+            else:
+                _cuda_call(cudart.cudaMemcpyAsync(st.cond_img, cond.ctypes.data, cond.nbytes, h2d, stream),
+                           "cond upload")
+                for b in range(n):
+                    for j in range(k):
+                        _cuda_call(cudart.cudaMemcpyAsync(st.cond + (b * k + j) * per, st.cond_img + b * per, per,
+                                                          d2d, stream), "cond repeat")
             if initial_latents is None:
                 _native.cuda_gaussian_dev(st.seed, 0, k, n, st.elems, 0, st.x, s)
             else:  # given initial latents replace Philox stream 0
