@@ -171,8 +171,7 @@ class Segmenter:
         t1 = time.perf_counter()
         n = len(arrays)
         cond = self.backend.encode(view_inputs(x_in, views))   # (n * views) rows
-        if views > 1:   # one row per hypothesis: hypothesis j of image i sees view j % views
-            cond = np.ascontiguousarray(cond[hypothesis_rows(n, k, views)])
+        rows = hypothesis_rows(n, k, views)   # cond row of each hypothesis: image i, view j % views
         t2 = time.perf_counter()
 
         denoise_s = [0.0]
@@ -186,14 +185,15 @@ class Segmenter:
             # Device-resident loop (TensorRT): noise, denoiser and DDIM updates never leave the GPU,
             # so the host cannot time them apart; the whole loop is reported as denoise_ms.
             extra = {} if x_init is None else {"initial_latents": x_init}
-            if views > 1:
+            if views > 1:   # else one row per image, repeated on the device
+                cond = np.ascontiguousarray(cond[rows])
                 extra["cond_per_hypothesis"] = True
             latents = run_loop(cond, k, n, steps, self._spacing, eta, self._clip, seed, self._alphas, **extra)
             if bar is not None:
                 bar.update(steps)
         else:
             buf = self.backend.buffers(n * k)
-            buf.cond[...] = cond if views > 1 else np.repeat(cond, k, axis=0)
+            buf.cond[...] = cond[rows]
 
             def denoise():
                 s = time.perf_counter()
