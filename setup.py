@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 
@@ -37,10 +37,11 @@ setup(
     name="msld_sdk",
     version="0.1.0",
     description="Inference SDK for MedSegLatDiff: k plausible segmentation masks, their mean and confidence",
-    # export/ (torch-side: model, training, export, importers) installs as the package msld_export;
-    # it is only usable with the [export] extra, the runtime (msld_sdk) never imports it.
-    packages=["msld_sdk", "msld_sdk.backends", "msld_export", "msld_export.reference"],
-    package_dir={"msld_export": "export"},
+    # export/msld_export (torch side: model, training, plan writing, reference import, GPU samplers)
+    # is only usable with the [export] extra; the runtime (msld_sdk) never imports it.
+    packages=find_packages(include=["msld_sdk", "msld_sdk.*"])
+    + find_packages("export", include=["msld_export", "msld_export.*"]),
+    package_dir={"msld_export": "export/msld_export"},
     package_data={"msld_sdk": ["models/*.plan", "samples/*", "samples/**/*"],
                   # configs: `--config`; checkpoints: the shipped plans' weights (msld bench --baselines)
                   "msld_export": ["configs/*.json", "checkpoints/*.safetensors", "*.md"]},

@@ -1,4 +1,4 @@
-"""Time the GPU sampling loop (export/gpu_sampler.py): step by step vs CUDA-graph replay.
+"""Time the GPU sampling loop (export/msld_export/sampling/gpu_sampler.py): step by step vs CUDA-graph replay.
 
 For each k in --ks and steps in --steps: the whole sample() of one image (encode, initial noise,
 all DDIM steps, decode, aggregate), timed with CUDA events after warm-up, median of --repeats.
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from msld_export.checkpoint import load_checkpoint, random_model
-from msld_export.config import ModelConfig
-from msld_export.gpu_sampler import GpuSampler, cuda_unavailable_reason
+from msld_export.model.checkpoint import load_checkpoint, random_model
+from msld_export.model.config import ModelConfig
+from msld_export.sampling.gpu_sampler import GpuSampler, cuda_unavailable_reason
 
 
 def _ints(s: str) -> list[int]:

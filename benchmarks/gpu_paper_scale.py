@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from msld_sdk.bench import mask_agreement
-from msld_export.batched_sampler import BatchedSampler, per_hypothesis_eager
-from msld_export.gpu_sampler import native_has_cuda
+from msld_sdk.tools.bench import mask_agreement
+from msld_export.sampling.batched_sampler import BatchedSampler, per_hypothesis_eager
+from msld_export.sampling.gpu_sampler import native_has_cuda
 from msld_export.reference.bench_plan import RandomReferenceModel
 
 # NVIDIA H200 SXM, dense fp16/bf16 tensor-core rate (datasheet, without sparsity); see
@@ -101,7 +101,7 @@ def summary(times: list[float]) -> dict:
 
 def denoiser_flops(denoiser, latent_channels: int, cond_channels: int, hw, device) -> int:
     """FLOPs of one denoiser call per hypothesis (batch 1), by torch's FLOP counter (convolutions and
-    matrix products, 2 per multiply-add; equal to ``msld_sdk.flops`` on the exported graph)."""
+    matrix products, 2 per multiply-add; equal to ``msld_sdk.tools.flops`` on the exported graph)."""
     from torch.utils.flop_counter import FlopCounterMode
     x = torch.zeros(1, latent_channels, *hw, device=device)
     c = torch.zeros(1, cond_channels, *hw, device=device)

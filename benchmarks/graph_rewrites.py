@@ -28,7 +28,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from msld_sdk.backends.onnxruntime_backend import session_options
-from msld_sdk.bench import time_calls
+from msld_sdk.tools.bench import time_calls
 from msld_sdk.plan import Plan
 from msld_sdk.segmenter import resolve_plan_path
 
@@ -236,8 +236,8 @@ def main(argv=None) -> int:
     ap.add_argument("kind", nargs="?", default="lidc", choices=["lidc", "polyp"])
     ap.add_argument("--json", help="write the figures here")
     a = ap.parse_args(argv)
-    from msld_export import quantize_int8 as q
-    from msld_export.data import default_data_root
+    from msld_export.plan_writing import quantize_int8 as q
+    from msld_export.training.data import default_data_root
 
     path = resolve_plan_path(a.kind)
     plan = Plan.open(path)

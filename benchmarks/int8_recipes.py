@@ -1,6 +1,6 @@
 """Compare int8 quantization recipes of a plan's denoiser on held-out *training* inputs.
 
-How the recipe in export/quantize_int8.py was chosen without looking at validation data:
+How the recipe in export/msld_export/plan_writing/quantize_int8.py was chosen without looking at validation data:
 each recipe is calibrated on the denoiser inputs of 16 (or 48) training images and scored
 by its eps error against fp32 on the inputs of 8 other training images.
 
@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationMethod
 
-from msld_export import quantize_int8 as q
-from msld_export.data import default_data_root
+from msld_export.plan_writing import quantize_int8 as q
+from msld_export.training.data import default_data_root
 from msld_sdk.plan import Plan
 from msld_sdk.segmenter import resolve_plan_path
 

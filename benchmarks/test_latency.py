@@ -24,7 +24,7 @@ def baselines(segmenter):
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
     import torch
-    from msld_export.baselines import OrtPerHypothesis, torch_model_for_plan
+    from msld_export.sampling.baselines import OrtPerHypothesis, torch_model_for_plan
     torch.set_num_threads(segmenter.backend.threads)
     threads = segmenter.backend.threads
     return (torch_model_for_plan(segmenter.plan), OrtPerHypothesis(segmenter.plan, threads),
@@ -41,7 +41,7 @@ def test_k8_sdk(benchmark, segmenter, image01):
 
 
 def test_k8_torch_eager_per_hypothesis(benchmark, segmenter, image01, baselines):
-    from msld_export.baselines import torch_eager_per_hypothesis
+    from msld_export.sampling.baselines import torch_eager_per_hypothesis
     benchmark.group = "k8-steps20"
     model = baselines[0]
     probs = benchmark.pedantic(torch_eager_per_hypothesis, args=(model, segmenter.plan, image01[:, :, 0], K, STEPS, 0),

@@ -31,7 +31,7 @@ MAX_MANIFEST_BYTES = 4 << 20          # a manifest is a few KB; refuse anything 
 MAX_BLOB_BYTES = 2 << 30
 GRAPH_PARTS = ("encoder", "denoiser", "decoder")
 PRECISIONS = ("fp32", "int8")
-INT8_KEY = "int8"   # manifest entry of the optional int8 denoiser (added by msld_export.quantize_int8)
+INT8_KEY = "int8"   # manifest entry of the optional int8 denoiser (added by msld_export.plan_writing.quantize_int8)
 # DDIM timestep spacings the native loop knows (msld.h msld_spacing): diffusers' leading and
 # trailing, and linspace_trunc, the MedSegLatDiff reference sampler's rule (imported plans).
 SPACINGS = ("leading", "trailing", "linspace_trunc")
@@ -156,7 +156,7 @@ class Plan:
         if name not in self._blobs:
             raise PrecisionUnavailableError(
                 f"{self.path}: has no int8 denoiser; add one with "
-                f"`python -m msld_export.quantize_int8 {self.path}` or use precision='fp32'")
+                f"`python -m msld_export.plan_writing.quantize_int8 {self.path}` or use precision='fp32'")
         return name
 
     @property

@@ -162,8 +162,9 @@ def per_image_rois(roi, n: int) -> list:
                      f"(one per image), got {roi!r}")
 
 
-def run_with_roi(seg, images: list, roi, **run_kw) -> list[SegmentationResult]:
-    """``Segmenter.run(images, roi=...)``: crop each image, run the crops as one batch, paste back."""
+def run_with_roi(seg, images: list, roi, options, initial_latents=None) -> list[SegmentationResult]:
+    """``Segmenter.run(images, roi=...)``: crop each image, run the crops as one batch with the
+    checked ``options`` (``Segmenter.options``), paste back."""
     from .image_input import load_image
 
     info = training_input(seg.plan.manifest)
@@ -171,6 +172,6 @@ def run_with_roi(seg, images: list, roi, **run_kw) -> list[SegmentationResult]:
     arrays = [load_image(im) for im in images]
     wins = [windows(r, a.shape[:2], info["crop_size"]) for r, a in zip(rois, arrays)]
     crops = [normalise_crop(crop(a, w, info["pad_value"]), info) for a, (w, _) in zip(arrays, wins)]
-    results = seg._run(crops, **run_kw)
+    results = seg.segment(crops, options, initial_latents)
     return [paste(res, w, reg, a.shape[:2]) for res, a, (w, reg) in zip(results, arrays, wins)]
 

@@ -6,8 +6,6 @@ through the denoiser together, once per DDIM step, inside the native loop (``_na
 from __future__ import annotations
 
 import logging
-import numbers
-import secrets
 import time
 from importlib import resources
 from pathlib import Path
@@ -21,14 +19,14 @@ from .errors import InputError, PlanNotFoundError
 from .image_input import load_image, resize_planes, to_model_input
 from .plan import Plan
 from .result import SegmentationResult
+from .sampling import MAX_SEED, SampleOptions  # noqa: F401  (MAX_SEED: its former home)
 from .roi import warn_if_whole_image
-from .views import check_views, hypothesis_rows, undo_views, view_inputs
+from .views import hypothesis_rows, undo_views, view_inputs
 
 log = logging.getLogger("msld_sdk")
 
 SHIPPED_MODELS = ("lidc", "polyp")
 DEFAULT_MODEL = "lidc"
-MAX_SEED = 2**64 - 1
 
 
 def shipped_plan_path(name: str) -> Path:
@@ -99,38 +97,22 @@ class Segmenter:
         images = list(img) if batch else [img]
         if batch and not images:
             raise InputError("empty list of images")
+        options = self.options(k=k, steps=steps, seed=seed, eta=eta, threshold=threshold, views=views)
         if roi is not None:
             from .roi import run_with_roi
-            results = run_with_roi(self, images, roi, k=k, steps=steps, seed=seed, eta=eta, threshold=threshold,
-                                   initial_latents=initial_latents, views=views)
+            results = run_with_roi(self, images, roi, options, initial_latents=initial_latents)
         else:
-            results = self._run(images, k, steps, seed, eta, threshold, initial_latents, views=views,
-                                warn_whole=True)
+            results = self.segment(images, options, initial_latents, warn_whole_image=True)
         return results if batch else results[0]
 
     __call__ = run
 
-    # ---- internals -------------------------------------------------------------------------
-    def _check_args(self, k, steps, seed, eta, threshold, views=None):
-        d = self.defaults
-        views = check_views(d.get("views", 1) if views is None else views, tuple(self._in["size"]))
-        k = d["k"] if k is None else k
-        steps = d["steps"] if steps is None else steps
-        threshold = d.get("threshold", 0.5) if threshold is None else threshold
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= d["max_k"]:
-            raise InputError(f"k must be an integer from 1 to {d['max_k']} (this plan's limit), got {k!r}")
-        T = len(self._alphas)
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
-            raise InputError(f"steps must be an integer from 1 to {T}, got {steps!r}")
-        if isinstance(eta, bool) or not (isinstance(eta, numbers.Real) and 0.0 <= eta <= 1.0):
-            raise InputError(f"eta must be a number in [0, 1], got {eta!r}")
-        if isinstance(threshold, bool) or not (isinstance(threshold, numbers.Real) and 0.0 <= threshold < 1.0):
-            raise InputError(f"threshold must be in [0, 1), got {threshold!r}")
-        if seed is None:
-            seed = secrets.randbits(63)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
-            raise InputError(f"seed must be an integer from 0 to 2**64-1, got {seed!r}")
-        return int(k), int(steps), int(seed), float(eta), float(threshold), views
+    def options(self, k: int | None = None, steps: int | None = None, seed: int | None = None, eta: float = 0.0,
+                threshold: float | None = None, views: int | None = None) -> SampleOptions:
+        """``run``'s sampling keywords checked against this plan: what is None comes from the plan's
+        defaults, and a random seed is drawn when none is given."""
+        return SampleOptions.resolve(self.defaults, len(self._alphas), tuple(self._in["size"]), k=k, steps=steps,
+                                     seed=seed, eta=eta, threshold=threshold, views=views)
 
     def preprocess(self, img) -> np.ndarray:
         """One image (anything ``run`` accepts) -> the encoder's 1 x C x H x W input."""
@@ -159,13 +141,17 @@ class Segmenter:
             raise InputError("initial_latents contains NaN or Inf")
         return x0
 
-    def _run(self, images: Sequence, k, steps, seed, eta, threshold, initial_latents=None, views=None,
-             warn_whole=False) -> list[SegmentationResult]:
-        k, steps, seed, eta, threshold, views = self._check_args(k, steps, seed, eta, threshold, views)
+    def segment(self, images: Sequence, options: SampleOptions, initial_latents=None,
+                warn_whole_image: bool = False) -> list[SegmentationResult]:
+        """Segment whole images (anything ``run`` accepts, in a list) with checked ``options``
+        (``Segmenter.options``): the step under ``run``, ROI and volumes. ``warn_whole_image``:
+        log when the images are larger than a crop-trained plan's training crops."""
+        k, steps, seed, eta, threshold, views = (options.k, options.steps, options.seed, options.eta,
+                                                 options.threshold, options.views)
         x_init = self._initial_latents(initial_latents, len(images), k)
         t0 = time.perf_counter()
         arrays = [load_image(im) for im in images]
-        if warn_whole:
+        if warn_whole_image:
             warn_if_whole_image(self.plan.manifest, [a.shape for a in arrays])
         x_in = np.concatenate([self._model_input(a) for a in arrays])
         t1 = time.perf_counter()

@@ -2,7 +2,7 @@
 by view ``j % V`` and turned back before it is aggregated.
 
 Why: the models are trained on all eight rotations and flips of every image
-(``export/data.py``), so a sample drawn from a turned copy and turned back is as valid a
+(``export/msld_export/training/data.py``), so a sample drawn from a turned copy and turned back is as valid a
 hypothesis as one drawn from the image itself.  Spreading the k hypotheses over V views
 averages out what the model has learnt about orientation by chance.  Measured, V = 4 against
 V = 1 at the same k (MODEL_CARD.md, "Test-time views"): polyp consensus Dice +1.3 to +1.9 points

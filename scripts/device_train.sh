@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train one model on the lent GPU machine with the same recipe as on the CPU (export/train.py),
+# Train one model on the lent GPU machine with the same recipe as on the CPU (export/msld_export/training/train.py),
 # resumable across leases. Runs ON the GPU machine, from the repository root; prepare here with
 # scripts/device_train_prepare.sh NAME SIZE, which packs the data and any earlier state, and
 # prints the `run` call. After the lease: scripts/device_train_collect.sh FILES_AT NAME.
@@ -8,7 +8,7 @@
 #     config name, stage-1 minutes, stage-2 minutes in all (the learning rate anneals over them,
 #     across leases), minutes of this lease (then it saves and stops, exit code 3).
 #
-# Data: packs in .dev/data/packed (`python -m msld_export.data pack`, JPEG images at 256 x 256).
+# Data: packs in .dev/data/packed (`python -m msld_export.training.data pack`, JPEG images at 256 x 256).
 # Resume: .dev/resume/NAME/last.safetensors (the weights and the stage / step reached, carried
 # in <= 15 MiB parts). The optimizer state and EMA do not travel (together over the 64 MiB carry
 # limit for the larger models): a resumed lease restarts Adam's moments and the EMA from the
@@ -27,7 +27,7 @@ if ls .dev/resume/$NAME/last.safetensors.part* >/dev/null 2>&1; then
   cat .dev/resume/$NAME/last.safetensors.part* > $RUN/last.safetensors
   echo "resuming from carried weights: $(du -h $RUN/last.safetensors)"
 fi
-python3 -m msld_export.train --config export/configs/$NAME.json --data .dev/data --out $RUN --device cuda \
+python3 -m msld_export.training.train --config export/msld_export/configs/$NAME.json --data .dev/data --out $RUN --device cuda \
     --threads 8 --nice 0 --minutes1 $M1 --minutes2 $M2 --max-minutes $LEASE --iters1 1000000 --iters2 10000000 \
     --batch1 64 --batch-vae 32 --batch2 128 --eval-images 0 --save-every-min 1 --log-every 200 ${TRAIN_ARGS:-} \
     > "$OUT/train.log" 2>&1

@@ -12,5 +12,5 @@ for f in model last; do
 done
 cp "$SRC/log.json" "$SRC/train.log" "$DST/leases/$STAMP/"
 python3 -c "
-from msld_export.checkpoint import load_checkpoint
+from msld_export.model.checkpoint import load_checkpoint
 m, info = load_checkpoint('$DST/last.safetensors'); print('collected', '$DST', info)"

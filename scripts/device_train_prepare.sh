@@ -9,9 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=${1:?config name under export/configs}; SIZE=${2:?image size}
-KIND=$(python3 -c "from msld_sdk.datasets import data_kind_for; print(data_kind_for('$NAME'))")
+KIND=$(python3 -c "from msld_sdk.evaluation.datasets import data_kind_for; print(data_kind_for('$NAME'))")
 rm -rf .dev/data .dev/resume/$NAME
-python3 -m msld_export.data pack --kind "$KIND" --size "$SIZE" --out .dev/data --jpeg-quality 95 \
+python3 -m msld_export.training.data pack --kind "$KIND" --size "$SIZE" --out .dev/data --jpeg-quality 95 \
     ${CVC_FOLD:+--cvc-fold "$CVC_FOLD"}
 if [ -f runs/${NAME}_gpu/last.safetensors ]; then
   mkdir -p .dev/resume/$NAME

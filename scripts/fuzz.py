@@ -25,9 +25,9 @@ def seed_plan_bytes() -> bytes:
     """A small valid plan to mutate (the tiny test model, exported once and cached)."""
     cache = ROOT / "build" / "fuzz_seed.plan"
     if not cache.exists():
-        from msld_export.checkpoint import random_model
-        from msld_export.config import tiny_config
-        from msld_export.export_plan import export_plan
+        from msld_export.model.checkpoint import random_model
+        from msld_export.model.config import tiny_config
+        from msld_export.plan_writing.export_plan import export_plan
         cache.parent.mkdir(parents=True, exist_ok=True)
         export_plan(random_model(tiny_config(), 0), cache, {"trained": False, "note": "fuzz seed"})
     return cache.read_bytes()

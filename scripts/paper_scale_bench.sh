@@ -22,7 +22,7 @@ make_plan() {  # family calibration-images calibration-steps
       | tee "$out/make_plan_$1.txt"
   fi
   if ! msld info "$p" --json | python -c "import json,sys; sys.exit(0 if json.load(sys.stdin).get('int8') else 1)"; then
-    /usr/bin/time -v python -m msld_export.quantize_int8 "$p" --kind random --images "$2" --steps "$3" \
+    /usr/bin/time -v python -m msld_export.plan_writing.quantize_int8 "$p" --kind random --images "$2" --steps "$3" \
       2> "$out/quantize_$1.time.txt" | tee "$out/quantize_$1.txt"
   fi
 }

@@ -12,7 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from msld_sdk import backends, trt_compat
+from msld_sdk import backends
+
+from msld_sdk.backends import trt_compat
 from msld_sdk.backends import select_backend, tensorrt_check
 from msld_sdk.backends.onnxruntime_backend import OnnxRuntimeBackend
 from msld_sdk.errors import BackendUnavailableError
@@ -199,7 +201,7 @@ def test_tensorrt_backend_runs_on_gpu(tiny_plan, tmp_path):
     if not trt_compat.cuda_python_installed():
         pytest.skip("needs cuda-python (pip install cuda-python)")
     from msld_sdk import Segmenter
-    from msld_sdk.engine_build import build_engines
+    from msld_sdk.tools.engine_build import build_engines
     fl = trt_compat.load()
     if fl.supported_targets() is not None and ccs[0] not in fl.supported_targets():
         pytest.skip(f"{fl.display} cannot target this GPU (compute capability {ccs[0]})")

@@ -17,7 +17,7 @@ def image01():
 
 
 def test_every_baseline_gives_the_sdk_probabilities(tiny_plan, image01):
-    from msld_export.baselines import OrtPerHypothesis, torch_eager_per_hypothesis, torch_model_for_plan
+    from msld_export.sampling.baselines import OrtPerHypothesis, torch_eager_per_hypothesis, torch_model_for_plan
     seg = Segmenter(tiny_plan, backend="onnxruntime", threads=1)
     assert tuple(seg.plan.image_size) == image01.shape
     k, steps = 3, 4

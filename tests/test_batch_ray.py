@@ -21,7 +21,7 @@ from PIL import Image
 from conftest import ROOT
 
 ray = pytest.importorskip("ray")
-from msld_sdk.batch_ray import DONE, ERROR, run_items  # noqa: E402
+from msld_sdk.clinical.batch_ray import DONE, ERROR, run_items  # noqa: E402
 
 RUN = dict(plan="lidc", k=4, steps=6, seed=3, threads=1)
 N_GOOD, BAD_AT = 20, 10
@@ -63,7 +63,7 @@ def _session_pids(sid):
 
 def _kill_job_after(out, inputs, n_done, timeout=120):
     """Start a Ray job in its own session; SIGKILL it once ``n_done`` items are finished."""
-    code = ("import sys; from msld_sdk.batch_ray import run_items; "
+    code = ("import sys; from msld_sdk.clinical.batch_ray import run_items; "
             f"run_items(sys.argv[2:], sys.argv[1], ray_address='local', actors=2, **{RUN!r})")
     p = subprocess.Popen([sys.executable, "-c", code, str(out), *inputs], start_new_session=True,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

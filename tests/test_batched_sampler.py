@@ -1,4 +1,4 @@
-"""The device-resident loop for k hypotheses (export/batched_sampler.py) and the paper-scale GPU
+"""The device-resident loop for k hypotheses (export/msld_export/sampling/batched_sampler.py) and the paper-scale GPU
 benchmark (benchmarks/gpu_paper_scale.py), issue #13.
 
 On the CPU: the loop's DDIM update, aggregation and whole run equal the native code bit for bit on the
@@ -20,7 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from msld_sdk import _native  # noqa: E402
-from msld_sdk.bench import mask_agreement  # noqa: E402
+from msld_sdk.tools.bench import mask_agreement  # noqa: E402
 
 from conftest import NARROW_BENCH, ROOT  # noqa: E402
 
@@ -72,8 +72,8 @@ def _native_run(m, image, k, steps, seed, eta=0.0):
 
 @pytest.mark.parametrize("eta,clip", [(0.0, 0.0), (0.0, 1.0), (0.7, 1.0)])
 def test_ddim_update_equals_the_native_kernel(eta, clip):
-    from msld_export.batched_sampler import ddim_scalars, ddim_update
-    from msld_export.gpu_sampler import ddim_schedule
+    from msld_export.sampling.batched_sampler import ddim_scalars, ddim_update
+    from msld_export.sampling.gpu_sampler import ddim_schedule
     from msld_export.reference.bench_plan import linear_alphas_bar
     rng = np.random.default_rng(0)
     x = rng.standard_normal(4099, dtype=np.float32) * 3
@@ -88,7 +88,7 @@ def test_ddim_update_equals_the_native_kernel(eta, clip):
 
 @pytest.mark.parametrize("k", [1, 3, 8])
 def test_aggregate_equals_msld_aggregate(k):
-    from msld_export.batched_sampler import aggregate
+    from msld_export.sampling.batched_sampler import aggregate
     rng = np.random.default_rng(k)
     p = rng.random((k, 37, 41), dtype=np.float32)
     p[:, :3] = 0.5                                   # exactly at the threshold: not foreground
@@ -102,7 +102,7 @@ def test_aggregate_equals_msld_aggregate(k):
 
 @pytest.mark.parametrize("eta", [0.0, 0.5])
 def test_cpu_loop_equals_the_native_loop_bit_for_bit(ref_model, eta):
-    from msld_export.batched_sampler import BatchedSampler
+    from msld_export.sampling.batched_sampler import BatchedSampler
     s = BatchedSampler.from_reference(ref_model, device="cpu", eta=eta)
     assert (s.spacing, s.clip, s.noise) == ("linspace_trunc", 1.0, "host")
     img, seed = _image(2), 2 ** 63 + 12345
@@ -120,7 +120,7 @@ def test_cpu_loop_equals_the_native_loop_bit_for_bit(ref_model, eta):
 def test_cpu_loop_equals_the_sdk_on_a_reference_plan(ref_model, lidc_bench_plan):
     """Segmenter (ONNX Runtime, native loop) on the plan bench_plan wrote for the same configuration
     and seed, against the batched loop on the torch modules: the same run up to float rounding."""
-    from msld_export.batched_sampler import BatchedSampler
+    from msld_export.sampling.batched_sampler import BatchedSampler
     from msld_sdk import Segmenter
     from msld_sdk.plan import Plan
     inp = Plan.open(lidc_bench_plan).manifest["input"]
@@ -134,7 +134,7 @@ def test_cpu_loop_equals_the_sdk_on_a_reference_plan(ref_model, lidc_bench_plan)
 
 def test_per_hypothesis_eager_computes_the_batched_result(ref_model):
     """(a), the reference's own way, starts hypothesis i from the SDK's noise for (seed, i)."""
-    from msld_export.batched_sampler import BatchedSampler, per_hypothesis_eager
+    from msld_export.sampling.batched_sampler import BatchedSampler, per_hypothesis_eager
     s = BatchedSampler.from_reference(ref_model, device="cpu")
     img = _image()
     r = s.sample(img, k=2, steps=3, seed=4)
@@ -144,7 +144,7 @@ def test_per_hypothesis_eager_computes_the_batched_result(ref_model):
 
 
 def test_bf16_keeps_the_sampler_state_in_fp32_and_agreement_is_computed(ref_model):
-    from msld_export.batched_sampler import BatchedSampler
+    from msld_export.sampling.batched_sampler import BatchedSampler
     f32 = BatchedSampler.from_reference(ref_model, device="cpu")
     b16 = BatchedSampler.from_reference(ref_model, device="cpu", dtype="bf16")
     assert {p.dtype for p in b16.denoiser.parameters()} == {torch.bfloat16}
@@ -167,7 +167,7 @@ def test_bf16_keeps_the_sampler_state_in_fp32_and_agreement_is_computed(ref_mode
 
 
 def test_channels_last_and_errors_on_the_cpu(ref_model):
-    from msld_export.batched_sampler import BatchedSampler
+    from msld_export.sampling.batched_sampler import BatchedSampler
     img = _image(seed=1)
     a = BatchedSampler.from_reference(ref_model, device="cpu").sample(img, k=2, steps=2, seed=1)
     cl = BatchedSampler.from_reference(ref_model, device="cpu", channels_last=True)
@@ -188,7 +188,7 @@ def test_channels_last_and_errors_on_the_cpu(ref_model):
 
 def test_flop_count_equals_the_onnx_graphs(ref_model, lidc_bench_plan):
     from benchmarks.gpu_paper_scale import denoiser_flops
-    from msld_sdk.flops import graph_flops
+    from msld_sdk.tools.flops import graph_flops
     from msld_sdk.plan import Plan
     o = ref_model.opts
     per_hyp = denoiser_flops(ref_model.denoiser, o["latent"][0], o["embedder"]["z_channels"], o["latent"][1:], "cpu")
@@ -251,7 +251,7 @@ def no_tf32():
 
 @cuda
 def test_cuda_graph_replay_equals_eager_and_the_cpu(ref_model, no_tf32):
-    from msld_export.batched_sampler import BatchedSampler
+    from msld_export.sampling.batched_sampler import BatchedSampler
     cpu = BatchedSampler.from_reference(ref_model, device="cpu").sample(_image(2), k=3, steps=3, seed=7)
     for eta in (0.0, 0.5):
         s = BatchedSampler.from_reference(ref_model, device="cuda", eta=eta)
@@ -266,8 +266,8 @@ def test_cuda_graph_replay_equals_eager_and_the_cpu(ref_model, no_tf32):
 
 @cuda
 def test_cuda_noise_and_update_equal_the_native_cpu(ref_model):
-    from msld_export.batched_sampler import BatchedSampler, ddim_scalars, ddim_update
-    from msld_export.gpu_sampler import ddim_schedule
+    from msld_export.sampling.batched_sampler import BatchedSampler, ddim_scalars, ddim_update
+    from msld_export.sampling.gpu_sampler import ddim_schedule
     s = BatchedSampler.from_reference(ref_model, device="cuda")
     buf = torch.empty(1, 6, 1, 32, 32, device="cuda")
     s._draw(buf, 2 ** 40 + 3, None, 3, 2)
@@ -284,7 +284,7 @@ def test_cuda_noise_and_update_equal_the_native_cpu(ref_model):
 @cuda
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_cuda_half_precision_graphs_run_with_fp32_state(ref_model, dtype):
-    from msld_export.batched_sampler import BatchedSampler
+    from msld_export.sampling.batched_sampler import BatchedSampler
     s = BatchedSampler.from_reference(ref_model, device="cuda", dtype=dtype, channels_last=True)
     r = s.sample(_image(), k=4, steps=3, seed=1, use_graph=True)
     assert r.latents.dtype == r.probs.dtype == torch.float32 and torch.isfinite(r.probs).all()

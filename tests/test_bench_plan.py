@@ -43,7 +43,7 @@ def test_families_follow_the_reference_experiments():
 
 
 def test_bench_plan_is_a_valid_plan_of_the_family(lidc_bench_plan):
-    from msld_export.baselines import ReferenceTorch, torch_model_for_plan
+    from msld_export.sampling.baselines import ReferenceTorch, torch_model_for_plan
     plan = Plan.open(lidc_bench_plan)   # checks every blob's sha256
     m = plan.manifest
     assert m["model"]["name"] == "medseglatdiff-reference"
@@ -59,7 +59,7 @@ def test_bench_plan_is_a_valid_plan_of_the_family(lidc_bench_plan):
 
 
 def test_bench_with_baselines_int8_and_memory_on_a_reference_plan(lidc_bench_plan, tmp_path, capsys):
-    from msld_export.quantize_int8 import main as quantize
+    from msld_export.plan_writing.quantize_int8 import main as quantize
     path = tmp_path / "p.plan"
     shutil.copy(lidc_bench_plan, path)
     assert quantize([str(path), "--kind", "random", "--images", "2", "--steps", "3"]) == 0

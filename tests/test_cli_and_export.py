@@ -66,7 +66,7 @@ def test_export_command_random(tmp_path):
     out = tmp_path / "r.plan"
     cfg = tmp_path / "c.json"
     import json
-    from msld_export.config import tiny_config
+    from msld_export.model.config import tiny_config
     cfg.write_text(json.dumps(tiny_config().to_dict()))
     assert main(["export", "--random", "--config", str(cfg), str(out)]) == 0
     assert Plan.open(out).manifest["provenance"]["trained"] is False
@@ -94,7 +94,7 @@ def test_segment_several_images_do_not_share_noise(tmp_path, tiny_plan, capsys):
     """One --seed, several images: image i is sampled with image_seed(seed, i) (as --ray and
     msld eval); the same image twice gets two different draws, each reproducible alone."""
     from msld_sdk import Segmenter
-    from msld_sdk.evaluate import image_seed
+    from msld_sdk.evaluation.evaluate import image_seed
 
     img = tmp_path / "same.png"
     Image.fromarray(np.random.default_rng(3).integers(0, 255, (24, 24), dtype=np.uint8)).save(img)
@@ -117,10 +117,10 @@ def test_segment_several_images_do_not_share_noise(tmp_path, tiny_plan, capsys):
 
 
 def test_set_defaults_keeps_the_graphs(tiny_plan, tmp_path):
-    """export/set_defaults.py: a new default number of steps, same graphs, the change recorded."""
+    """export/msld_export/plan_writing/set_defaults.py: a new default number of steps, same graphs, the change recorded."""
     import shutil
 
-    from msld_export.set_defaults import set_defaults
+    from msld_export.plan_writing.set_defaults import set_defaults
     from msld_sdk import Segmenter
     from msld_sdk.plan import Plan
 
@@ -161,7 +161,7 @@ def test_torch_side_command_without_the_extra_says_which_extra(monkeypatch, caps
 
 
 def test_hm_iou_without_scipy_names_the_extra(monkeypatch):
-    from msld_sdk import metrics
+    from msld_sdk.evaluation import metrics
     from msld_sdk.errors import MissingExtraError
 
     _without(monkeypatch, "scipy", "scipy.optimize")

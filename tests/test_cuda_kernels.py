@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch is not installed (the GPU tests drive the kernels through it)")
 
 from msld_sdk import _native  # noqa: E402
-from msld_export.gpu_sampler import cuda_unavailable_reason  # noqa: E402  (the GPU path's own check)
+from msld_export.sampling.gpu_sampler import cuda_unavailable_reason  # noqa: E402  (the GPU path's own check)
 
 _REASON = cuda_unavailable_reason()
 # Tests that run kernels need a GPU; the argument checks below only need a CUDA build.
@@ -47,7 +47,7 @@ def _bits(a) -> np.ndarray:
 
 
 def _seed_tensor(seed: int) -> torch.Tensor:
-    from msld_export.gpu_sampler import seed_word
+    from msld_export.sampling.gpu_sampler import seed_word
     return torch.tensor([seed_word(seed)], dtype=torch.int64, device="cuda")
 
 
@@ -158,9 +158,9 @@ def test_gaussian_dev_seed_and_images(seed, n_images, elems):
 # ---- DDIM step -----------------------------------------------------------------------------------
 
 def _coeff_cases():
-    from msld_export.config import ModelConfig
-    from msld_export.gpu_sampler import ddim_schedule
-    from msld_export.model import alphas_cumprod
+    from msld_export.model.config import ModelConfig
+    from msld_export.sampling.gpu_sampler import ddim_schedule
+    from msld_export.model.networks import alphas_cumprod
     plan = ddim_schedule(alphas_cumprod(ModelConfig()), 10, "trailing")
     # the noisiest step, one in the middle, and the last (prev = -1: alpha_prev = 1, zero variance)
     cases = [(c.alpha_t, c.alpha_prev) for c in (plan[0], plan[5], plan[-1])]
@@ -266,7 +266,7 @@ def test_aggregate_equals_cpu(k, n_pix, threshold):
 
 @gpu
 def test_kernels_capture_and_replay_with_new_seed():
-    from msld_export.gpu_sampler import seed_word
+    from msld_export.sampling.gpu_sampler import seed_word
     k, elems = 4, 1000
     x = torch.empty(k, elems, device="cuda")
     eps = torch.full((k, elems), 0.1, device="cuda")
@@ -299,7 +299,7 @@ def test_kernels_capture_and_replay_with_new_seed():
 # ---- the whole loop ------------------------------------------------------------------------------
 
 def _configs():
-    from msld_export.config import ModelConfig, tiny_config
+    from msld_export.model.config import ModelConfig, tiny_config
     return [pytest.param(tiny_config(), 2, id="tiny"), pytest.param(ModelConfig(), 1, id="default")]
 
 
@@ -307,8 +307,8 @@ def _configs():
 @pytest.mark.parametrize("cfg,n_images", _configs())
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_sampler_graph_equals_eager_equals_cpu(cfg, n_images, eta):
-    from msld_export.checkpoint import random_model
-    from msld_export.gpu_sampler import GpuSampler, sample_cpu
+    from msld_export.model.checkpoint import random_model
+    from msld_export.sampling.gpu_sampler import GpuSampler, sample_cpu
 
     k, steps, clip = 4, 5, 0.0
     model = random_model(cfg, seed=0)
@@ -350,8 +350,8 @@ def test_sampler_graph_equals_eager_equals_cpu(cfg, n_images, eta):
 @gpu
 def test_sampler_initial_noise_is_cpu_noise():
     """steps=1 from the noisiest timestep with an all-zero denoiser: x = sqrt(a_prev/a_t) * noise."""
-    from msld_export.config import tiny_config
-    from msld_export.gpu_sampler import GpuSampler
+    from msld_export.model.config import tiny_config
+    from msld_export.sampling.gpu_sampler import GpuSampler
 
     cfg = tiny_config()
 
@@ -375,7 +375,7 @@ def test_sampler_initial_noise_is_cpu_noise():
         elems = cfg.latent_channels * cfg.latent_size ** 2
         x = np.zeros((3, elems), np.float32)
         x[:] = _native.gaussian(77, 0, 3, elems, 0)
-        from msld_export.gpu_sampler import ddim_schedule
+        from msld_export.sampling.gpu_sampler import ddim_schedule
         for c in ddim_schedule(sampler.alphas, 2):
             x, _ = _native.ddim_step(x, np.zeros_like(x), c.alpha_t, c.alpha_prev, 0.0, None, 0.0)
         np.testing.assert_allclose(out.latents.reshape(3, elems).cpu().numpy(), x, rtol=1e-6, atol=1e-6)

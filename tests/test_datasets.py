@@ -1,4 +1,4 @@
-"""msld_sdk.datasets (runtime side, no torch): the folder kind, and msld eval on a folder."""
+"""msld_sdk.evaluation.datasets (runtime side, no torch): the folder kind, and msld eval on a folder."""
 import json
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from msld_sdk.cli import main
-from msld_sdk.datasets import FOLDER, default_data_root, is_folder_pair, load_split
+from msld_sdk.evaluation.datasets import FOLDER, default_data_root, is_folder_pair, load_split
 
 DATA_ROOT = default_data_root()
 
@@ -89,7 +89,7 @@ def test_eval_without_data_says_how_to_give_it(tmp_path, tiny_plan, capsys):
 
 
 def test_middle_slice_per_nodule():
-    from msld_sdk.datasets import SegData, middle_slice_per_nodule
+    from msld_sdk.evaluation.datasets import SegData, middle_slice_per_nodule
 
     ids = ["P1/nodule-0/slice-3", "P1/nodule-0/slice-7", "P1/nodule-0/slice-10",
            "P1/nodule-1/slice-0", "P1/nodule-1/slice-1", "P2/nodule-0/slice-4"]
@@ -108,7 +108,7 @@ def test_middle_slice_per_nodule():
 def test_packed_split_reads_back(tmp_path, jpeg_quality):
     """A split packed for the GPU machine loads as the split itself: exactly with raw pixels;
     with JPEG images, masks and ids exactly and images within the codec's loss at quality 95."""
-    from msld_sdk.datasets import pack_split
+    from msld_sdk.evaluation.datasets import pack_split
 
     orig = load_split("cvc", DATA_ROOT, "val", 32)
     pack_split("cvc", DATA_ROOT, "val", 32, tmp_path, jpeg_quality=jpeg_quality)

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msld_sdk import trt_compat
+from msld_sdk.backends import trt_compat
 from msld_sdk.cli import main
-from msld_sdk.engine_build import (EngineBuildError, build_engines, convert_to_fp16, default_timing_cache_path,
+from msld_sdk.tools.engine_build import (EngineBuildError, build_engines, convert_to_fp16, default_timing_cache_path,
                                    engine_blob_name)
 from msld_sdk.plan import GRAPH_PARTS, Plan
 from msld_sdk.segmenter import shipped_plan_path

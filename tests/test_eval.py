@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from conftest import DATA
-from msld_sdk import metrics
-from msld_sdk.evaluate import SEED_SCHEME, Sample, evaluate, image_seed, reference_mask
+from msld_sdk.evaluation import metrics
+from msld_sdk.evaluation.evaluate import SEED_SCHEME, Sample, evaluate, image_seed, reference_mask
 from msld_sdk.result import SegmentationResult
 
 
@@ -106,7 +106,7 @@ def test_eval_command_on_real_lidc_is_reproducible(tiny_plan, tmp_path, capsys):
 def test_dice_vs_steps_writes_csv_and_plot(tiny_plan, tmp_path):
     pytest.importorskip("matplotlib")
     import csv
-    from msld_export.dice_vs_steps import main as curve_main
+    from msld_export.training.dice_vs_steps import main as curve_main
     out = tmp_path / "curve"
     assert curve_main(["--plan", str(tiny_plan), "--kind", "lidc", "--steps", "1", "3", "--k", "2", "--limit", "3",
                        "--data", str(DATA), "--out", str(out)]) == 0

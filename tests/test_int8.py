@@ -1,4 +1,4 @@
-"""The optional int8 denoiser: made by msld_export.quantize_int8, chosen with precision="int8"."""
+"""The optional int8 denoiser: made by msld_export.plan_writing.quantize_int8, chosen with precision="int8"."""
 import json
 import logging
 import shutil
@@ -8,14 +8,14 @@ import pytest
 
 from msld_sdk import BackendUnavailableError, PrecisionUnavailableError, Segmenter
 from msld_sdk.cli import main
-from msld_sdk.cpu_features import ISA_FLAGS, KERNEL_ENV, describe, int8_kernel_path
-from msld_sdk.metrics import hypothesis_spread
+from msld_sdk.tools.cpu_features import ISA_FLAGS, KERNEL_ENV, describe, int8_kernel_path
+from msld_sdk.evaluation.metrics import hypothesis_spread
 from msld_sdk.plan import Plan
 
 
 @pytest.fixture(scope="module")
 def int8_plan(tiny_plan, tmp_path_factory):
-    from msld_export.quantize_int8 import add_int8_denoiser
+    from msld_export.plan_writing.quantize_int8 import add_int8_denoiser
     p = tmp_path_factory.mktemp("int8") / "tiny_int8.plan"
     shutil.copy(tiny_plan, p)
     rng = np.random.default_rng(0)
@@ -100,7 +100,7 @@ def test_int8_convolution_stays_within_its_quantization_error_bound(mode, tmp_pa
     import torch
     from onnx import numpy_helper
 
-    from msld_export.quantize_int8 import quantize_denoiser
+    from msld_export.plan_writing.quantize_int8 import quantize_denoiser
     from msld_sdk.backends.onnxruntime_backend import session_options
     monkeypatch.setenv(KERNEL_ENV, mode)
     rng = np.random.default_rng(0)
@@ -160,7 +160,7 @@ def test_int8_kernel_path_follows_the_cpu(monkeypatch):
 
 
 def test_int8_errors_name_the_fix(tiny_plan, int8_plan):
-    with pytest.raises(PrecisionUnavailableError, match="msld_export.quantize_int8"):
+    with pytest.raises(PrecisionUnavailableError, match="msld_export.plan_writing.quantize_int8"):
         Segmenter(tiny_plan, precision="int8")
     with pytest.raises(PrecisionUnavailableError, match="precision must be one of"):
         Segmenter(int8_plan, precision="fp16")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from msld_sdk import metrics
+from msld_sdk.evaluation import metrics
 
 tm = pytest.importorskip("torchmetrics")
 
@@ -87,7 +87,7 @@ def test_ece_vs_torchmetrics():
 
 
 def test_hypothesis_spread_is_the_mean_pairwise_difference():
-    from msld_sdk.metrics import hypothesis_spread
+    from msld_sdk.evaluation.metrics import hypothesis_spread
     a = np.zeros((3, 4, 4), np.float32)
     assert hypothesis_spread(a) == 0.0
     b = np.stack([np.zeros((4, 4)), np.ones((4, 4)), np.full((4, 4), 0.5)])

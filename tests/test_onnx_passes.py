@@ -1,4 +1,4 @@
-"""export/onnx_passes.py: GroupNorm's InstanceNormalization rewritten as LayerNormalization."""
+"""export/msld_export/plan_writing/onnx_passes.py: GroupNorm's InstanceNormalization rewritten as LayerNormalization."""
 import io
 
 import numpy as np
@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from msld_export.onnx_passes import group_norm_as_layer_norm  # noqa: E402
+from msld_export.plan_writing.onnx_passes import group_norm_as_layer_norm  # noqa: E402
 
 
 def _ops(data: bytes) -> list[str]:

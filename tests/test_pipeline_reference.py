@@ -4,9 +4,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from msld_export.model import alphas_cumprod
+from msld_export.model.networks import alphas_cumprod
 from msld_sdk import Segmenter, _native
-from msld_sdk.metrics import hypothesis_spread
+from msld_sdk.evaluation.metrics import hypothesis_spread
 
 
 def torch_reference(model, image01: np.ndarray, k: int, steps: int, seed: int, eta: float) -> np.ndarray:

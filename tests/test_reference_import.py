@@ -174,7 +174,7 @@ def test_imported_plan_engines_build(imported, tmp_path):
     pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install tensorrt-rtx-cu13)")
     import shutil
 
-    from msld_sdk.engine_build import build_engines
+    from msld_sdk.tools.engine_build import build_engines
     from test_engine_build import _check_round_trip
     case, plan, e = imported
     path = tmp_path / f"{case.name}.plan"
@@ -205,7 +205,7 @@ def test_segment_eval_bench_int8_on_an_imported_plan(imported, tmp_path, capsys)
     kind = "lidc" if e["images_01"].shape[1] == 1 else "cvc"
     if not (data / ("lidc" if kind == "lidc" else "cvc-clinicdb")).exists():
         pytest.skip(f"data set {kind} is absent under {data}")
-    from msld_export.quantize_int8 import main as quantize
+    from msld_export.plan_writing.quantize_int8 import main as quantize
     assert quantize([str(path), "--kind", kind, "--images", "2"]) == 0
     assert main(["eval", "--plan", str(path), "--kind", kind, "--limit", "2", "--k", "2", "--steps", "2",
                  "--precision", "int8", "-q"]) == 0
@@ -215,7 +215,7 @@ def test_segment_eval_bench_int8_on_an_imported_plan(imported, tmp_path, capsys)
 def test_baselines_rebuild_the_torch_model_of_an_imported_plan(imported, monkeypatch):
     """`msld bench --baselines` on an imported plan: its checkpoint, found by name and sha256 under
     MSLD_CHECKPOINT_DIRS, and the config recorded in the plan rebuild the modules the graphs hold."""
-    from msld_export.baselines import ReferenceTorch, torch_model_for_plan
+    from msld_export.sampling.baselines import ReferenceTorch, torch_model_for_plan
     case, plan, e = imported
     monkeypatch.setenv("MSLD_CHECKPOINT_DIRS", str(case))
     assert isinstance(torch_model_for_plan(Plan.open(plan)), ReferenceTorch)   # verified against the graphs inside

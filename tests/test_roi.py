@@ -8,7 +8,7 @@ from PIL import Image
 from conftest import ROOT
 from msld_sdk import InputError, Segmenter
 from msld_sdk.cli import main
-from msld_sdk.metrics import dice
+from msld_sdk.evaluation.metrics import dice
 
 SAMPLES = ROOT / "msld_sdk" / "samples"   # shipped LIDC crops (128 x 128, nodule at the centre)
 
@@ -107,8 +107,8 @@ def test_cli_center_and_roi(tiny_crop_plan, tmp_path, rng):
 
 def test_plans_record_their_training_input():
     """Shipped plans carry the record (added without re-export); export writes it for new plans."""
-    from msld_export.config import tiny_config
-    from msld_export.export_plan import manifest_for
+    from msld_export.model.config import tiny_config
+    from msld_export.plan_writing.export_plan import manifest_for
     from msld_sdk.plan import Plan
     lidc = Plan.open(ROOT / "msld_sdk" / "models" / "lidc.plan").manifest
     assert lidc["training_input"]["kind"] == "crop" and lidc["training_input"]["crop_size"] == [128, 128]

@@ -3,7 +3,7 @@
 On a CPU-only machine (no faking of TensorRT, CUDA or the GPU):
   * the DDIM schedule and the per-step timestep tables ``run_loop`` uploads are exactly those of the
     CPU loop (``_native.ddim_timesteps``, ``msld_ddim_coeffs_for``, the t the CPU loop writes) and of
-    the verified torch GPU loop (``msld_export.gpu_sampler.ddim_schedule``);
+    the verified torch GPU loop (``msld_export.sampling.gpu_sampler.ddim_schedule``);
   * the step sequence ``run_loop`` enqueues (initial noise on Philox stream 0 with hypotheses 0..k-1
     for every image, then per step t, denoiser, DDIM update with the noise of stream step + 1), run
     with the CPU twins of the CUDA kernels, gives ``_native.ddim_sample``'s latents bit for bit;
@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 import msld_sdk.segmenter as segmenter_module
-from msld_sdk import Segmenter, _native, trt_compat
+from msld_sdk import Segmenter, _native
+from msld_sdk.backends import trt_compat
 from msld_sdk.backends.onnxruntime_backend import OnnxRuntimeBackend
 from msld_sdk.backends.tensorrt_backend import TensorRTBackend, ddim_schedule, timestep_table
 from msld_sdk.image_input import resize_planes
@@ -77,7 +78,7 @@ def test_schedule_is_the_cpu_loops(tiny_plan, spacing, steps):
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 def test_schedule_is_the_verified_gpu_loops(tiny_plan, spacing):
-    gpu_sampler = pytest.importorskip("msld_export.gpu_sampler", reason="needs torch (export/)")
+    gpu_sampler = pytest.importorskip("msld_export.sampling.gpu_sampler", reason="needs torch (export/)")
     ac = plan_alphas(tiny_plan)
     for steps in (1, 4, 20):
         ref = gpu_sampler.ddim_schedule(ac, steps, spacing)
@@ -277,7 +278,7 @@ def gpu_plan(tiny_plan, tmp_path_factory):
     why = _gpu_skip_reason()
     if why:
         pytest.skip(why)
-    from msld_sdk.engine_build import build_engines  # pragma: no cover - GPU only from here
+    from msld_sdk.tools.engine_build import build_engines  # pragma: no cover - GPU only from here
     fl = trt_compat.load()
     cc = trt_compat.gpu_compute_capabilities()[0][0]
     if fl.supported_targets() is not None and cc not in fl.supported_targets():

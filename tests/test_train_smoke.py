@@ -1,4 +1,4 @@
-"""Smoke test of the training recipe (export/train.py) and the data splits (export/data.py).
+"""Smoke test of the training recipe (export/msld_export/training/train.py) and the data splits (export/msld_export/training/data.py).
 
 Uses the real data under ../shared/data (or $MSLD_DATA); skipped when it is absent.
 """
@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from msld_export.checkpoint import load_checkpoint
-from msld_export.config import tiny_config
-from msld_sdk.datasets import CVC_GUARD_FRAMES
-from msld_export.data import (cvc_split, default_data_root, dihedral, kvasir_split, lidc_split, load_split,
+from msld_export.model.checkpoint import load_checkpoint
+from msld_export.model.config import tiny_config
+from msld_sdk.evaluation.datasets import CVC_GUARD_FRAMES
+from msld_export.training.data import (cvc_split, default_data_root, dihedral, kvasir_split, lidc_split, load_split,
                                random_affine)
-from msld_export.train import main as train_main
+from msld_export.training.train import main as train_main
 
 ROOT = default_data_root()
 needs_lidc = pytest.mark.skipif(not (ROOT / "lidc").is_dir(), reason=f"LIDC data not found under {ROOT}")
@@ -170,7 +170,7 @@ def test_cvc_cross_validation_folds_are_sequence_safe():
     """Over 5 folds every frame is validated exactly once; within a fold no training frame is
     closer than the guard band to a validation frame, so a sequence of up to 26 frames cannot
     be on both sides even if an edge fell inside it."""
-    from msld_sdk.datasets import cvc_frames, parse_fold
+    from msld_sdk.evaluation.datasets import cvc_frames, parse_fold
 
     frames = cvc_frames(ROOT)
     seen = []
@@ -199,8 +199,8 @@ def test_dihedral_augmentation_consistent():
 
 
 def test_recenter_mask_latents_is_exact_inside():
-    from msld_export.checkpoint import random_model
-    from msld_export.train import empty_mask_latent, recenter_mask_latents
+    from msld_export.model.checkpoint import random_model
+    from msld_export.training.train import empty_mask_latent, recenter_mask_latents
     torch.set_num_threads(1)
     model = random_model(tiny_config(image_size=64), seed=1)
     with torch.no_grad():

@@ -90,7 +90,7 @@ def test_non_square_model_input_refuses_turns():
 
 
 def test_plan_default_views(tiny_rgb_plan, tmp_path, rng):
-    from msld_export.set_defaults import set_defaults
+    from msld_export.plan_writing.set_defaults import set_defaults
     p = tmp_path / "views.plan"
     shutil.copy(tiny_rgb_plan, p)
     m = set_defaults(p, views=4, why="test")

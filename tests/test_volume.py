@@ -7,7 +7,7 @@ from ct_series import INTERCEPT, ORIGIN, SLOPE, SPACING, THICKNESS, phantom, wri
 from msld_sdk import InputError, Segmenter
 from msld_sdk.cli import main
 from msld_sdk.roi import normalise_crop, training_input
-from msld_sdk.volume import load_nifti, load_series, segment_volume
+from msld_sdk.clinical.volume import load_nifti, load_series, segment_volume
 
 pytest.importorskip("pydicom")
 NODULE = (120, 90, 4)        # x, y, z of the phantom's nodule
@@ -71,7 +71,7 @@ def test_3d_box_and_centre_with_slice(lidc, series):
 
 def test_nifti_volume_gives_the_same_result(lidc, series, tmp_path):
     nib = pytest.importorskip("nibabel")
-    from msld_sdk.volume import save_nifti_outputs
+    from msld_sdk.clinical.volume import save_nifti_outputs
     folder, _, _ = series
     vol = load_series(folder)
     nib.save(nib.Nifti1Image(vol.hu.transpose(2, 1, 0), vol.affine), str(tmp_path / "ct.nii.gz"))
@@ -148,7 +148,7 @@ def test_plan_with_a_pixel_spacing_cuts_the_same_millimetres(tiny_crop_plan, ser
     """A plan whose crops were 32 px at 1.4 mm: on this 0.7 mm series the window is 64 px."""
     import shutil
 
-    from msld_export.training_input import TRAINING_INPUTS, set_training_input
+    from msld_export.training.training_input import TRAINING_INPUTS, set_training_input
     p = tmp_path / "mm.plan"
     shutil.copy(tiny_crop_plan, p)
     set_training_input(p, "lidc", why="test", record=dict(TRAINING_INPUTS["lidc"], crop_size=[32, 32],

@@ -121,7 +121,7 @@ def test_runtime_commands_without_extras(wheel, tmp_path, venv_dir):
     for cmd in (["export", "--random", "x.plan"], ["bench", "--baselines"]):
         r = _run([bin_ / "msld", *cmd], cwd=work, check=False)
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and EXTRA_HINT in r.stderr, r.stderr
-    r = _run([bin_ / "python", "-m", "msld_export.export_plan", "--help"], cwd=work, check=False)
+    r = _run([bin_ / "python", "-m", "msld_export.plan_writing.export_plan", "--help"], cwd=work, check=False)
     assert r.returncode != 0 and EXTRA_HINT in r.stderr, r.stderr
 
     if not (DATA / "lidc").is_dir():
@@ -137,7 +137,7 @@ def test_torch_side_commands_with_the_export_extra(wheel, tmp_path, venv_dir):
     work = tmp_path / "work"
     work.mkdir()
     bin_ = _venv(venv_dir, f"{wheel}[export]", cwd=work)
-    _run([bin_ / "python", "-c", "import json; from msld_export.config import tiny_config; "
+    _run([bin_ / "python", "-c", "import json; from msld_export.model.config import tiny_config; "
           "open('tiny.json', 'w').write(json.dumps(tiny_config().to_dict()))"], cwd=work)
     r = _run([bin_ / "msld", "export", "--random", "--config", "tiny.json", "tiny.plan"], cwd=work)
     assert "wrote tiny.plan" in r.stdout

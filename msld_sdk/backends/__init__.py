@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from .. import trt_compat
+from . import trt_compat
 from ..errors import BackendUnavailableError
 from ..plan import GRAPH_PARTS, Plan
 

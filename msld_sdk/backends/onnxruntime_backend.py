@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import onnxruntime as ort
 
-from ..cpu_features import int8_kernel_path
+from ..tools.cpu_features import int8_kernel_path
 from ..plan import Plan
 
 log = logging.getLogger("msld_sdk")

@@ -50,7 +50,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import _native, trt_compat
+from .. import _native
+from . import trt_compat
 from ..errors import BackendUnavailableError
 from ..plan import GRAPH_PARTS, Plan
 

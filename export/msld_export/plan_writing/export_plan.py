@@ -1,0 +1,178 @@
+"""Checkpoint -> three ONNX graphs (checked against PyTorch) -> one plan file.
+
+    python -m msld_export.plan_writing.export_plan CHECKPOINT.safetensors OUT.plan
+    python -m msld_export.plan_writing.export_plan --random --config export/msld_export/configs/lidc.json OUT.plan   # untrained
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import hashlib
+import io
+import logging
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from msld_sdk import __version__ as sdk_version
+from msld_sdk.plan import write_plan
+
+from ..model.checkpoint import load_checkpoint, random_model
+from ..model.config import ModelConfig
+from ..model.networks import ExportDecoder, ExportDenoiser, ExportEncoder, MedSegLatDiff, alphas_cumprod
+from .onnx_passes import group_norm_as_layer_norm
+from ..training.training_input import training_input_for
+
+OPSET = 18
+RTOL = 1e-4
+
+
+def _export(module: torch.nn.Module, args: tuple, in_names, out_names, dyn_inputs) -> bytes:
+    """torch.onnx (dynamo exporter) with a dynamic batch axis on every input, then the graph
+    rewrites of ``onnx_passes``; returns bytes."""
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    dynamic_shapes = {n: {0: batch} for n in dyn_inputs}
+    f = io.BytesIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch").setLevel(logging.ERROR)
+        torch.onnx.export(module.eval(), args, f, input_names=list(in_names), output_names=list(out_names),
+                          dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=OPSET,
+                          external_data=False, verbose=False)
+    data = group_norm_as_layer_norm(f.getvalue())
+    onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
+    return data
+
+
+def _max_rel_err(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
+
+
+def export_graphs(model: MedSegLatDiff, check_batches=(1, 3, 8), seed: int = 0) -> tuple[dict, dict]:
+    """Returns ({part: onnx bytes}, {part: max relative error vs PyTorch})."""
+    cfg = model.cfg
+    S, L = cfg.image_size, cfg.latent_size
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randn(2, cfg.image_channels, S, S, generator=g)
+    lat = torch.randn(2, cfg.latent_channels, L, L, generator=g)
+    t = torch.tensor([999.0, 10.0])
+    parts = {
+        "encoder": (ExportEncoder(model), (img,), ["image"], ["latent"], ["image"]),
+        "denoiser": (ExportDenoiser(model), (lat, t, lat.clone()), ["x", "t", "cond"], ["eps"], ["x", "t", "cond"]),
+        "decoder": (ExportDecoder(model), (lat,), ["z"], ["prob"], ["z"]),
+    }
+    return export_checked(parts, cfg.num_train_timesteps, check_batches, g)
+
+
+def export_checked(parts: dict, num_train_timesteps: int, check_batches=(1, 3, 8),
+                   g: torch.Generator | None = None) -> tuple[dict, dict]:
+    """Export each part {name: (module, example args, input names, output names, dynamic inputs)}
+    and check the ONNX graph against PyTorch on random inputs of every batch size in
+    ``check_batches`` (1-d float inputs are timesteps in [0, num_train_timesteps)).
+    Returns ({part: onnx bytes}, {part: max relative error vs PyTorch})."""
+    g = g if g is not None else torch.Generator().manual_seed(0)
+    graphs, errors = {}, {}
+    for name, (mod, args, ins, outs, dyn) in parts.items():
+        graphs[name] = _export(mod, args, ins, outs, dyn)
+        sess = ort.InferenceSession(graphs[name], providers=["CPUExecutionProvider"])
+        worst = 0.0
+        for b in check_batches:
+            feeds_t = [torch.randn(b, *a.shape[1:], generator=g) if a.dtype == torch.float32 and a.ndim > 1
+                       else torch.randint(0, num_train_timesteps, (b,), generator=g).float() for a in args]
+            with torch.no_grad():
+                ref = mod(*feeds_t).numpy()
+            got = sess.run(None, {n: v.numpy() for n, v in zip(ins, feeds_t)})[0]
+            worst = max(worst, _max_rel_err(got, ref))
+        if worst > RTOL:
+            raise RuntimeError(f"ONNX {name} disagrees with PyTorch: max relative error {worst:.2e} > {RTOL}")
+        errors[name] = worst
+    return graphs, errors
+
+
+def manifest_for(cfg: ModelConfig, provenance: dict) -> dict:
+    L = cfg.latent_size
+    m = {
+        "model": cfg.to_dict(),
+        "schedule": {
+            "num_train_timesteps": cfg.num_train_timesteps,
+            "beta_schedule": cfg.beta_schedule, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end,
+            # float32 values as training used them; JSON keeps them exactly (float32 -> float64 repr)
+            "alphas_cumprod": [float(a) for a in alphas_cumprod(cfg).numpy()],
+            "spacing": "trailing",
+            "prediction": "epsilon",
+            "clip_sample": 0.0,
+        },
+        "input": {"size": [cfg.image_size, cfg.image_size], "channels": cfg.image_channels,
+                  "mean": list(cfg.image_mean), "std": list(cfg.image_std),
+                  "color": "grayscale" if cfg.image_channels == 1 else "rgb",
+                  "layout": "NCHW, values in [0,1] then (x - mean) / std"},
+        "latent": {"channels": cfg.latent_channels, "size": [L, L]},
+        "defaults": {"k": cfg.default_k, "steps": cfg.default_steps, "eta": 0.0, "threshold": 0.5,
+                     "max_k": cfg.max_k},
+        "engines": [],
+        "provenance": provenance,
+    }
+    rec = training_input_for(cfg.name)
+    if rec is not None:
+        m["training_input"] = rec
+    return m
+
+
+def export_plan(model: MedSegLatDiff, out: str | Path, provenance: dict | None = None) -> dict:
+    """Export, verify and write a plan; returns the manifest (with the ONNX-vs-PyTorch errors)."""
+    graphs, errors = export_graphs(model)
+    prov = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "msld_sdk": sdk_version, "torch": torch.__version__, "onnx": onnx.__version__,
+        "onnx_opset": OPSET, "host": platform.machine(),
+        "onnx_vs_torch_max_rel_err": errors,
+    }
+    prov.update(provenance or {})
+    blobs = {name: (f"graphs/{name}.onnx", data) for name, data in graphs.items()}
+    return write_plan(out, manifest_for(model.cfg, prov), blobs)
+
+
+def sha256_file(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="msld export", description="Export a checkpoint to a plan file.")
+    ap.add_argument("checkpoint", nargs="?", help="safetensors checkpoint written by msld_export.training.train")
+    ap.add_argument("out", help="plan file to write (e.g. engine.plan)")
+    ap.add_argument("--random", action="store_true", help="export an untrained model (for tests/demos)")
+    ap.add_argument("--config", help="model config JSON (with --random)")
+    ap.add_argument("--seed", type=int, default=0, help="weight seed with --random")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if a.random:
+        cfg = ModelConfig.load(a.config) if a.config else ModelConfig()
+        model = random_model(cfg, a.seed)
+        prov = {"checkpoint": None, "trained": False, "random_seed": a.seed,
+                "note": f"untrained random weights, seed {a.seed}"}
+    else:
+        if not a.checkpoint:
+            ap.error("give a checkpoint, or --random")
+        model, info = load_checkpoint(a.checkpoint)
+        prov = {"checkpoint": Path(a.checkpoint).name, "checkpoint_sha256": sha256_file(Path(a.checkpoint)),
+                "trained": True, "training": info}
+    m = export_plan(model, a.out, prov)
+    errs = ", ".join(f"{k} {v:.1e}" for k, v in m["provenance"]["onnx_vs_torch_max_rel_err"].items())
+    size = Path(a.out).stat().st_size
+    print(f"wrote {a.out} ({size / 1e6:.1f} MB); ONNX vs PyTorch max relative error: {errs}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

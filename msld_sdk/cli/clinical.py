@@ -1,0 +1,91 @@
+"""``msld segment`` options for regions, CT series and volumes, DICOM SEG and Ray, and the
+commands they route to (kept apart from cli.py)."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+
+
+def add_clinical_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--roi", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"), default=None,
+                   help="segment this box only (pixels, x = column, end exclusive): the plan's training crop "
+                        "around it is cut, segmented and pasted back; zeros outside the box")
+    g.add_argument("--center", nargs="+", type=float, metavar="X Y [Z]", default=None,
+                   help="segment a plan-sized window centred at X Y (e.g. on a nodule); zeros outside it. For a "
+                        "series or volume, Z picks one slice unless --slices is given")
+    p.add_argument("--slices", nargs=2, type=int, metavar=("Z0", "Z1"), default=None,
+                   help="series/volume: segment slices Z0..Z1-1 (in position order), in one batch (default: all)")
+    p.add_argument("--dicom-seg", default=None, metavar="OUT.dcm",
+                   help="DICOM series input: also write DICOM SEG referencing it: OUT.dcm (BINARY: consensus + "
+                        "one segment per hypothesis) and OUT_mean.dcm (FRACTIONAL: mean probability)")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the inputs through Ray Data over a pool of Segmenter actors, each item with its own "
+                        "seed from (seed, item), outputs written as items finish; a rerun skips finished items. "
+                        "ADDRESS: none = a local Ray started here, 'auto' = the cluster this machine is part of, "
+                        "'ray://HOST:10001' = a remote cluster")
+    p.add_argument("--actors", type=int, default=2, help="--ray: number of Segmenter actors (default: 2)")
+
+
+def _is_dicom_file(p: str) -> bool:
+    from ..image_input import _is_dicom
+    q = Path(p)
+    return q.is_file() and _is_dicom(q)
+
+
+def clinical_route(a):
+    """The command for these arguments, or None for the plain 2-D image loop of cli.py."""
+    if a.center is not None and len(a.center) not in (2, 3):
+        raise SystemExit("msld segment: --center takes X Y, or X Y Z for a series or volume")
+    if a.ray is not None:
+        from ..clinical.batch_ray import cmd_segment_ray
+        return cmd_segment_ray
+    from ..clinical.volume import is_volume_input
+    if a.dicom_seg or a.slices or any(is_volume_input(p) or _is_dicom_file(p) for p in a.images):
+        return cmd_segment_volumes
+    if a.center is not None and len(a.center) == 3:
+        raise SystemExit("msld segment: --center X Y Z needs a series or volume input; give X Y for an image")
+    return None
+
+
+def output_names(paths) -> list[str]:
+    """One output folder name per input: its file name, with the parent folder's when names repeat."""
+    stems = [Path(str(p).rstrip("/")).name.split(".")[0] for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [f"{Path(p).parent.name}_{s}" for p, s in zip(paths, stems)]
+
+
+def cmd_segment_volumes(a) -> int:
+    from ..segmenter import Segmenter
+    from ..clinical.volume import load_volume, save_nifti_outputs, segment_volume
+
+    if a.dicom_seg and len(a.images) != 1:
+        raise InputError("--dicom-seg writes one series' segmentation: give one series folder")
+    seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, progress=not a.quiet, precision=a.precision)
+    out = Path(a.out)
+    roi = a.roi if a.roi is not None else a.center
+    for path, name in zip(a.images, output_names(a.images)):
+        vol = load_volume(path)
+        vr = segment_volume(seg, vol, roi=roi, slices=a.slices, k=a.k, steps=a.steps, seed=a.seed, eta=a.eta,
+                            views=a.views)
+        d = out / name if len(a.images) > 1 else out
+        d.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(d / "result.npz", masks=vr.masks, mean=vr.mean, confidence=vr.confidence,
+                            consensus=vr.consensus, slices=np.array(vr.slices), affine=vol.affine, seed=vr.seed)
+        written = ["result.npz"]
+        if importlib.util.find_spec("nibabel") is not None:
+            written += [f.name for f in save_nifti_outputs(d, vr, vol)]
+        if a.dicom_seg:
+            from ..clinical.dicom_seg import write_dicom_seg
+            written += [str(f) for f in write_dicom_seg(a.dicom_seg, vr, vol, seg.plan.manifest)]
+        z0, z1 = vr.slices
+        print(f"{path}: {vol.shape[0]} slices {vol.shape[1]}x{vol.shape[2]}, segmented {z0}..{z1 - 1} k={vr.k} "
+              f"steps={vr.steps} seed={vr.seed} roi={vr.roi} -> {d}/ ({', '.join(written)}; "
+              f"{vr.timings['total_ms']:.0f} ms)")
+    return 0

@@ -1,0 +1,378 @@
+"""The ``msld`` command: segment images, inspect plans, export checkpoints."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MissingExtraError, MsldError
+from ..plan import PRECISIONS
+from .clinical import add_clinical_args, clinical_route
+
+
+def _add_precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                   help="denoiser precision (int8: the plan's quantized denoiser, ONNX Runtime only)")
+
+
+def _add_views_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--views", type=int, default=None, metavar="V",
+                   help="hypothesis j sees the image turned by view j %% V (quarter turns, then mirrored; "
+                        "1 = off; default: the plan's)")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plan", default=None, help="plan file or shipped model name (default: the embedded lidc model)")
+    p.add_argument("-k", "--k", type=int, default=None, help="number of hypotheses (default: the plan's)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the plan's)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible hypotheses (default: random, printed)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic given the seed, 1 = DDPM-like")
+    _add_views_arg(p)
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
+    _add_precision_arg(p)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
+
+
+def cmd_segment(a) -> int:
+    from ..evaluation.evaluate import image_seed
+    from ..image_input import load_image
+    from ..segmenter import Segmenter
+    from ..visualize import save_result_pngs
+
+    route = clinical_route(a)       # series, volumes, DICOM SEG, Ray: msld_sdk/cli/clinical.py
+    if route is not None:
+        return route(a)
+    seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, progress=not a.quiet, precision=a.precision)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stems = [Path(p).stem for p in a.images]
+    # one folder per image, named by its file; by parent folder too when names repeat (x/image.png)
+    names = stems if len(set(stems)) == len(stems) else [f"{Path(p).parent.name}_{Path(p).stem}" for p in a.images]
+    for i, (path, name) in enumerate(zip(a.images, names)):
+        # several images with one --seed: image i gets image_seed(seed, i), as `--ray` and `msld eval`
+        # do, so that images do not share noise; one image gets the seed itself, as Segmenter.run
+        seed = image_seed(a.seed, i) if a.seed is not None and len(a.images) > 1 else a.seed
+        r = seg.run(path, k=a.k, steps=a.steps, seed=seed, eta=a.eta, roi=a.roi or a.center, views=a.views)
+        d = out / name if len(a.images) > 1 else out
+        save_result_pngs(d, r, load_image(path))
+        fg = float(r.consensus.mean())
+        print(f"{path}: k={r.k} steps={r.steps} views={r.views} seed={r.seed} -> {d}/ "
+              f"(consensus foreground {100 * fg:.2f}% of pixels, mean confidence {float(r.confidence.mean()):.3f}, "
+              f"{r.timings['total_ms']:.0f} ms)")
+    return 0
+
+
+def cmd_info(a) -> int:
+    from ..plan import Plan
+    from ..segmenter import resolve_plan_path
+
+    plan = Plan.open(resolve_plan_path(a.plan))
+    if a.json:
+        m = dict(plan.manifest)
+        m["schedule"] = {k: v for k, v in m["schedule"].items() if k != "alphas_cumprod"}
+        print(json.dumps(m, indent=1, sort_keys=True))
+    else:
+        print(plan.summary())
+    return 0
+
+
+def cmd_build(a) -> int:
+    from ..tools.engine_build import build_engines
+    from ..segmenter import resolve_plan_path
+
+    build_engines(resolve_plan_path(a.plan), a.out, fp32=a.fp32, k_max=a.k_max, opt_k=a.opt_k,
+                  compute_capabilities=a.compute_capability, timing_cache=a.timing_cache,
+                  progress=not a.quiet)
+    return 0
+
+
+# What the torch-side commands import: the package msld_export (the repository's export/ folder)
+# and the [export] extra's modules. The runtime itself never needs them.
+EXPORT_EXTRA_MODULES = ("torch", "onnxscript", "safetensors", "diffusers", "yaml", "msld_export")
+
+
+def require_export_extra(what: str) -> None:
+    """Raise ``MissingExtraError`` (one line naming the extra) unless the torch side is installed.
+    Every torch-side command calls this first: msld export, msld bench --baselines, msld import."""
+    missing = [m for m in EXPORT_EXTRA_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtraError(f"{what} needs the [export] extra: pip install 'msld_sdk[export]' "
+                                f"(missing: {', '.join(missing)})")
+
+
+def _torch_side_main(what: str, module: str, rest: list) -> int:
+    """Run ``module``'s ``main(argv)`` from msld_export, after checking that the extra is installed."""
+    require_export_extra(what)
+    return importlib.import_module(module).main(rest)
+
+
+def cmd_export(a, rest) -> int:
+    return _torch_side_main("msld export", "msld_export.plan_writing.export_plan", rest)
+
+
+def cmd_import(a, rest) -> int:
+    return _torch_side_main("msld import", "msld_export.reference.importer", rest)
+
+
+def cmd_bench(a) -> int:
+    import platform
+    import statistics
+
+    from ..tools import bench
+    from ..image_input import load_image
+    from ..segmenter import Segmenter
+
+    if a.baselines:
+        require_export_extra("msld bench --baselines")   # before anything is timed
+    seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, precision=a.precision)
+    threads = getattr(seg.backend, "threads", a.threads or 0)
+    image_path = a.image or str(Path(__file__).resolve().parent / "samples" / "lidc_0974_n0_s2" / "image.png")
+    img = load_image(image_path)
+    rows = []
+    for k in a.k:
+        for steps in a.steps:
+            row = bench.bench_sdk(seg, img, k, steps, a.repeats, seed=a.seed)
+            row["denoiser_gflops_per_s"] = bench.denoiser_gflops(seg.plan, k) / (row["denoise_ms_per_step"] * 1e-3)
+            rows.append(row)
+            if not a.quiet:
+                print(f"  k={k:>2} steps={steps:>3}: median {row['median_ms']:.1f} ms", file=sys.stderr)
+    report = {"plan": seg.plan.path, "backend": seg.backend.name, "image": image_path,
+              "machine": bench.machine_info(threads), "python": platform.python_version(),
+              "gemm_fp32_gflops_per_s": bench.gemm_gflops(threads), "rows": rows,
+              "peak_rss_mb": bench.peak_rss_mb()}
+    for r in rows:
+        r["denoiser_fraction_of_gemm"] = r["denoiser_gflops_per_s"] / report["gemm_fp32_gflops_per_s"]
+    main_row = rows[0]
+    report.update(k=main_row["k"], steps=main_row["steps"], sdk_ms=main_row["median_ms"],
+                  overhead_fraction=main_row["overhead_fraction"], precision=a.precision)
+    if seg.plan.manifest.get("int8") and seg.backend.name == "onnxruntime":
+        # the plan offers an int8 denoiser: time one call of each precision, interleaved, at the main k
+        cond = seg.backend.encode(seg.preprocess(img))
+        report["int8_denoiser"] = bench.compare_denoiser_precisions(seg.plan, main_row["k"], cond, a.threads,
+                                                                    repeats=a.int8_repeats)
+        if not a.no_int8_run:
+            # whole runs of the other precision on the same image, k, steps and seed (hence the same
+            # noise): its timings, and how far its consensus mask is from this precision's
+            other = "int8" if a.precision == "fp32" else "fp32"
+            seg_o = Segmenter(a.plan, backend="onnxruntime", threads=a.threads, precision=other)
+            row_o = bench.bench_sdk(seg_o, img, main_row["k"], main_row["steps"], a.repeats, seed=a.seed)
+            rws, segs = {a.precision: main_row, other: row_o}, {a.precision: seg, other: seg_o}
+            report["int8_run"] = {
+                "fp32": rws["fp32"], "int8": rws["int8"], "speedup": rws["fp32"]["median_ms"] / rws["int8"]["median_ms"],
+                "denoise_speedup": rws["fp32"]["stages_ms"]["denoise_ms"] / rws["int8"]["stages_ms"]["denoise_ms"],
+                "int8_vs_fp32": bench.consensus_agreement(segs["fp32"], segs["int8"], img, main_row["k"],
+                                                          main_row["steps"], a.seed)}
+    if a.rss_k:
+        # peak RSS of one run at each k, each in a fresh process
+        report["peak_rss_by_k"] = [bench.peak_rss_of_run(seg.plan.path, image_path, k, a.rss_steps or rows[0]["steps"],
+                                                         a.precision, a.threads, seg.backend.name, a.seed)
+                                   for k in a.rss_k]
+    if a.baselines:
+        from msld_export.sampling.baselines import measure_baselines
+
+        k, steps = main_row["k"], main_row["steps"]
+        img_b = bench.plan_sized_image(seg.plan, img)   # the baselines take the plan's size and channels
+        sdk_probs = seg.run(img_b, k=k, steps=steps, seed=a.seed).probs
+        base = measure_baselines(seg.plan, img_b[:, :, 0] if img_b.shape[2] == 1 else img_b, sdk_probs, k, steps,
+                                 a.seed, a.baseline_repeats, threads)
+        # the SDK measured again right after the baselines, so that the ratios come from one run
+        sdk_again = statistics.median(bench.time_calls(lambda: seg.run(img, k=k, steps=steps, seed=a.seed),
+                                                       a.repeats))
+        report.update(base)
+        report["sdk_ms"] = min(main_row["median_ms"], sdk_again)
+        report["speedup_vs_torch_eager_per_hypothesis"] = report["torch_eager_per_hypothesis_ms"] / report["sdk_ms"]
+        report["speedup_vs_ort_per_hypothesis"] = report["ort_per_hypothesis_ms"] / report["sdk_ms"]
+        report["speedup_vs_ort_per_hypothesis_sdk_settings"] = (report["ort_per_hypothesis_sdk_settings_ms"]
+                                                                / report["sdk_ms"])
+    print(f"CPU: {report['machine']['cpu_summary']}; int8 kernels: {report['machine']['int8_kernel']}")
+    print(bench.format_table(rows))
+    print(f"fp32 GEMM (ONNX Runtime MatMul, {threads} threads): {report['gemm_fp32_gflops_per_s']:.0f} GFLOP/s; "
+          f"denoiser at k={main_row['k']}: {main_row['denoiser_gflops_per_s']:.0f} GFLOP/s "
+          f"({100 * main_row['denoiser_fraction_of_gemm']:.0f}% of it); peak RSS {report['peak_rss_mb']:.0f} MB")
+    if "int8_denoiser" in report:
+        q = report["int8_denoiser"]
+        print(f"denoiser call at batch {q['batch']}: fp32 {q['fp32_ms']:.2f} ms, int8 {q['int8_ms']:.2f} ms "
+              f"= {q['speedup']:.2f}x (max |eps diff| {q['eps_max_abs_diff']:.3f})")
+        if "int8_u8u8_ms" in q:
+            print(f"  int8 on the exact u8u8 kernels (what a CPU without VNNI runs): {q['int8_u8u8_ms']:.2f} ms "
+                  f"= {q['speedup_u8u8']:.2f}x; same eps as this CPU's path: {q['u8u8_equals_own_path']}")
+    if "int8_run" in report:
+        r = report["int8_run"]
+        ag = r["int8_vs_fp32"]
+        print(f"whole run, int8 vs fp32 (k={ag['k']}, {ag['steps']} steps, same seed): {r['speedup']:.2f}x "
+              f"(denoising {r['denoise_speedup']:.2f}x); consensus masks agree on "
+              f"{100 * ag['consensus_pixel_agreement']:.2f}% of pixels, the k masks on "
+              f"{100 * ag['masks_pixel_agreement']:.2f}%")
+    for r in report.get("peak_rss_by_k", []):
+        print(f"peak RSS, one run in a fresh process, k={r['k']} steps={r['steps']} {r['precision']}: "
+              f"{r['peak_rss_mb']:.0f} MB ({r['peak_rss_mb_after_load']:.0f} MB after loading the plan)")
+    if a.baselines:
+        print(f"k={report['k']} steps={report['steps']}: SDK {report['sdk_ms']:.1f} ms | "
+              f"(a) PyTorch eager per hypothesis {report['torch_eager_per_hypothesis_ms']:.1f} ms "
+              f"= {report['speedup_vs_torch_eager_per_hypothesis']:.2f}x | "
+              f"(b) ONNX Runtime per hypothesis {report['ort_per_hypothesis_ms']:.1f} ms "
+              f"= {report['speedup_vs_ort_per_hypothesis']:.2f}x (with the SDK's session settings "
+              f"{report['ort_per_hypothesis_sdk_settings_ms']:.1f} ms "
+              f"= {report['speedup_vs_ort_per_hypothesis_sdk_settings']:.2f}x) | "
+              f"overhead {100 * report['overhead_fraction']:.2f}%")
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=1))
+        print(f"wrote {a.json}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from tqdm import tqdm
+
+    from ..evaluation import metrics
+    from ..tools.cpu_features import describe
+    from ..evaluation.datasets import FOLDER, data_kind_for, default_data_root, is_folder_pair, load_split, middle_slice_per_nodule
+    from ..evaluation.evaluate import Sample, evaluate, format_report, to_json
+    from ..segmenter import Segmenter
+
+    seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, precision=a.precision)
+    a.data = a.data or str(default_data_root())
+    try:
+        kind = a.kind or (FOLDER if is_folder_pair(a.data) else data_kind_for(seg.plan.manifest["model"]["name"]))
+        data = load_split(kind, a.data, a.split, seg.plan.image_size[0], limit=a.limit, channels=seg.plan.channels,
+                          cvc_fold=a.cvc_fold)
+        if a.per_nodule:
+            data = middle_slice_per_nodule(data)
+    except (FileNotFoundError, ValueError) as e:
+        raise MsldError(str(e)) from e
+    split = "all" if kind == FOLDER else a.split   # a folder is evaluated whole
+    if data.num_annotators > 1:
+        metrics.linear_sum_assignment()   # HM-IoU needs scipy: say so before any image is run
+    samples = (Sample(data.images[i].transpose(1, 2, 0).astype(np.float32) / 255.0, data.masks[i] > 0, data.ids[i])
+               for i in range(len(data)))
+    bar = tqdm(total=len(data), desc=f"eval {kind}/{split}", unit="img", disable=a.quiet)
+    rep = evaluate(seg, samples, k=a.k or seg.defaults["k"], steps=a.steps, seed=a.seed, views=a.views,
+                   progress=lambda n: bar.update(n - bar.n))
+    bar.close()
+    rep.update(plan=seg.plan.path, plan_graphs_sha256=seg.plan.graphs_sha256, data=str(a.data), kind=kind, split=split, precision=a.precision,
+               per_nodule=bool(a.per_nodule), cvc_fold=a.cvc_fold,
+               trained=seg.plan.manifest.get("provenance", {}).get("trained"), cpu=describe(),
+               int8_kernel=getattr(seg.backend, "int8_kernel", None) and seg.backend.int8_kernel.name)
+    print(format_report(rep))
+    if a.json:
+        Path(a.json).write_text(to_json(rep))
+        print(f"wrote {a.json}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="msld", description="MedSegLatDiff: k plausible segmentations, their mean "
+                                 "and a confidence map.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log which backend runs and why")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("segment", parents=[common], help="segment images; write k masks, mean, confidence heat map and overlay as PNG")
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, TIFF, NPY, DICOM), DICOM series folders or "
+                   "NIfTI volumes")
+    p.add_argument("-o", "--out", default="msld_out", help="output folder (default: msld_out)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_run_args(p)
+    add_clinical_args(p)
+
+    p = sub.add_parser("info", parents=[common], help="print a plan's manifest")
+    p.add_argument("plan", nargs="?", default=None, help="plan file or shipped model name (default: lidc)")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    p = sub.add_parser("build", parents=[common], help="build TensorRT engines for a plan and store them in it "
+                       "(needs tensorrt-rtx-cu13 or tensorrt; TensorRT-RTX builds without a GPU)")
+    p.add_argument("plan", help="plan file (or shipped model name); engines are added to it unless --out is given")
+    p.add_argument("--out", default=None, help="write the plan with engines here instead of in place")
+    p.add_argument("--fp32", action="store_true", help="fp32 engines (default: fp16 convolutions/matmuls)")
+    p.add_argument("--k-max", type=int, default=32, help="largest denoiser/decoder batch, images x k (default: 32)")
+    p.add_argument("--opt-k", type=int, default=8, help="batch the engines are tuned for (default: 8)")
+    p.add_argument("--compute-capability", nargs="+", action="extend", default=None, metavar="CC",
+                   help="GPU compute capabilities to target, e.g. 8.6 8.9 (TensorRT-RTX; default: all it "
+                        "supports from 8.0; full TensorRT: the local GPU)")
+    p.add_argument("--timing-cache", default=None, metavar="PATH",
+                   help="timing cache file (default: OUT.timing.cache; used where the TensorRT flavour has one)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("bench", parents=[common], help="latency benchmark (median, p90, stage shares, GFLOP/s); "
+                       "--baselines adds PyTorch-eager and ONNX-Runtime per-hypothesis runs (needs the [export] extra)")
+    p.add_argument("--plan", default=None, help="plan file or shipped model name (default: lidc)")
+    p.add_argument("--k", type=int, nargs="+", default=[8], help="hypotheses, one or more (default: 8)")
+    p.add_argument("--steps", type=int, nargs="+", default=[20], help="DDIM steps, one or more (default: 20)")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per setting (default: 10)")
+    p.add_argument("--baselines", action="store_true", help="also time the research-code and per-hypothesis "
+                   "ONNX Runtime ways on the same weights, k, steps and seed (first --k/--steps)")
+    p.add_argument("--baseline-repeats", type=int, default=3, help="timed runs per baseline (default: 3)")
+    p.add_argument("--int8-repeats", type=int, default=30, help="interleaved denoiser calls per precision when "
+                   "the plan has an int8 denoiser (default: 30)")
+    p.add_argument("--no-int8-run", action="store_true", help="with an int8 plan, skip the whole runs of the other "
+                   "precision (timings and consensus-mask agreement on the same noise)")
+    p.add_argument("--rss-k", type=int, nargs="+", default=None, metavar="K",
+                   help="also measure peak RSS of one run at each K, each in a fresh process")
+    p.add_argument("--rss-steps", type=int, default=None, help="steps of the --rss-k runs (default: first --steps)")
+    p.add_argument("--image", default=None, help="image to segment (default: a shipped LIDC sample)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
+    _add_precision_arg(p)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
+    p.add_argument("-q", "--quiet", action="store_true")
+
+    p = sub.add_parser("eval", parents=[common], help="Dice/IoU (and GED, HM-IoU, ECE for multi-annotator data) "
+                       "of a plan on a labelled split or on a folder with images/ and masks/")
+    p.add_argument("--plan", default=None, help="plan file or shipped model name (default: lidc)")
+    p.add_argument("--data", default=None,
+                   help="data root holding lidc/, kvasir-seg/, cvc-clinicdb/ (default: $MSLD_DATA, else "
+                        "../shared/data beside a clone), or a folder with images/ and masks/ (matched by file name)")
+    p.add_argument("--kind", choices=["lidc", "polyp", "kvasir", "cvc", "folder"], default=None,
+                   help="data set (default: folder when DATA has images/ and masks/, else from the plan's "
+                        "model name); folder: every image of DATA/images with its mask in DATA/masks")
+    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--k", type=int, default=None, help="hypotheses per image (default: the plan's)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the plan's)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="image i is sampled with a seed derived from (seed, i), so images do not share noise")
+    p.add_argument("--limit", type=int, default=None, help="first N items of the split only")
+    p.add_argument("--cvc-fold", default=None, metavar="F/N",
+                   help="CVC-ClinicDB (kinds cvc, polyp): validate on the F-th of N sequence-safe blocks "
+                        "(cross-validation; default: the shipped models' split, the last 15 %%)")
+    _add_views_arg(p)
+    p.add_argument("--per-nodule", action="store_true",
+                   help="LIDC: one slice per nodule, its middle one (a nodule's slices are near-duplicates)")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
+    _add_precision_arg(p)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, metavar="FILE")
+    p.add_argument("-q", "--quiet", action="store_true")
+
+    sub.add_parser("export", help="checkpoint -> plan (needs the [export] extra); `msld export --help` for options",
+                   add_help=False)
+
+    sub.add_parser("import", help="checkpoint trained with the MedSegLatDiff reference code (last.ckpt + its "
+                   ".hydra/config.yaml) -> plan (needs the [export] extra); `msld import --help` for options", add_help=False)
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["export"]:
+            return cmd_export(None, argv[1:])
+        if argv[:1] == ["import"]:
+            return cmd_import(None, argv[1:])
+        a = ap.parse_args(argv)
+        logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
+        return {"segment": cmd_segment, "info": cmd_info, "build": cmd_build, "bench": cmd_bench,
+                "eval": cmd_eval}[a.cmd](a)
+    except MissingExtraError as e:   # an optional part is not installed: exit 2, one line naming the extra
+        print(f"msld: error: {e}", file=sys.stderr)
+        return 2
+    except MsldError as e:
+        print(f"msld: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

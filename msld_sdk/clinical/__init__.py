@@ -1,0 +1,1 @@
+"""Clinical I/O: CT series and NIfTI volumes, DICOM SEG output, and archives through Ray."""

@@ -1,0 +1,194 @@
+"""Archives: segment many inputs through Ray Data over a pool of Segmenter actors, resumably.
+
+    from msld_sdk.clinical.batch_ray import run_items
+    summary = run_items(paths, "out/", plan="lidc", k=8, seed=0, roi=(x, y), ray_address="auto")
+
+    msld segment INPUTS... --ray [ADDRESS] [--actors N] -o out/
+
+* Every input (image, DICOM series folder, NIfTI volume) is one **item**, numbered by its
+  position in the list; item i is sampled with seed ``image_seed(seed, i)`` (the scheme of
+  ``msld eval``), so its outputs do not depend on which actor ran it, or when.
+* Each actor loads the plan **once** (one ``Segmenter`` per actor) and writes an item's outputs
+  as soon as it finishes, into ``out/<name>/``: the usual PNGs (images) or NIfTI (volumes),
+  ``result.npz`` (the exact arrays) and, last, ``done.json``.
+* A rerun skips items that have ``done.json``: an interrupted or crashed job resumes without
+  losing or redoing finished work (an item killed half-written is simply done again).
+* An item that fails is recorded in ``out/<name>/error.json`` and in the summary
+  (``out/summary.json``) and does not stop the job; a rerun tries it again.
+* ``out/job.json`` records the run's parameters; rerunning into the same folder with other
+  parameters is refused (its finished items would not match).
+
+``ray_address``: None uses a Ray already initialised in this process, else starts a local one;
+"local" always starts a local one; "auto" joins the cluster this machine belongs to;
+"ray://HOST:10001" connects to a remote cluster (msld_sdk must be installed on its workers).
+``use_ray=False`` runs the same items in this process, one after another (the reference the
+Ray path is tested against).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..evaluation.evaluate import image_seed
+from ..extras import require
+
+log = logging.getLogger("msld_sdk")
+
+DONE, ERROR, JOB, SUMMARY = "done.json", "error.json", "job.json", "summary.json"
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)        # a reader sees the whole file or none
+
+
+def make_items(inputs) -> list[dict]:
+    from ..cli.clinical import output_names
+    paths = [str(p) for p in inputs]
+    return [{"index": i, "path": p, "name": n} for i, (p, n) in enumerate(zip(paths, output_names(paths)))]
+
+
+def process_item(seg, item: dict, out: Path, params: dict) -> dict:
+    """Segment one item and write its outputs (``done.json`` last). Never raises for a bad item."""
+    from ..image_input import load_image
+    from ..visualize import save_result_pngs
+    from .volume import is_volume_input, load_volume, save_nifti_outputs, segment_volume
+
+    d = out / item["name"]
+    if (d / DONE).exists():
+        return {"index": item["index"], "name": item["name"], "status": "skipped", "error": ""}
+    seed = image_seed(params["seed"], item["index"])
+    run_kw = dict(k=params["k"], steps=params["steps"], seed=seed, eta=params["eta"], views=params.get("views"))
+    t0 = time.perf_counter()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        if (d / ERROR).exists():
+            (d / ERROR).unlink()
+        if is_volume_input(item["path"]):
+            vol = load_volume(item["path"])
+            r = segment_volume(seg, vol, roi=params["roi"], slices=params["slices"], **run_kw)
+            save_nifti_outputs(d, r, vol)
+        else:
+            r = seg.run(item["path"], roi=params["roi"], **run_kw)
+            save_result_pngs(d, r, load_image(item["path"]))
+        np.savez_compressed(d / "result.npz", masks=r.masks, mean=r.mean, confidence=r.confidence,
+                            consensus=r.consensus)
+        _write_json(d / DONE, {"index": item["index"], "path": item["path"], "seed": seed, "k": r.k,
+                               "steps": r.steps, "seconds": round(time.perf_counter() - t0, 3),
+                               "pid": os.getpid(), "finished": time.time()})
+        return {"index": item["index"], "name": item["name"], "status": "done", "error": ""}
+    except Exception as e:  # a bad item is recorded and the job goes on
+        err = f"{type(e).__name__}: {e}"
+        log.warning("msld_sdk: item %d (%s) failed: %s", item["index"], item["path"], err)
+        _write_json(d / ERROR, {"index": item["index"], "path": item["path"], "error": err,
+                                "traceback": traceback.format_exc(limit=5)})
+        return {"index": item["index"], "name": item["name"], "status": "error", "error": err}
+
+
+class SegmentActor:
+    """One Ray actor: loads the plan once, then segments batches of items."""
+
+    def __init__(self, seg_kw: dict, out: str, params: dict):
+        from ..segmenter import Segmenter
+        self.seg = Segmenter(**seg_kw)
+        self.out, self.params = Path(out), params
+
+    def __call__(self, batch: dict) -> dict:
+        rows = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
+        res = [process_item(self.seg, {"index": int(r["index"]), "path": str(r["path"]), "name": str(r["name"])},
+                            self.out, self.params) for r in rows]
+        return {key: np.array([x[key] for x in res]) for key in ("index", "name", "status", "error")}
+
+
+def _check_job(out: Path, params: dict) -> None:
+    job = out / JOB
+    if job.exists():
+        old = json.loads(job.read_text())
+        if old != params:
+            diff = {key: (old.get(key), params.get(key)) for key in set(old) | set(params) if old.get(key) != params.get(key)}
+            raise InputError(f"{out} holds a job run with other parameters {diff} (before, now); use another "
+                             "output folder or the same parameters to resume it")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(job, params)
+
+
+def run_items(inputs, out, plan=None, k=None, steps=None, seed: int = 0, eta: float = 0.0, roi=None, slices=None,
+              views: int | None = None, ray_address: str | None = None, actors: int = 2, threads: int | None = 1, backend: str = "auto",
+              precision: str = "fp32", use_ray: bool = True, on_item=None, progress: bool = False) -> dict:
+    """Segment ``inputs`` into ``out`` (see the module docstring); returns the summary."""
+    from ..segmenter import resolve_plan_path
+    out = Path(out)
+    plan_path = str(resolve_plan_path(plan).resolve())
+    params = {"plan": plan_path, "k": k, "steps": steps, "seed": int(seed), "eta": float(eta),
+              "roi": [float(v) for v in roi] if roi is not None else None,
+              "slices": [int(v) for v in slices] if slices is not None else None, "precision": precision}
+    if views is not None:   # only when given, so that jobs written before views existed still resume
+        params["views"] = int(views)
+    _check_job(out, params)
+    items = make_items(inputs)
+    pending = [it for it in items if not (out / it["name"] / DONE).exists()]
+    statuses = [{"index": it["index"], "name": it["name"], "status": "skipped", "error": ""}
+                for it in items if it not in pending]
+    seg_kw = {"plan": plan_path, "backend": backend, "threads": threads, "precision": precision}
+    t0 = time.perf_counter()
+
+    def record(s):
+        statuses.append(s)
+        if on_item is not None:
+            on_item(s)
+
+    if pending and not use_ray:
+        actor = SegmentActor(seg_kw, str(out), params)
+        for it in pending:
+            record(process_item(actor.seg, it, out, params))
+    elif pending:
+        ray = require("ray", "msld segment --ray")
+        started = not ray.is_initialized()
+        if started:
+            local = ray_address in (None, "local")
+            ray.init(address=None if local else ray_address, include_dashboard=False,
+                     num_cpus=max(os.cpu_count() or 2, actors * (threads or 1)) if local else None,
+                     log_to_driver=progress)   # never fewer CPUs than the actors ask for (they would wait)
+        elif ray_address not in (None, "local"):
+            log.warning("msld_sdk: Ray is already initialised in this process; using it, not %s", ray_address)
+        try:
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = progress
+            ds = ray.data.from_items(pending).map_batches(
+                SegmentActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=threads or 1,
+                fn_constructor_kwargs={"seg_kw": seg_kw, "out": str(out), "params": params})
+            for row in ds.iter_rows():
+                record({key: (int(v) if key == "index" else str(v)) for key, v in row.items()})
+        finally:
+            if started:
+                ray.shutdown()
+    statuses.sort(key=lambda s: s["index"])
+    summary = {"items": len(items), "done": [s["name"] for s in statuses if s["status"] == "done"],
+               "skipped": [s["name"] for s in statuses if s["status"] == "skipped"],
+               "failed": {s["name"]: s["error"] for s in statuses if s["status"] == "error"},
+               "seconds": round(time.perf_counter() - t0, 2), "ray": bool(use_ray and pending),
+               "seed_scheme": "item i: numpy SeedSequence([seed, i]).generate_state(1, uint64)"}
+    _write_json(out / SUMMARY, summary)
+    return summary
+
+
+def cmd_segment_ray(a) -> int:
+    seed = 0 if a.seed is None else a.seed
+    roi = a.roi if a.roi is not None else a.center
+    s = run_items(a.images, a.out, plan=a.plan, k=a.k, steps=a.steps, seed=seed, eta=a.eta, roi=roi,
+                  slices=a.slices, views=a.views, ray_address=None if a.ray == "local" else a.ray, actors=a.actors,
+                  threads=a.threads or 1, backend=a.backend, precision=a.precision, progress=not a.quiet)
+    print(f"{s['items']} items: {len(s['done'])} done, {len(s['skipped'])} already done (skipped), "
+          f"{len(s['failed'])} failed; seed {seed} ({s['seed_scheme']}); {s['seconds']:.1f} s -> {a.out}/")
+    for name, err in s["failed"].items():
+        print(f"  failed: {name}: {err}")
+    return 1 if s["failed"] else 0

@@ -1,0 +1,81 @@
+"""DICOM Segmentation output (highdicom), referencing the source series.
+
+A Segmentation instance holds segments of one type only (BINARY or FRACTIONAL), so a result
+is written as **two instances of one new series**:
+
+* ``OUT.dcm`` (BINARY): segment 1 = the consensus (majority of the k hypotheses), segments
+  2 .. k+1 = hypothesis 1 .. k, each its own segment, so a viewer can step through them;
+* ``OUT_mean.dcm`` (FRACTIONAL, PROBABILITY, 8 bits): the mean foreground probability,
+  stored as round(mean x 255) / 255 (a difference of at most 1/510 from the in-memory mean).
+
+Keeping the mean as a probability rather than thresholding it into a third binary segment is
+the reason for the second instance: the mean is what carries the model's uncertainty.
+Empty frames are omitted (highdicom's default); readers fill them with zeros.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..errors import InputError
+from ..extras import require
+
+FRACTIONAL_SUFFIX = "_mean"
+
+
+def mean_path(out: str | Path) -> Path:
+    """Where the FRACTIONAL (mean probability) instance goes for binary instance ``out``."""
+    out = Path(out)
+    stem = out.name[:-4] if out.name.lower().endswith(".dcm") else out.name
+    return out.with_name(stem + FRACTIONAL_SUFFIX + ".dcm")
+
+
+def _property_type(model_name: str):
+    from pydicom.sr.codedict import codes
+    return codes.SCT.Nodule if model_name.lower().startswith("lidc") else codes.SCT.Lesion
+
+
+def write_dicom_seg(out: str | Path, result, volume, manifest: dict) -> list[Path]:
+    """Write ``result`` (a ``VolumeResult``) of DICOM series ``volume`` as two SEG instances
+    (see the module docstring); returns their paths."""
+    hd = require("highdicom", "writing DICOM SEG")
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    if volume.source != "dicom" or not volume.datasets:
+        raise InputError("DICOM SEG output needs a DICOM series as input (it references the source instances); "
+                         "this input is " + volume.source)
+    model = manifest.get("model", {}).get("name", "model")
+    algo = hd.AlgorithmIdentificationSequence(
+        name=f"MedSegLatDiff {model}", family=codes.cid7162.ArtificialIntelligence, version=__version__,
+        parameters={"k": str(result.k), "steps": str(result.steps), "seed": str(result.seed), "eta": str(result.eta)})
+    prop = _property_type(model)
+
+    def describe(number, label):
+        return hd.seg.SegmentDescription(
+            segment_number=number, segment_label=label,
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=prop, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algo)
+
+    series_uid = generate_uid()
+    common = dict(source_images=volume.datasets, series_instance_uid=series_uid, series_number=9001,
+                  manufacturer="msld_sdk", manufacturer_model_name=f"MedSegLatDiff {model}",
+                  software_versions=__version__, device_serial_number="none")
+    binary = np.concatenate([result.consensus[..., None], np.moveaxis(result.masks, 0, -1)], axis=-1)
+    segs = [describe(1, "consensus")] + [describe(i + 2, f"hypothesis {i + 1}") for i in range(result.k)]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    b = hd.seg.Segmentation(pixel_array=binary.astype(np.uint8), segmentation_type="BINARY",
+                            segment_descriptions=segs, sop_instance_uid=generate_uid(), instance_number=1,
+                            content_description=f"consensus and {result.k} hypotheses", **common)
+    b.save_as(str(out))
+    f = hd.seg.Segmentation(pixel_array=result.mean.astype(np.float32), segmentation_type="FRACTIONAL",
+                            fractional_type="PROBABILITY", max_fractional_value=255,
+                            segment_descriptions=[describe(1, "mean probability")], sop_instance_uid=generate_uid(),
+                            instance_number=2, content_description=f"mean of {result.k} hypotheses", **common)
+    mp = mean_path(out)
+    f.save_as(str(mp))
+    return [out, mp]

@@ -1,0 +1,237 @@
+"""CT series and volumes: a folder of DICOM slices or a NIfTI file -> per-slice segmentation
+over a 3-D region, returned as volumes in the series' own geometry.
+
+* ``load_series(folder)``: one DICOM series (pydicom), slices ordered by their position along
+  the slice normal (ImagePositionPatient . (row x column direction)), each slice's stored
+  values x RescaleSlope + RescaleIntercept (Hounsfield units for CT).
+* ``load_nifti(path)``: a NIfTI volume (nibabel; scl_slope/scl_inter applied). Voxel axes
+  (i, j, k) are x (column), y (row) and z (slice).
+* ``segment_volume(seg, vol, roi=..., slices=...)``: every slice in range is cut at the plan's
+  training crop around the region, mapped from HU the way the training slices were
+  (``training_input.intensity`` in the plan), and segmented **in one batch**; the outputs come
+  back as Z x H x W volumes (k x Z x H x W masks), zero outside the region and slice range.
+
+Arrays are Z x H x W (slice, row, column). ``roi``: a 2-D centre (x, y) or box (x0, y0, x1, y1)
+applied to every slice in ``slices`` = (z0, z1) (end exclusive; default all slices), a 3-D
+centre (x, y, z) (slice z alone unless ``slices`` is given) or a 3-D box
+(x0, y0, z0, x1, y1, z1).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..extras import require
+from ..roi import crop, normalise_crop, paste, training_input, windows
+
+log = logging.getLogger("msld_sdk")
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass
+class Volume:
+    hu: np.ndarray                      # Z x H x W float32 (stored values x slope + intercept)
+    affine: np.ndarray                  # 4 x 4, voxel (x, y, z) -> RAS+ mm (NIfTI convention)
+    source: str                         # "dicom" | "nifti" | "array"
+    path: str = ""
+    datasets: list = field(default_factory=list, repr=False)   # DICOM: one per slice, in slice order
+
+    @property
+    def shape(self) -> tuple:
+        return self.hu.shape
+
+    @property
+    def spacing(self) -> tuple:
+        """Voxel size (z, y, x) in mm."""
+        return tuple(float(np.linalg.norm(self.affine[:3, i])) for i in (2, 1, 0))
+
+
+@dataclass
+class VolumeResult:
+    masks: np.ndarray          # k x Z x H x W bool
+    mean: np.ndarray           # Z x H x W float32
+    confidence: np.ndarray     # Z x H x W float32
+    consensus: np.ndarray      # Z x H x W bool
+    slices: tuple              # (z0, z1) segmented, end exclusive
+    roi: tuple | None          # (x0, y0, x1, y1) kept in every segmented slice; None = whole slices
+    seed: int
+    steps: int
+    eta: float
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return int(self.masks.shape[0])
+
+
+def is_volume_input(p) -> bool:
+    """A folder (DICOM series) or a NIfTI file."""
+    p = Path(p)
+    return p.is_dir() or str(p).lower().endswith(NIFTI_SUFFIXES)
+
+
+def load_volume(p) -> Volume:
+    p = Path(p)
+    if p.is_dir():
+        return load_series(p)
+    if str(p).lower().endswith(NIFTI_SUFFIXES):
+        return load_nifti(p)
+    return load_series([p])
+
+
+# ---- reading ----------------------------------------------------------------------------------
+def _dicom_files(folder: Path) -> list[Path]:
+    return sorted(q for q in folder.iterdir() if q.is_file() and q.name != "DICOMDIR" and not q.name.startswith("."))
+
+
+def load_series(folder_or_files, series_uid: str | None = None) -> Volume:
+    """One DICOM series from a folder (or a list of files), ordered by slice position."""
+    pydicom = require("pydicom", "reading a DICOM series")
+    files = _dicom_files(Path(folder_or_files)) if isinstance(folder_or_files, (str, os.PathLike)) \
+        else [Path(f) for f in folder_or_files]
+    where = str(folder_or_files)
+    by_series: dict = {}
+    for f in files:
+        try:
+            ds = pydicom.dcmread(str(f))
+        except Exception as e:  # not DICOM (or damaged): skipped, named in the log
+            log.warning("msld_sdk: %s: skipped, not readable as DICOM (%s)", f, type(e).__name__)
+            continue
+        if "PixelData" not in ds:
+            continue
+        by_series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(ds)
+    if not by_series:
+        raise InputError(f"{where}: no DICOM image slices found")
+    if series_uid is None and len(by_series) > 1:
+        raise InputError(f"{where}: holds {len(by_series)} series ({sorted(by_series)}); pass one series' folder "
+                         "or series_uid=")
+    slices = by_series[series_uid] if series_uid is not None else next(iter(by_series.values()))
+    first = slices[0]
+    shape = (int(first.Rows), int(first.Columns))
+    if any((int(d.Rows), int(d.Columns)) != shape for d in slices):
+        raise InputError(f"{where}: slices of different sizes in one series")
+    iop = np.asarray(first.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), float)
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    if all("ImagePositionPatient" in d for d in slices):
+        slices.sort(key=lambda d: float(np.dot(np.asarray(d.ImagePositionPatient, float), normal)))
+    else:
+        log.warning("msld_sdk: %s: slices without ImagePositionPatient; ordered by InstanceNumber", where)
+        slices.sort(key=lambda d: int(d.get("InstanceNumber", 0)))
+    first = slices[0]
+    hu = np.empty((len(slices),) + shape, np.float32)
+    for z, d in enumerate(slices):
+        try:
+            a = d.pixel_array.astype(np.float32)
+        except Exception as e:
+            raise InputError(f"{where}: slice {d.get('SOPInstanceUID', z)} has unreadable pixel data: "
+                             f"{type(e).__name__}: {e}") from e
+        hu[z] = a * float(d.get("RescaleSlope", 1) or 1) + float(d.get("RescaleIntercept", 0) or 0)
+    dy, dx = (float(v) for v in first.get("PixelSpacing", [1.0, 1.0]))
+    origin = np.asarray(first.get("ImagePositionPatient", [0, 0, 0]), float)
+    if len(slices) > 1 and "ImagePositionPatient" in slices[-1]:
+        step = (np.asarray(slices[-1].ImagePositionPatient, float) - origin) / (len(slices) - 1)
+    else:
+        step = normal * float(first.get("SliceThickness", 1.0) or 1.0)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row_dir * dx, col_dir * dy, step, origin
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps          # DICOM LPS -> NIfTI RAS
+    return Volume(hu, affine, "dicom", where, slices)
+
+
+def load_nifti(path) -> Volume:
+    nib = require("nibabel", "reading a NIfTI volume")
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except Exception as e:
+        raise InputError(f"{path}: cannot be read as NIfTI: {type(e).__name__}: {e}") from e
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(f"{path}: NIfTI volume must be 3-D, got shape {data.shape}")
+    if not np.isfinite(data).all():
+        raise InputError(f"{path}: volume contains NaN or infinite values")
+    return Volume(np.ascontiguousarray(data.transpose(2, 1, 0)), np.asarray(img.affine, float), "nifti", str(path))
+
+
+# ---- segmenting -------------------------------------------------------------------------------
+def _region(roi, slices, Z):
+    """-> (2-D roi or None, (z0, z1))."""
+    if roi is not None:
+        roi = [float(v) for v in roi] if isinstance(roi, (list, tuple, np.ndarray)) else roi
+        if isinstance(roi, list) and len(roi) == 3:
+            if slices is None:
+                slices = (int(round(roi[2])), int(round(roi[2])) + 1)
+            roi = roi[:2]
+        elif isinstance(roi, list) and len(roi) == 6:
+            if slices is not None:
+                raise InputError("give the slice range either in a 3-D box or in slices=, not both")
+            slices = (int(round(roi[2])), int(round(roi[5])))
+            roi = [roi[0], roi[1], roi[3], roi[4]]
+    z0, z1 = (0, Z) if slices is None else (int(slices[0]), int(slices[1]))
+    if not 0 <= z0 < z1 <= Z:
+        raise InputError(f"slice range [{z0}, {z1}) is empty or outside the volume's {Z} slices (end exclusive)")
+    return roi, (z0, z1)
+
+
+def crop_pixels(info: dict, spacing_yx) -> tuple[int, int]:
+    """The training crop in this volume's pixels: ``crop_size`` when the plan's crops were cut
+    at native spacing (``pixel_spacing_mm`` null), else scaled by plan spacing / volume spacing
+    (the window is then resized to the model's input like any image)."""
+    ps = info.get("pixel_spacing_mm")
+    if ps is None:
+        return tuple(info["crop_size"])
+    ps = [float(ps)] * 2 if not isinstance(ps, (list, tuple)) else [float(v) for v in ps]
+    return tuple(max(2, int(round(c * p / s))) for c, p, s in zip(info["crop_size"], ps, spacing_yx))
+
+
+def segment_volume(seg, vol: Volume, roi=None, slices=None, k=None, steps=None, seed=None, eta=0.0,
+                   threshold=None, views=None) -> VolumeResult:
+    """Segment slices ``slices`` of ``vol`` in the region ``roi`` (see the module docstring)."""
+    info = training_input(seg.plan.manifest)
+    options = seg.options(k=k, steps=steps, seed=seed, eta=eta, threshold=threshold, views=views)
+    Z, H, W = vol.hu.shape
+    roi2, (z0, z1) = _region(roi, slices, Z)
+    stack = vol.hu[z0:z1].transpose(1, 2, 0)                   # H x W x n: cropped in one go
+    if roi2 is not None:
+        win, region = windows(roi2, (H, W), crop_pixels(info, vol.spacing[1:]))
+    else:
+        win = region = (0, 0, H, W)
+    fill = info.get("pad_hu", float(vol.hu.min()))
+    cut = crop(stack, win, fill)
+    crops = [normalise_crop(cut[:, :, i], info, hu=True) for i in range(z1 - z0)]
+    results = seg.segment(crops, options, warn_whole_image=roi2 is None)
+    kk = results[0].k
+    out = VolumeResult(masks=np.zeros((kk, Z, H, W), bool), mean=np.zeros((Z, H, W), np.float32),
+                       confidence=np.zeros((Z, H, W), np.float32), consensus=np.zeros((Z, H, W), bool),
+                       slices=(z0, z1), roi=None, seed=results[0].seed, steps=results[0].steps,
+                       eta=results[0].eta, timings=results[0].timings)
+    for z, r in zip(range(z0, z1), results):
+        r = paste(r, win, region, (H, W))
+        out.masks[:, z], out.mean[z], out.confidence[z], out.consensus[z] = r.masks, r.mean, r.confidence, r.consensus
+        out.roi = r.roi if roi2 is not None else None
+    return out
+
+
+# ---- writing ----------------------------------------------------------------------------------
+def save_nifti_outputs(d, vr: VolumeResult, vol: Volume) -> list[Path]:
+    """``mean``, ``confidence``, ``consensus`` and ``masks`` (4-D, last axis = hypothesis) as
+    NIfTI in the volume's geometry (its affine; axes x, y, z)."""
+    nib = require("nibabel", "writing NIfTI outputs")
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    xyz = lambda a: np.ascontiguousarray(a.transpose(2, 1, 0))
+    files = []
+    for name, a in (("mean", vr.mean), ("confidence", vr.confidence), ("consensus", vr.consensus.astype(np.uint8)),
+                    ("masks", np.stack([xyz(m) for m in vr.masks.astype(np.uint8)], axis=-1))):
+        img = nib.Nifti1Image(a if name == "masks" else xyz(a), vol.affine)
+        files.append(d / f"{name}.nii.gz")
+        nib.save(img, str(files[-1]))
+    return files

@@ -1,0 +1,1 @@
+"""Evaluation: labelled data-set readers, the paper's metrics, and ``msld eval``."""

@@ -1,0 +1,1 @@
+"""Tools around the runtime: latency benchmark, FLOP counting, TensorRT engine builds, CPU features."""

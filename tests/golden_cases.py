@@ -1,0 +1,107 @@
+"""Runs that guard the SDK's outputs against unintended change (``tests/test_golden_outputs.py``).
+
+Each case is one ``Segmenter.run`` call on a shipped plan with a fixed seed. ``make`` stores the
+results in ``tests/data/golden_outputs.npz``: boolean arrays bit-packed, float arrays as the
+sha256 of their bytes and their sum (a few kB instead of megabytes), with the machine facts that
+decide the floating point arithmetic (ONNX Runtime version, the CPU's model and instruction
+sets). The test recomputes every case and asks for bit-identical arrays when those facts match. Regenerate only on purpose:
+``python tests/golden_cases.py``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+GOLDEN = Path(__file__).parent / "data" / "golden_outputs.npz"
+FLOATS = ("probs", "mean", "confidence")
+BOOLS = ("masks", "consensus")
+
+
+def _sample(name: str = "lidc_0974_n0_s2") -> np.ndarray:
+    from PIL import Image
+    from msld_sdk.segmenter import shipped_plan_path
+    return np.asarray(Image.open(shipped_plan_path("lidc").parent.parent / "samples" / name / "image.png"))
+
+
+def _photo() -> np.ndarray:
+    """A smooth synthetic RGB picture (no data set needed), 150 x 170."""
+    y, x = np.mgrid[0:150, 0:170].astype(np.float32)
+    r = 128 + 100 * np.sin(x / 17.0) * np.cos(y / 23.0)
+    g = 90 + 80 * np.exp(-((x - 90) ** 2 + (y - 70) ** 2) / 900.0)
+    b = 60 + 0.5 * x
+    return np.clip(np.stack([r, g, b], -1), 0, 255).astype(np.uint8)
+
+
+def _canvas() -> np.ndarray:
+    c = np.zeros((200, 220), np.uint8)
+    c[40:168, 60:188] = _sample()
+    return c
+
+
+def cases():
+    """(name, plan, Segmenter kwargs, image(s), run kwargs) of every guarded run."""
+    lidc, lidc2 = _sample(), _sample("lidc_0997_n2_s2")
+    rng = np.random.default_rng(5)
+    latents = rng.standard_normal((3, 4, 32, 32)).astype(np.float32)
+    return [
+        ("lidc_eta0", "lidc", {}, lidc, dict(k=4, steps=5, seed=7)),
+        ("lidc_eta05", "lidc", {}, lidc, dict(k=3, steps=4, seed=11, eta=0.5)),
+        ("lidc_views4", "lidc", {}, lidc, dict(k=5, steps=3, seed=2, views=4)),
+        ("lidc_latents", "lidc", {}, lidc, dict(k=3, steps=4, seed=0, initial_latents=latents)),
+        ("lidc_batch", "lidc", {}, [lidc, lidc2], dict(k=2, steps=3, seed=9, eta=1.0)),
+        ("lidc_roi", "lidc", {}, _canvas(), dict(k=2, steps=3, seed=4, roi=(124, 104))),
+        ("lidc_int8", "lidc", {"precision": "int8"}, lidc, dict(k=2, steps=3, seed=3)),
+        ("polyp", "polyp", {}, _photo(), dict(k=3, steps=4, seed=21)),
+        ("polyp_int8_eta", "polyp", {"precision": "int8"}, _photo(), dict(k=2, steps=3, seed=8, eta=0.3)),
+    ]
+
+
+def machine_facts() -> dict:
+    """What decides the arithmetic: ONNX Runtime's version and the CPU's instruction sets."""
+    import onnxruntime
+    from msld_sdk.tools.cpu_features import cpu_info
+    return {"onnxruntime": onnxruntime.__version__, "model": cpu_info()["model"], "isa": cpu_info()["isa"]}
+
+
+def run_case(plan, seg_kwargs, images, run_kwargs) -> list:
+    from msld_sdk import Segmenter
+    out = Segmenter(plan, backend="onnxruntime", threads=2, **seg_kwargs).run(images, **run_kwargs)
+    return out if isinstance(out, list) else [out]
+
+
+def digest(a: np.ndarray) -> str:
+    a = np.ascontiguousarray(a)
+    return hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes()).hexdigest()
+
+
+def record(r) -> dict:
+    """What is stored of one result: {key: array}."""
+    out = {}
+    for a in FLOATS:
+        v = getattr(r, a)
+        out[f"{a}.sha256"] = np.array(digest(v))
+        out[f"{a}.sum"] = np.array(float(v.astype(np.float64).sum()))
+    for a in BOOLS:
+        v = getattr(r, a)
+        out[f"{a}.bits"] = np.packbits(v.reshape(-1))
+        out[f"{a}.shape"] = np.array(v.shape)
+    return out
+
+
+def make() -> None:
+    arrays = {}
+    for name, plan, sk, images, rk in cases():
+        for i, r in enumerate(run_case(plan, sk, images, rk)):
+            for key, v in record(r).items():
+                arrays[f"{name}/{i}/{key}"] = v
+    arrays["facts"] = np.array(json.dumps(machine_facts()))
+    GOLDEN.parent.mkdir(exist_ok=True)
+    np.savez_compressed(GOLDEN, **arrays)
+    print(f"wrote {GOLDEN} ({GOLDEN.stat().st_size} bytes, {len(arrays) - 1} arrays)")
+
+
+if __name__ == "__main__":
+    make()
