@@ -4,11 +4,10 @@ by view ``j % V`` and turned back before it is aggregated.
 Why: the models are trained on all eight rotations and flips of every image
 (``export/msld_export/training/data.py``), so a sample drawn from a turned copy and turned back is as valid a
 hypothesis as one drawn from the image itself.  Spreading the k hypotheses over V views
-averages out what the model has learnt about orientation by chance.  Measured, V = 4 against
-V = 1 at the same k (MODEL_CARD.md, "Test-time views"): polyp consensus Dice +1.3 to +1.9 points
-on the CVC-ClinicDB validation block but -0.3 to -1.1 on Kvasir-SEG, so the shipped plans keep
-V = 1 by default.  The encoder then runs on V images instead of one; the denoiser,
-which dominates the run, does the same work as before.
+averages out what the model has learnt about orientation by chance.  It helps on some data
+and not on other, so the shipped plans keep V = 1 by default (figures: MODEL_CARD.md,
+"Test-time views"; docs/input_contract.md).  The encoder then runs on V images instead of one;
+the denoiser, which dominates the run, does the same work as before.
 
 View v (0..7) rotates by 90 * (v % 4) degrees counter-clockwise, then flips left-right when
 v >= 4: V = 4 is the four rotations, V = 8 all eight symmetries of the square.  Hypothesis j

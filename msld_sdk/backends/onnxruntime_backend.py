@@ -26,10 +26,8 @@ def session_options(threads: int | None = None, config: dict | None = None) -> o
     ``session.force_spinning_stop``: each session has its own intra-op thread pool, and by
     default its threads keep spinning after ``run`` returns.  The encoder, denoiser and
     decoder run one after another on the same cores, so the previous session's spinning
-    threads took CPU from the next one: at k=8 / 20 steps on 2 cores the decoder took 93 ms
-    instead of 60 and the whole sequence was 1.14-1.26x slower
-    (``python -m benchmarks.ort_session_settings``).  Stopping the spin when a run returns
-    removes that without a process-wide thread pool.
+    threads took CPU from the next one.  Stopping the spin when a run returns removes that
+    without a process-wide thread pool (measured: docs/performance.md).
 
     ``config``: further session config entries (the int8 kernel choice, see cpu_features)."""
     opts = ort.SessionOptions()

@@ -2,27 +2,17 @@
 Kvasir-SEG, and a plain folder pair ``DIR/images/*`` + ``DIR/masks/*``.
 
 Runtime side: numpy and Pillow only (training's torch batching lives in msld_export.training.data).
-Everything is decoded once with PIL, resized to the model's square ``image_size`` and kept in
-memory as uint8 arrays (LIDC at 128x128 is ~0.5 GB with its four masks).
+Everything is decoded once with PIL, resized to the model's square ``image_size`` (aspect ratio
+not kept; masks resized as 0/255 and thresholded at 127) and kept in memory as uint8 arrays.
 
 * ``load_split(kind, root, split, image_size)`` -> ``SegData`` (kind: lidc | polyp | kvasir | cvc |
   folder, split: train | val).  ``msld eval`` and training both use it.
 * ``SegData[i]`` -> ``{"image": float32 [C,H,W] in [0,1], "mask": float32 {0,1} [A,H,W], "id": str}``
   (numpy) where A = 4 for LIDC (all annotators, empty = that annotator did not mark) and 1 otherwise.
-* folder: ``root/images/NAME.*`` paired with ``root/masks/NAME.*`` by file stem, any format
-  Pillow reads; every image needs its mask. Masks are 0/255 (threshold at 127), 0/1 or palette
-  indices (non-zero = foreground). The whole folder is the split (``split`` is only recorded).
 
-Splits are deterministic and never random:
-* LIDC: by patient.  Sorted patient ids, the last 15 % are validation.
-* CVC-ClinicDB: one contiguous block of frame numbers.  The last ~15 % of the frames are
-  validation; the cut is moved (within +-5 % of the frames) to the largest frame-to-frame
-  image change, i.e. to a video-sequence boundary, so that no sequence spans both splits.
-* Kvasir-SEG: the published ``train.txt`` / ``val.txt``.
-* polyp = kvasir + cvc (train with train, val with val).
-
-Images of other sizes are resized to a square (aspect ratio not kept), images with bilinear
-filtering, masks with bilinear filtering of the 0/255 mask followed by a threshold at 127.
+Splits are deterministic and never random: LIDC by patient, CVC-ClinicDB by blocks of whole video
+sequences behind a guard band, Kvasir-SEG its published lists, a folder is one split.  Details
+of each: docs/evaluation.md, "Data sets and splits".
 """
 from __future__ import annotations
 

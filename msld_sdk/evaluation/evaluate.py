@@ -12,7 +12,7 @@ Everything is computed at the model's input size, where the reference masks were
 
 Each image is sampled with its own seed, ``image_seed(seed, index)``.  With one seed for all,
 every image would get the same k noise draws and the split's mean would move with that one
-draw: at seed 0/1/2 the LIDC majority-marked Dice was 0.524/0.669/0.509 that way.
+draw (docs/evaluation.md, "Seeds").
 """
 from __future__ import annotations
 

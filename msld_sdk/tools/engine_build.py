@@ -12,7 +12,6 @@ converted before parsing (``convert_to_fp16``): the convolutions, matrix product
 einsums (weights and arithmetic) become fp16; normalisation, softmax, the timestep embedding
 (sin/cos of t up to 1000, which fp16 cannot resolve) and everything else stay fp32, and the
 graph's inputs and outputs stay fp32 so the runtime's buffers do not change.
-
 Needs a TensorRT module (``tensorrt_rtx`` builds without a GPU) and ``onnx`` for fp16.
 """
 from __future__ import annotations
