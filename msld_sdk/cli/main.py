@@ -172,7 +172,7 @@ def cmd_bench(a) -> int:
                                                          a.precision, a.threads, seg.backend.name, a.seed)
                                    for k in a.rss_k]
     if a.baselines:
-        from msld_export.sampling.baselines import measure_baselines
+        measure_baselines = importlib.import_module("msld_export.sampling.baselines").measure_baselines
 
         k, steps = main_row["k"], main_row["steps"]
         img_b = bench.plan_sized_image(seg.plan, img)   # the baselines take the plan's size and channels
