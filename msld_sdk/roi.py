@@ -1,25 +1,13 @@
 """Regions of interest: crop what the plan was trained on, run, paste the outputs back.
 
-A plan records how its training inputs were made in ``manifest["training_input"]``:
-
-* ``kind``: ``"crop"`` (fixed-size windows centred on a finding, e.g. LIDC: 128 x 128 at the
-  scanner's own pixel spacing) or ``"whole_image"`` (whole images resized, e.g. polyps).
-* ``crop_size`` [h, w]: the window size in input pixels (``"crop"`` plans).
-* ``pixel_spacing_mm``: the spacing the crops were taken at, or null for "native, not
-  resampled" (then a window is ``crop_size`` pixels of the input whatever its spacing). With a
-  spacing, a CT series' window covers the same millimetres (``volume.crop_pixels``); 2-D
-  images carry no spacing and are cut at ``crop_size`` pixels.
-* ``pad_value``: the fill (in [0, 1] image units) for the part of a window outside the image;
-  ``pad_hu`` the same in Hounsfield units for CT volumes.
-* ``intensity``: how pixel values were mapped to [0, 1] (``{"kind": "minmax", "over": "crop",
-  "hu_clip": [lo, null]}`` for LIDC: per-crop min-max, see the plan's provenance).
+A plan records how its training inputs were made in ``manifest["training_input"]`` (``kind``
+"crop" or "whole_image", ``crop_size``, ``pixel_spacing_mm``, ``pad_value`` / ``pad_hu``,
+``intensity``; the fields are described in docs/clinical_workflow_notes.md).
 
 ``roi`` is a box ``(x0, y0, x1, y1)`` (x = column, end exclusive) or a centre ``(x, y)`` in the
-input's pixel coordinates. A centre gives a plan-sized window around it; a box gives a
-plan-sized window around the box's centre (grown to cover a larger box, which is then resized
-to the model's input like any image) and keeps the outputs inside the box only. Every output
-(masks, probs, mean, confidence, consensus) is returned at the input's full size, zero outside
-the region.
+input's pixels. A centre gives a plan-sized window around it; a box, a plan-sized window around
+its centre (grown to cover a larger box) whose outputs are kept inside the box only. Every
+output is returned at the input's full size, zero outside the region.
 """
 from __future__ import annotations
 

@@ -1,14 +1,12 @@
 """``msld segment`` options for regions, CT series and volumes, DICOM SEG and Ray, and the
-commands they route to (kept apart from cli.py)."""
+commands they route to; every input is segmented and written by ``outputs.segment_and_write``."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import InputError
+from ..outputs import output_names  # noqa: F401  (its former home)
 
 
 def add_clinical_args(p: argparse.ArgumentParser) -> None:
@@ -43,7 +41,6 @@ def clinical_route(a):
     if a.center is not None and len(a.center) not in (2, 3):
         raise SystemExit("msld segment: --center takes X Y, or X Y Z for a series or volume")
     if a.ray is not None:
-        from ..clinical.batch_ray import cmd_segment_ray
         return cmd_segment_ray
     from ..clinical.volume import is_volume_input
     if a.dicom_seg or a.slices or any(is_volume_input(p) or _is_dicom_file(p) for p in a.images):
@@ -53,17 +50,9 @@ def clinical_route(a):
     return None
 
 
-def output_names(paths) -> list[str]:
-    """One output folder name per input: its file name, with the parent folder's when names repeat."""
-    stems = [Path(str(p).rstrip("/")).name.split(".")[0] for p in paths]
-    if len(set(stems)) == len(stems):
-        return stems
-    return [f"{Path(p).parent.name}_{s}" for p, s in zip(paths, stems)]
-
-
 def cmd_segment_volumes(a) -> int:
+    from ..outputs import segment_and_write
     from ..segmenter import Segmenter
-    from ..clinical.volume import load_volume, save_nifti_outputs, segment_volume
 
     if a.dicom_seg and len(a.images) != 1:
         raise InputError("--dicom-seg writes one series' segmentation: give one series folder")
@@ -71,21 +60,28 @@ def cmd_segment_volumes(a) -> int:
     out = Path(a.out)
     roi = a.roi if a.roi is not None else a.center
     for path, name in zip(a.images, output_names(a.images)):
-        vol = load_volume(path)
-        vr = segment_volume(seg, vol, roi=roi, slices=a.slices, k=a.k, steps=a.steps, seed=a.seed, eta=a.eta,
-                            views=a.views)
         d = out / name if len(a.images) > 1 else out
-        d.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(d / "result.npz", masks=vr.masks, mean=vr.mean, confidence=vr.confidence,
-                            consensus=vr.consensus, slices=np.array(vr.slices), affine=vol.affine, seed=vr.seed)
-        written = ["result.npz"]
-        if importlib.util.find_spec("nibabel") is not None:
-            written += [f.name for f in save_nifti_outputs(d, vr, vol)]
-        if a.dicom_seg:
-            from ..clinical.dicom_seg import write_dicom_seg
-            written += [str(f) for f in write_dicom_seg(a.dicom_seg, vr, vol, seg.plan.manifest)]
+        w = segment_and_write(seg, path, d, k=a.k, steps=a.steps, seed=a.seed, eta=a.eta, views=a.views, roi=roi,
+                              slices=a.slices, volume=True, npz="geometry", nifti="if_installed",
+                              dicom_seg=a.dicom_seg)
+        vr, vol = w.result, w.volume
         z0, z1 = vr.slices
         print(f"{path}: {vol.shape[0]} slices {vol.shape[1]}x{vol.shape[2]}, segmented {z0}..{z1 - 1} k={vr.k} "
-              f"steps={vr.steps} seed={vr.seed} roi={vr.roi} -> {d}/ ({', '.join(written)}; "
+              f"steps={vr.steps} seed={vr.seed} roi={vr.roi} -> {d}/ ({', '.join(w.files)}; "
               f"{vr.timings['total_ms']:.0f} ms)")
     return 0
+
+
+def cmd_segment_ray(a) -> int:
+    seed = 0 if a.seed is None else a.seed
+    roi = a.roi if a.roi is not None else a.center
+    from ..clinical.batch_ray import run_items
+
+    s = run_items(a.images, a.out, plan=a.plan, k=a.k, steps=a.steps, seed=seed, eta=a.eta, roi=roi,
+                  slices=a.slices, views=a.views, ray_address=None if a.ray == "local" else a.ray, actors=a.actors,
+                  threads=a.threads or 1, backend=a.backend, precision=a.precision, progress=not a.quiet)
+    print(f"{s['items']} items: {len(s['done'])} done, {len(s['skipped'])} already done (skipped), "
+          f"{len(s['failed'])} failed; seed {seed} ({s['seed_scheme']}); {s['seconds']:.1f} s -> {a.out}/")
+    for name, err in s["failed"].items():
+        print(f"  failed: {name}: {err}")
+    return 1 if s["failed"] else 0

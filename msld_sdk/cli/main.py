@@ -41,9 +41,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_segment(a) -> int:
     from ..evaluation.evaluate import image_seed
-    from ..image_input import load_image
+    from ..outputs import output_names, segment_and_write
     from ..segmenter import Segmenter
-    from ..visualize import save_result_pngs
 
     route = clinical_route(a)       # series, volumes, DICOM SEG, Ray: msld_sdk/cli/clinical.py
     if route is not None:
@@ -51,16 +50,15 @@ def cmd_segment(a) -> int:
     seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, progress=not a.quiet, precision=a.precision)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stems = [Path(p).stem for p in a.images]
     # one folder per image, named by its file; by parent folder too when names repeat (x/image.png)
-    names = stems if len(set(stems)) == len(stems) else [f"{Path(p).parent.name}_{Path(p).stem}" for p in a.images]
+    names = output_names(a.images, whole_suffix=False)
     for i, (path, name) in enumerate(zip(a.images, names)):
         # several images with one --seed: image i gets image_seed(seed, i), as `--ray` and `msld eval`
         # do, so that images do not share noise; one image gets the seed itself, as Segmenter.run
         seed = image_seed(a.seed, i) if a.seed is not None and len(a.images) > 1 else a.seed
-        r = seg.run(path, k=a.k, steps=a.steps, seed=seed, eta=a.eta, roi=a.roi or a.center, views=a.views)
         d = out / name if len(a.images) > 1 else out
-        save_result_pngs(d, r, load_image(path))
+        r = segment_and_write(seg, path, d, k=a.k, steps=a.steps, seed=seed, eta=a.eta, views=a.views,
+                              roi=a.roi or a.center, volume=False, npz=None).result
         fg = float(r.consensus.mean())
         print(f"{path}: k={r.k} steps={r.steps} views={r.views} seed={r.seed} -> {d}/ "
               f"(consensus foreground {100 * fg:.2f}% of pixels, mean confidence {float(r.confidence.mean()):.3f}, "
@@ -174,7 +172,7 @@ def cmd_bench(a) -> int:
                                                          a.precision, a.threads, seg.backend.name, a.seed)
                                    for k in a.rss_k]
     if a.baselines:
-        from msld_export.sampling.baselines import measure_baselines
+        measure_baselines = importlib.import_module("msld_export.sampling.baselines").measure_baselines
 
         k, steps = main_row["k"], main_row["steps"]
         img_b = bench.plan_sized_image(seg.plan, img)   # the baselines take the plan's size and channels

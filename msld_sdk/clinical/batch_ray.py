@@ -1,28 +1,15 @@
 """Archives: segment many inputs through Ray Data over a pool of Segmenter actors, resumably.
 
-    from msld_sdk.clinical.batch_ray import run_items
     summary = run_items(paths, "out/", plan="lidc", k=8, seed=0, roi=(x, y), ray_address="auto")
-
     msld segment INPUTS... --ray [ADDRESS] [--actors N] -o out/
 
-* Every input (image, DICOM series folder, NIfTI volume) is one **item**, numbered by its
-  position in the list; item i is sampled with seed ``image_seed(seed, i)`` (the scheme of
-  ``msld eval``), so its outputs do not depend on which actor ran it, or when.
-* Each actor loads the plan **once** (one ``Segmenter`` per actor) and writes an item's outputs
-  as soon as it finishes, into ``out/<name>/``: the usual PNGs (images) or NIfTI (volumes),
-  ``result.npz`` (the exact arrays) and, last, ``done.json``.
-* A rerun skips items that have ``done.json``: an interrupted or crashed job resumes without
-  losing or redoing finished work (an item killed half-written is simply done again).
-* An item that fails is recorded in ``out/<name>/error.json`` and in the summary
-  (``out/summary.json``) and does not stop the job; a rerun tries it again.
-* ``out/job.json`` records the run's parameters; rerunning into the same folder with other
-  parameters is refused (its finished items would not match).
-
-``ray_address``: None uses a Ray already initialised in this process, else starts a local one;
-"local" always starts a local one; "auto" joins the cluster this machine belongs to;
-"ray://HOST:10001" connects to a remote cluster (msld_sdk must be installed on its workers).
-``use_ray=False`` runs the same items in this process, one after another (the reference the
-Ray path is tested against).
+Item i (image, DICOM series folder or NIfTI volume, by position) is sampled with seed
+``image_seed(seed, i)``, so its outputs do not depend on which actor ran it. Each actor loads
+the plan once and writes an item's outputs (``outputs.segment_and_write``) into ``out/<name>/``,
+``done.json`` last; a rerun skips items that have it. A failing item is recorded in its
+``error.json`` and ``out/summary.json`` and does not stop the job; ``out/job.json`` refuses a
+rerun with other parameters. ``use_ray=False`` runs the same items in this process (the
+reference the Ray path is tested against). Details: docs/clinical_workflow_notes.md.
 """
 from __future__ import annotations
 
@@ -38,6 +25,7 @@ import numpy as np
 from ..errors import InputError
 from ..evaluation.evaluate import image_seed
 from ..extras import require
+from ..outputs import output_names, segment_and_write
 
 log = logging.getLogger("msld_sdk")
 
@@ -51,36 +39,24 @@ def _write_json(path: Path, obj) -> None:
 
 
 def make_items(inputs) -> list[dict]:
-    from ..cli.clinical import output_names
     paths = [str(p) for p in inputs]
     return [{"index": i, "path": p, "name": n} for i, (p, n) in enumerate(zip(paths, output_names(paths)))]
 
 
 def process_item(seg, item: dict, out: Path, params: dict) -> dict:
     """Segment one item and write its outputs (``done.json`` last). Never raises for a bad item."""
-    from ..image_input import load_image
-    from ..visualize import save_result_pngs
-    from .volume import is_volume_input, load_volume, save_nifti_outputs, segment_volume
-
     d = out / item["name"]
     if (d / DONE).exists():
         return {"index": item["index"], "name": item["name"], "status": "skipped", "error": ""}
     seed = image_seed(params["seed"], item["index"])
-    run_kw = dict(k=params["k"], steps=params["steps"], seed=seed, eta=params["eta"], views=params.get("views"))
     t0 = time.perf_counter()
     try:
         d.mkdir(parents=True, exist_ok=True)
         if (d / ERROR).exists():
             (d / ERROR).unlink()
-        if is_volume_input(item["path"]):
-            vol = load_volume(item["path"])
-            r = segment_volume(seg, vol, roi=params["roi"], slices=params["slices"], **run_kw)
-            save_nifti_outputs(d, r, vol)
-        else:
-            r = seg.run(item["path"], roi=params["roi"], **run_kw)
-            save_result_pngs(d, r, load_image(item["path"]))
-        np.savez_compressed(d / "result.npz", masks=r.masks, mean=r.mean, confidence=r.confidence,
-                            consensus=r.consensus)
+        r = segment_and_write(seg, item["path"], d, k=params["k"], steps=params["steps"], seed=seed,
+                              eta=params["eta"], views=params.get("views"), roi=params["roi"],
+                              slices=params["slices"], npz="arrays", nifti="required").result
         _write_json(d / DONE, {"index": item["index"], "path": item["path"], "seed": seed, "k": r.k,
                                "steps": r.steps, "seconds": round(time.perf_counter() - t0, 3),
                                "pid": os.getpid(), "finished": time.time()})
@@ -180,15 +156,3 @@ def run_items(inputs, out, plan=None, k=None, steps=None, seed: int = 0, eta: fl
     _write_json(out / SUMMARY, summary)
     return summary
 
-
-def cmd_segment_ray(a) -> int:
-    seed = 0 if a.seed is None else a.seed
-    roi = a.roi if a.roi is not None else a.center
-    s = run_items(a.images, a.out, plan=a.plan, k=a.k, steps=a.steps, seed=seed, eta=a.eta, roi=roi,
-                  slices=a.slices, views=a.views, ray_address=None if a.ray == "local" else a.ray, actors=a.actors,
-                  threads=a.threads or 1, backend=a.backend, precision=a.precision, progress=not a.quiet)
-    print(f"{s['items']} items: {len(s['done'])} done, {len(s['skipped'])} already done (skipped), "
-          f"{len(s['failed'])} failed; seed {seed} ({s['seed_scheme']}); {s['seconds']:.1f} s -> {a.out}/")
-    for name, err in s["failed"].items():
-        print(f"  failed: {name}: {err}")
-    return 1 if s["failed"] else 0

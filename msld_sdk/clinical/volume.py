@@ -1,20 +1,14 @@
 """CT series and volumes: a folder of DICOM slices or a NIfTI file -> per-slice segmentation
 over a 3-D region, returned as volumes in the series' own geometry.
 
-* ``load_series(folder)``: one DICOM series (pydicom), slices ordered by their position along
-  the slice normal (ImagePositionPatient . (row x column direction)), each slice's stored
-  values x RescaleSlope + RescaleIntercept (Hounsfield units for CT).
-* ``load_nifti(path)``: a NIfTI volume (nibabel; scl_slope/scl_inter applied). Voxel axes
-  (i, j, k) are x (column), y (row) and z (slice).
-* ``segment_volume(seg, vol, roi=..., slices=...)``: every slice in range is cut at the plan's
-  training crop around the region, mapped from HU the way the training slices were
-  (``training_input.intensity`` in the plan), and segmented **in one batch**; the outputs come
-  back as Z x H x W volumes (k x Z x H x W masks), zero outside the region and slice range.
+``load_volume`` reads a DICOM series (slices in position order, values in HU) or a NIfTI file;
+``segment_volume(seg, vol, roi=..., slices=...)`` cuts every slice in range at the plan's
+training crop around the region, maps HU the way the training slices were, and segments them
+in one batch; ``save_nifti_outputs`` writes the results in the volume's geometry.
 
 Arrays are Z x H x W (slice, row, column). ``roi``: a 2-D centre (x, y) or box (x0, y0, x1, y1)
-applied to every slice in ``slices`` = (z0, z1) (end exclusive; default all slices), a 3-D
-centre (x, y, z) (slice z alone unless ``slices`` is given) or a 3-D box
-(x0, y0, z0, x1, y1, z1).
+for every slice in ``slices`` = (z0, z1) (end exclusive; default all), a 3-D centre (x, y, z)
+or a 3-D box (x0, y0, z0, x1, y1, z1). Details: docs/clinical_workflow_notes.md.
 """
 from __future__ import annotations
 
