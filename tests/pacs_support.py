@@ -184,3 +184,53 @@ class Flaky503:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def orthanc_or_skip(work: Path, modalities: dict | None = None) -> Orthanc:
+    import pytest
+    pytest.importorskip("dicomweb_client")
+    pytest.importorskip("highdicom")
+    if orthanc_binary() is None or dicomweb_plugin() is None:
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed (scripts/test.sh installs the Debian "
+                    "packages orthanc and orthanc-dicomweb where apt-get exists)")
+    try:
+        from msld_sdk.evaluation.datasets import default_data_root
+        if not (default_data_root() / "lidc").is_dir():
+            pytest.skip(f"no LIDC crops under {default_data_root()} (set MSLD_DATA)")
+    except ImportError:
+        pass
+    return Orthanc(work, modalities).start()
+
+
+def segment_local(folder: Path, out: Path, center, slices, k, steps, seed) -> list:
+    """``msld segment SERIES_DIR --dicom-seg``: the local reference the PACS results must equal."""
+    from msld_sdk.cli import main
+    args = ["segment", str(folder), "--center", *map(str, center), "--dicom-seg", str(out / "ref.dcm"),
+            "-k", str(k), "--steps", str(steps), "--seed", str(seed), "-o", str(out / "o"), "-q"]
+    if slices is not None:
+        args += ["--slices", *map(str, slices)]
+    assert main(args) == 0
+    return [out / "ref.dcm", out / "ref_mean.dcm"]
+
+
+def assert_seg_equals(pacs_datasets: list, ref_files: list, source_datasets: list) -> None:
+    """The SEG read back from the PACS: readable by highdicom, referencing the source instances,
+    its frames equal to the local run's (binary and mean instance)."""
+    import highdicom as hd
+    uids = [str(d.SOPInstanceUID) for d in source_datasets]
+    got = {str(d.SegmentationType): hd.seg.Segmentation.from_dataset(d) for d in pacs_datasets}
+    assert sorted(got) == ["BINARY", "FRACTIONAL"]
+    for ref_file in ref_files:
+        ref = hd.seg.segread(str(ref_file))
+        s = got[str(ref.SegmentationType)]
+        n = len(ref.SegmentSequence)
+        assert len(s.SegmentSequence) == n
+        a = s.get_pixels_by_source_instance(uids, segment_numbers=list(range(1, n + 1)),
+                                            assert_missing_frames_are_empty=True)
+        b = ref.get_pixels_by_source_instance(uids, segment_numbers=list(range(1, n + 1)),
+                                              assert_missing_frames_are_empty=True)
+        np.testing.assert_array_equal(a, b)
+        assert a.any()
+        r = s.ReferencedSeriesSequence[0]
+        assert r.SeriesInstanceUID == source_datasets[0].SeriesInstanceUID
+        assert sorted(x.ReferencedSOPInstanceUID for x in r.ReferencedInstanceSequence) == sorted(uids)

@@ -101,10 +101,15 @@ class Pacs:
     # ---- one request, bounded retries, one clear error --------------------------------------
     def call(self, what: str, fn, *args, **kw):
         import requests
+        import retrying
         last = None
         for attempt in range(self.retries + 1):
             try:
-                return fn(*args, **kw)
+                try:
+                    return fn(*args, **kw)
+                except retrying.RetryError as e:     # dicomweb-client's retries ran out on a 408/429/5xx
+                    resp = getattr(e.last_attempt, "value", None)
+                    raise requests.exceptions.HTTPError(response=resp if hasattr(resp, "status_code") else None)
             except requests.exceptions.HTTPError as e:
                 r = e.response
                 status = f"HTTP {r.status_code} {r.reason or ''}".strip() if r is not None else "HTTP error"
