@@ -39,7 +39,7 @@ PENDING_STATES = ("receiving", "queued", "running")
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
 
@@ -139,7 +139,7 @@ class Node:
             self.dest = DicomDest(dest, calling_aet=ae_title)
         else:
             raise InputError(f"--dest must be a DICOMweb URL (http[s]://...) or dicom://AET@HOST:PORT, got {dest!r}")
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.last: dict = {}                    # series -> monotonic time of its last arrival
         self.queue: queue.Queue = queue.Queue(maxsize=self.max_pending)
         self.stop_event = threading.Event()
@@ -158,7 +158,8 @@ class Node:
         return {"series": series, "state": "receiving", "done": {}, "bad": [], "error": "", "attempts": 0}
 
     def save_job(self, j: dict) -> None:
-        _write_json(self.job_path(j["series"]), j)
+        with self.lock:
+            _write_json(self.job_path(j["series"]), j)
 
     def _recover(self) -> None:
         now = time.monotonic()
@@ -284,7 +285,10 @@ class Node:
             want = self.info.get("modality")
             if want and mod != [want]:
                 raise InputError(f"series is {'/'.join(mod)}, not {want}; this plan segments {want}")
-            check_complete(vol, f"series {series}")
+            try:
+                check_complete(vol, f"series {series}")
+            except PacsError as e:          # the series as received: refused, not retried
+                raise InputError(str(e)) from None
             study = str(vol.datasets[0].StudyInstanceUID)
             sent = []
             for region in self.regions(vol):
