@@ -1,6 +1,5 @@
-"""A DICOM node: receive series by C-STORE (pynetdicom), segment each when complete, send the SEG.
-
-    msld listen --ae-title MSLD --port 11112 --dest http://pacs/dicom-web [--center X Y Z]
+"""A DICOM node (``msld listen``): receive series by C-STORE, segment each when complete, send
+the SEG.
 
 * A series is complete when no instance of it (or of an SR referencing it) arrived for
   ``settle_s`` seconds; then it is queued (bounded: a new series is refused with C-STORE status
