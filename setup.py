@@ -55,13 +55,13 @@ setup(
         # torch pinned: an unpinned torch pulls a multi-GB CUDA build
         "export": ["torch==2.13.0", "onnx", "onnxscript", "safetensors", "diffusers", "pyyaml"],
         "tensorrt": ["tensorrt-rtx-cu13", "cuda-python", "onnx"],
-        "dicom": ["pydicom", "highdicom"],
+        "dicom": ["pydicom", "highdicom", "dicomweb-client", "pynetdicom"],
         "volume": ["nibabel"],
         "ray": ["ray[data]"],
         "fuzz": ["atheris", "hypothesis"],
         "eval": ["scipy"],  # HM-IoU's Hungarian matching (data with several annotators) in msld eval
         "test": ["pytest", "pytest-benchmark", "scipy", "torchmetrics", "matplotlib", "hypothesis", "pydicom",
-                 "highdicom", "nibabel", "ray[data]",
+                 "highdicom", "dicomweb-client", "pynetdicom", "nibabel", "ray[data]",
                  "torch==2.13.0", "onnx", "onnxscript", "safetensors", "diffusers", "pyyaml", "tensorrt-rtx-cu13"],
     },
     entry_points={"console_scripts": ["msld=msld_sdk.cli:main"]},

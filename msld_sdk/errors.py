@@ -45,3 +45,8 @@ class MissingExtraError(MsldError, ImportError):
 class CheckpointError(MsldError, ValueError):
     """A training checkpoint cannot be imported: not a checkpoint, damaged, of another model,
     or holding something the restricted reader refuses (it never executes code from the file)."""
+
+
+class PacsError(MsldError, RuntimeError):
+    """A PACS (DICOMweb server or DICOM node) request failed or returned something unusable; the
+    message names the server, the request and the status, and never a credential."""

@@ -23,29 +23,31 @@ def phantom(n_slices=8, rows=200, cols=220, nodule=(120, 90, 4), radius=7.0, see
     return hu + rng.normal(0, 15, hu.shape).astype(np.float32)
 
 
-def write_series(folder: Path, hu: np.ndarray, shuffle_names: bool = True, prefix: str = "IM") -> list:
+def write_series(folder: Path, hu: np.ndarray, shuffle_names: bool = True, prefix: str = "IM", modality: str = "CT",
+                 study: str | None = None) -> list:
     """One CT Image Storage file per slice; file names deliberately not in position order.
     Returns the datasets in position order."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+    sop_class = CTImageStorage if modality == "CT" else MRImageStorage
     folder.mkdir(parents=True, exist_ok=True)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    study, series, frame = study or generate_uid(), generate_uid(), generate_uid()
     order = np.random.default_rng(1).permutation(len(hu)) if shuffle_names else np.arange(len(hu))
     out = []
     for z in range(len(hu)):
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPClassUID = sop_class
         meta.MediaStorageSOPInstanceUID = generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = Dataset()
         ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
         ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Phantom", "PHANTOM1", "19700101", "O"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", "A1"
-        ds.ReferringPhysicianName, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "", "CT", 1, int(order[z]) + 1
+        ds.ReferringPhysicianName, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "", modality, 1, int(order[z]) + 1
         ds.Manufacturer = "test"
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.ImagePositionPatient = [ORIGIN[0], ORIGIN[1], ORIGIN[2] + z * THICKNESS]

@@ -21,7 +21,8 @@ def add_clinical_args(p: argparse.ArgumentParser) -> None:
                    help="series/volume: segment slices Z0..Z1-1 (in position order), in one batch (default: all)")
     p.add_argument("--dicom-seg", default=None, metavar="OUT.dcm",
                    help="DICOM series input: also write DICOM SEG referencing it: OUT.dcm (BINARY: consensus + "
-                        "one segment per hypothesis) and OUT_mean.dcm (FRACTIONAL: mean probability)")
+                        "one segment per hypothesis) and OUT_mean.dcm (FRACTIONAL: mean probability); with --ray: every "
+                        "series' OUT/<name>/seg.dcm and seg_mean.dcm")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="run the inputs through Ray Data over a pool of Segmenter actors, each item with its own "
                         "seed from (seed, item), outputs written as items finish; a rerun skips finished items. "
@@ -79,7 +80,8 @@ def cmd_segment_ray(a) -> int:
 
     s = run_items(a.images, a.out, plan=a.plan, k=a.k, steps=a.steps, seed=seed, eta=a.eta, roi=roi,
                   slices=a.slices, views=a.views, ray_address=None if a.ray == "local" else a.ray, actors=a.actors,
-                  threads=a.threads or 1, backend=a.backend, precision=a.precision, progress=not a.quiet)
+                  threads=a.threads or 1, backend=a.backend, precision=a.precision, progress=not a.quiet,
+                  dicom_seg=bool(a.dicom_seg))
     print(f"{s['items']} items: {len(s['done'])} done, {len(s['skipped'])} already done (skipped), "
           f"{len(s['failed'])} failed; seed {seed} ({s['seed_scheme']}); {s['seconds']:.1f} s -> {a.out}/")
     for name, err in s["failed"].items():

@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import MissingExtraError, MsldError
 from ..plan import PRECISIONS
 from .clinical import add_clinical_args, clinical_route
+from .pacs import add_listen_parser, add_pacs_args, cmd_listen, pacs_route
 
 
 def _add_precision_arg(p: argparse.ArgumentParser) -> None:
@@ -44,7 +45,9 @@ def cmd_segment(a) -> int:
     from ..outputs import output_names, segment_and_write
     from ..segmenter import Segmenter
 
-    route = clinical_route(a)       # series, volumes, DICOM SEG, Ray: msld_sdk/cli/clinical.py
+    route = pacs_route(a) or clinical_route(a)  # PACS: cli/pacs.py; series, volumes, SEG, Ray: cli/clinical.py
+    if route is None and not a.images:
+        raise SystemExit("msld segment: give image files, series folders or volumes (or --dicomweb URL --study UID)")
     if route is not None:
         return route(a)
     seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, progress=not a.quiet, precision=a.precision)
@@ -272,12 +275,14 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("segment", parents=[common], help="segment images; write k masks, mean, confidence heat map and overlay as PNG")
-    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, TIFF, NPY, DICOM), DICOM series folders or "
+    p.add_argument("images", nargs="*", help="image files (PNG, JPEG, TIFF, NPY, DICOM), DICOM series folders or "
                    "NIfTI volumes")
     p.add_argument("-o", "--out", default="msld_out", help="output folder (default: msld_out)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_run_args(p)
     add_clinical_args(p)
+    add_pacs_args(p)
+    add_listen_parser(sub, common, _add_run_args)
 
     p = sub.add_parser("info", parents=[common], help="print a plan's manifest")
     p.add_argument("plan", nargs="?", default=None, help="plan file or shipped model name (default: lidc)")
@@ -363,7 +368,7 @@ def main(argv=None) -> int:
         a = ap.parse_args(argv)
         logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
         return {"segment": cmd_segment, "info": cmd_info, "build": cmd_build, "bench": cmd_bench,
-                "eval": cmd_eval}[a.cmd](a)
+                "eval": cmd_eval, "listen": cmd_listen}[a.cmd](a)
     except MissingExtraError as e:   # an optional part is not installed: exit 2, one line naming the extra
         print(f"msld: error: {e}", file=sys.stderr)
         return 2

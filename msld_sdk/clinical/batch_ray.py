@@ -9,7 +9,8 @@ the plan once and writes an item's outputs (``outputs.segment_and_write``) into 
 ``done.json`` last; a rerun skips items that have it. A failing item is recorded in its
 ``error.json`` and ``out/summary.json`` and does not stop the job; ``out/job.json`` refuses a
 rerun with other parameters. ``use_ray=False`` runs the same items in this process (the
-reference the Ray path is tested against). Details: docs/clinical_workflow_notes.md.
+reference the Ray path is tested against). ``dicom_seg``: a DICOM series also gets ``seg.dcm``
+and ``seg_mean.dcm``. Details: docs/clinical_workflow_notes.md.
 """
 from __future__ import annotations
 
@@ -56,7 +57,9 @@ def process_item(seg, item: dict, out: Path, params: dict) -> dict:
             (d / ERROR).unlink()
         r = segment_and_write(seg, item["path"], d, k=params["k"], steps=params["steps"], seed=seed,
                               eta=params["eta"], views=params.get("views"), roi=params["roi"],
-                              slices=params["slices"], npz="arrays", nifti="required").result
+                              slices=params["slices"], npz="arrays", nifti="required",
+                              dicom_seg=d / "seg.dcm" if params.get("dicom_seg") and Path(item["path"]).is_dir()
+                              else None).result      # a DICOM series: seg.dcm + seg_mean.dcm
         _write_json(d / DONE, {"index": item["index"], "path": item["path"], "seed": seed, "k": r.k,
                                "steps": r.steps, "seconds": round(time.perf_counter() - t0, 3),
                                "pid": os.getpid(), "finished": time.time()})
@@ -99,7 +102,8 @@ def _check_job(out: Path, params: dict) -> None:
 
 def run_items(inputs, out, plan=None, k=None, steps=None, seed: int = 0, eta: float = 0.0, roi=None, slices=None,
               views: int | None = None, ray_address: str | None = None, actors: int = 2, threads: int | None = 1, backend: str = "auto",
-              precision: str = "fp32", use_ray: bool = True, on_item=None, progress: bool = False) -> dict:
+              precision: str = "fp32", use_ray: bool = True, on_item=None, progress: bool = False,
+              dicom_seg: bool = False) -> dict:
     """Segment ``inputs`` into ``out`` (see the module docstring); returns the summary."""
     from ..segmenter import resolve_plan_path
     out = Path(out)
@@ -107,6 +111,8 @@ def run_items(inputs, out, plan=None, k=None, steps=None, seed: int = 0, eta: fl
     params = {"plan": plan_path, "k": k, "steps": steps, "seed": int(seed), "eta": float(eta),
               "roi": [float(v) for v in roi] if roi is not None else None,
               "slices": [int(v) for v in slices] if slices is not None else None, "precision": precision}
+    if dicom_seg:           # only when asked, so that earlier jobs still resume
+        params["dicom_seg"] = True
     if views is not None:   # only when given, so that jobs written before views existed still resume
         params["views"] = int(views)
     _check_job(out, params)

@@ -37,9 +37,11 @@ def _property_type(model_name: str):
     return codes.SCT.Nodule if model_name.lower().startswith("lidc") else codes.SCT.Lesion
 
 
-def write_dicom_seg(out: str | Path, result, volume, manifest: dict) -> list[Path]:
+def write_dicom_seg(out: str | Path, result, volume, manifest: dict, series_uid: str | None = None,
+                    sop_uids=None, series_description: str | None = None) -> list[Path]:
     """Write ``result`` (a ``VolumeResult``) of DICOM series ``volume`` as two SEG instances
-    (see the module docstring); returns their paths."""
+    (see the module docstring); returns their paths. ``series_uid`` / ``sop_uids`` (two): fixed
+    UIDs (a PACS store that must not duplicate); default new ones."""
     hd = require("highdicom", "writing DICOM SEG")
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
@@ -60,21 +62,23 @@ def write_dicom_seg(out: str | Path, result, volume, manifest: dict) -> list[Pat
             segmented_property_type=prop, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algo)
 
-    series_uid = generate_uid()
+    series_uid = series_uid or generate_uid()
+    sop_uids = list(sop_uids) if sop_uids is not None else [generate_uid(), generate_uid()]
+    extra = {"series_description": series_description} if series_description else {}
     common = dict(source_images=volume.datasets, series_instance_uid=series_uid, series_number=9001,
                   manufacturer="msld_sdk", manufacturer_model_name=f"MedSegLatDiff {model}",
-                  software_versions=__version__, device_serial_number="none")
+                  software_versions=__version__, device_serial_number="none", **extra)
     binary = np.concatenate([result.consensus[..., None], np.moveaxis(result.masks, 0, -1)], axis=-1)
     segs = [describe(1, "consensus")] + [describe(i + 2, f"hypothesis {i + 1}") for i in range(result.k)]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     b = hd.seg.Segmentation(pixel_array=binary.astype(np.uint8), segmentation_type="BINARY",
-                            segment_descriptions=segs, sop_instance_uid=generate_uid(), instance_number=1,
+                            segment_descriptions=segs, sop_instance_uid=sop_uids[0], instance_number=1,
                             content_description=f"consensus and {result.k} hypotheses", **common)
     b.save_as(str(out))
     f = hd.seg.Segmentation(pixel_array=result.mean.astype(np.float32), segmentation_type="FRACTIONAL",
                             fractional_type="PROBABILITY", max_fractional_value=255,
-                            segment_descriptions=[describe(1, "mean probability")], sop_instance_uid=generate_uid(),
+                            segment_descriptions=[describe(1, "mean probability")], sop_instance_uid=sop_uids[1],
                             instance_number=2, content_description=f"mean of {result.k} hypotheses", **common)
     mp = mean_path(out)
     f.save_as(str(mp))
