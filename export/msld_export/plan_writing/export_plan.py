@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import hashlib
 import io
 import logging
 import os
@@ -22,6 +21,7 @@ import onnxruntime as ort
 import torch
 
 from msld_sdk import __version__ as sdk_version
+from msld_sdk.checksums import sha256_file  # noqa: F401  (re-exported: export_plan.sha256_file)
 from msld_sdk.plan import write_plan
 
 from ..model.checkpoint import load_checkpoint, random_model
@@ -137,14 +137,6 @@ def export_plan(model: MedSegLatDiff, out: str | Path, provenance: dict | None =
     prov.update(provenance or {})
     blobs = {name: (f"graphs/{name}.onnx", data) for name, data in graphs.items()}
     return write_plan(out, manifest_for(model.cfg, prov), blobs)
-
-
-def sha256_file(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def main(argv=None) -> int:

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from msld_sdk import __version__ as sdk_version
+from msld_sdk.checksums import sha256_file
 from msld_sdk.errors import CheckpointError
 from msld_sdk.plan import write_plan
 
-from ..plan_writing.export_plan import OPSET, export_checked, sha256_file
+from ..plan_writing.export_plan import OPSET, export_checked
 
 from .checkpoint_reader import Checkpoint, read_checkpoint, state_dict_of
 from .model import (DecoderGraph, Denoiser, DenoiserGraph, EncoderGraph, ImageEncoder, MaskDecoder,
