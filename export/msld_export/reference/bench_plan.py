@@ -144,10 +144,8 @@ class RandomReferenceModel(ImportedModel):
                                      ("decoder", self.decoder))}
         self.training, self.globals_seen = {}, []
 
-    def manifest(self, provenance: dict) -> dict:
-        m = super().manifest(provenance)
-        m["model"]["weights"] = f"random (seed {self.seed})"
-        return m
+    def weights_label(self) -> str:
+        return f"random (seed {self.seed})"
 
 
 def write_bench_plan(family: str, out, seed: int = 0, base_channels=None) -> dict:
