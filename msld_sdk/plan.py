@@ -14,7 +14,6 @@ and the problem.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zipfile
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .checksums import sha256_bytes  # noqa: F401  (re-exported: msld_sdk.plan.sha256_bytes)
 from .errors import PlanFormatError, PlanIntegrityError, PlanNotFoundError, PlanVersionError
 
 FORMAT_NAME = "msld-plan"
@@ -36,10 +36,6 @@ INT8_KEY = "int8"   # manifest entry of the optional int8 denoiser (added by msl
 # trailing, and linspace_trunc, the MedSegLatDiff reference sampler's rule (imported plans).
 SPACINGS = ("leading", "trailing", "linspace_trunc")
 REQUIRED_KEYS = ("format", "format_version", "model", "schedule", "input", "latent", "defaults", "blobs")
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass

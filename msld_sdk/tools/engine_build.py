@@ -24,8 +24,9 @@ from typing import Callable
 import numpy as np
 
 from ..backends import trt_compat
+from ..checksums import sha256_bytes
 from ..errors import MsldError
-from ..plan import GRAPH_PARTS, Plan, add_blobs, sha256_bytes
+from ..plan import GRAPH_PARTS, Plan, add_blobs
 
 ENCODER_MAX_BATCH = 16
 LOW_PRECISION_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import hashlib
 import io
 import logging
 import os
@@ -22,11 +21,13 @@ import onnxruntime as ort
 import torch
 
 from msld_sdk import __version__ as sdk_version
+from msld_sdk.checksums import sha256_file  # noqa: F401  (re-exported: export_plan.sha256_file)
 from msld_sdk.plan import write_plan
 
 from ..model.checkpoint import load_checkpoint, random_model
 from ..model.config import ModelConfig
 from ..model.networks import ExportDecoder, ExportDenoiser, ExportEncoder, MedSegLatDiff, alphas_cumprod
+from .manifest import build_manifest
 from .onnx_passes import group_norm_as_layer_norm
 from ..training.training_input import training_input_for
 
@@ -97,32 +98,17 @@ def export_checked(parts: dict, num_train_timesteps: int, check_batches=(1, 3, 8
 
 
 def manifest_for(cfg: ModelConfig, provenance: dict) -> dict:
+    """The manifest of a plan of this package's own model (``manifest.build_manifest``)."""
     L = cfg.latent_size
-    m = {
-        "model": cfg.to_dict(),
-        "schedule": {
-            "num_train_timesteps": cfg.num_train_timesteps,
-            "beta_schedule": cfg.beta_schedule, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end,
-            # float32 values as training used them; JSON keeps them exactly (float32 -> float64 repr)
-            "alphas_cumprod": [float(a) for a in alphas_cumprod(cfg).numpy()],
-            "spacing": "trailing",
-            "prediction": "epsilon",
-            "clip_sample": 0.0,
-        },
-        "input": {"size": [cfg.image_size, cfg.image_size], "channels": cfg.image_channels,
-                  "mean": list(cfg.image_mean), "std": list(cfg.image_std),
-                  "color": "grayscale" if cfg.image_channels == 1 else "rgb",
-                  "layout": "NCHW, values in [0,1] then (x - mean) / std"},
-        "latent": {"channels": cfg.latent_channels, "size": [L, L]},
-        "defaults": {"k": cfg.default_k, "steps": cfg.default_steps, "eta": 0.0, "threshold": 0.5,
-                     "max_k": cfg.max_k},
-        "engines": [],
-        "provenance": provenance,
-    }
-    rec = training_input_for(cfg.name)
-    if rec is not None:
-        m["training_input"] = rec
-    return m
+    return build_manifest(
+        model=cfg.to_dict(),
+        num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+        beta_start=cfg.beta_start, beta_end=cfg.beta_end, alphas_cumprod=alphas_cumprod(cfg).numpy(),
+        spacing="trailing", clip_sample=0.0,
+        image_size=cfg.image_size, image_channels=cfg.image_channels, mean=cfg.image_mean, std=cfg.image_std,
+        latent_channels=cfg.latent_channels, latent_size=(L, L),
+        k=cfg.default_k, steps=cfg.default_steps, max_k=cfg.max_k,
+        provenance=provenance, training_input=training_input_for(cfg.name))
 
 
 def export_plan(model: MedSegLatDiff, out: str | Path, provenance: dict | None = None) -> dict:
@@ -137,14 +123,6 @@ def export_plan(model: MedSegLatDiff, out: str | Path, provenance: dict | None =
     prov.update(provenance or {})
     blobs = {name: (f"graphs/{name}.onnx", data) for name, data in graphs.items()}
     return write_plan(out, manifest_for(model.cfg, prov), blobs)
-
-
-def sha256_file(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def main(argv=None) -> int:

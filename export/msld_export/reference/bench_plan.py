@@ -3,23 +3,12 @@
     python -m msld_export.reference.bench_plan lidc --out lidc_bench.plan [--seed 0]
     python -m msld_export.reference.bench_plan cvc --out cvc_bench.plan
 
-Speed does not depend on the weights' values, so benchmarks at the paper's scale need no trained
-checkpoint: the configuration alone (the reference experiments
-``configs/experiment/segmentation/stable_diffusion/train/{lidc,cvc_clinic}.yaml`` with the model
-defaults they inherit, and the mask VQ-VAE of ``reconstruction/vq_vae/train/{lidc,cvc_clinic}_mask.yaml``)
-is validated by the importer's own parser, its modules are built by the importer's own classes,
-filled with seeded random weights, and exported through the importer's own path
-(``importer.write_reference_plan``). The seed is recorded in ``provenance.random_seed``, so that
-``msld bench --baselines`` can rebuild the same PyTorch modules (``rebuild_random_modules``).
-
-Families (published widths):
-
-* ``lidc``: 1 x 128 x 128 images, latent 1 x 32 x 32; denoiser base 128, multipliers 1-2-4-4, one
-  block a level, attention (4 heads) at levels 1 and 2; image embedder base 64, 1-2-4; mask decoder
-  base 64, 1-2-4. Denoiser 72.5 M parameters.
-* ``cvc`` (CVC-ClinicDB / ISIC 2018): 3 x 256 x 256 images, latent 1 x 64 x 64; denoiser base 128,
-  multipliers 1-2-3-4, two blocks a level, attention (1 head) at level 1; embedder base 64, 1-2-4;
-  mask decoder base 64, 1-2-4.
+Speed does not depend on the weights' values, so no trained checkpoint is needed: the family's
+configuration (``FAMILIES``, after the reference experiments) goes through the importer's own
+parser, modules, manifest and export path (``importer.write_reference_plan``) with seeded random
+weights. The seed is recorded in ``provenance.random_seed`` so that ``msld bench --baselines`` can
+rebuild the same PyTorch modules (``rebuild_random_modules``). Families ``lidc`` and ``cvc``:
+widths and sources in docs/reference_import.md.
 
 ``--base-channels D E M`` narrows the denoiser, embedder and mask decoder (tests use it to stay fast).
 """
@@ -144,10 +133,8 @@ class RandomReferenceModel(ImportedModel):
                                      ("decoder", self.decoder))}
         self.training, self.globals_seen = {}, []
 
-    def manifest(self, provenance: dict) -> dict:
-        m = super().manifest(provenance)
-        m["model"]["weights"] = f"random (seed {self.seed})"
-        return m
+    def weights_label(self) -> str:
+        return f"random (seed {self.seed})"
 
 
 def write_bench_plan(family: str, out, seed: int = 0, base_channels=None) -> dict:

@@ -24,10 +24,12 @@ import numpy as np
 import torch
 
 from msld_sdk import __version__ as sdk_version
+from msld_sdk.checksums import sha256_file
 from msld_sdk.errors import CheckpointError
 from msld_sdk.plan import write_plan
 
-from ..plan_writing.export_plan import OPSET, export_checked, sha256_file
+from ..plan_writing.export_plan import OPSET, export_checked
+from ..plan_writing.manifest import build_manifest
 
 from .checkpoint_reader import Checkpoint, read_checkpoint, state_dict_of
 from .model import (DecoderGraph, Denoiser, DenoiserGraph, EncoderGraph, ImageEncoder, MaskDecoder,
@@ -358,41 +360,38 @@ class ImportedModel:
                         ["z"]),
         }
 
+    def weights_label(self) -> str:
+        """``model.weights`` of the manifest: which weights the graphs hold."""
+        return "ema" if self.use_ema else "raw"
+
     def manifest(self, provenance: dict) -> dict:
+        """The plan's manifest (``plan_writing.manifest.build_manifest``): the reference's schedule
+        and DDIM rule, its normalisation, and the image embedder's output as the condition."""
         o = self.opts
         L = o["latent"]
         T = o["n_train_steps"]
         steps = o["sampler"]["n_infer_steps"]
         steps = steps if isinstance(steps, int) and 1 <= steps <= T else 50
         params = {k: v["params"] for k, v in self.weights.items()}
-        return {
-            "model": {"name": "medseglatdiff-reference", "family": "StableDiffusionModel (reference 3983e93)",
-                      "image_size": o["image_size"], "image_channels": o["image_channels"],
-                      "latent_channels": L[0], "latent_size": L[1], "denoiser": o["denoiser"],
-                      "image_embedder": o["embedder"], "mask_decoder": self.mask_decoder_cfg,
-                      "latent_scaling_factor": o["latent_scaling_factor"], "parameters": params,
-                      "weights": "ema" if self.use_ema else "raw"},
-            "schedule": {
-                "num_train_timesteps": T, "beta_schedule": o["sampler"]["beta_schedule"],
-                "beta_start": o["sampler"]["beta_start"], "beta_end": o["sampler"]["beta_end"],
-                "alphas_cumprod": [float(a) for a in self.alphas],
-                "spacing": "linspace_trunc", "prediction": "epsilon",
-                "clip_sample": 1.0 if o["sampler"]["clip_denoised"] else 0.0,
-                "ddim": {"rule": DDIM_RULE,
-                         "timesteps": "trunc(float32 torch.linspace(0, T-1, steps)), descending",
-                         "prev_timestep": "t - T // steps; alpha_prev = 1 (final_alpha_bar) when negative",
-                         "x0_clip": "[-1, 1]" if o["sampler"]["clip_denoised"] else "none",
-                         "source": "src/models/diffusion/sampler/{base,ddim}.py"},
-            },
-            "input": {"size": [o["image_size"]] * 2, "channels": o["image_channels"], "mean": o["mean"],
-                      "std": o["std"], "color": "grayscale" if o["image_channels"] == 1 else "rgb",
-                      "layout": "NCHW, values in [0,1] then (x - mean) / std"},
-            "latent": {"channels": L[0], "size": [L[1], L[2]]},
-            "condition": {"channels": o["embedder"]["z_channels"], "size": [L[1], L[2]]},
-            "defaults": {"k": 4, "steps": steps, "eta": 0.0, "threshold": 0.5, "max_k": 32},
-            "engines": [],
-            "provenance": provenance,
-        }
+        clip = o["sampler"]["clip_denoised"]
+        return build_manifest(
+            model={"name": "medseglatdiff-reference", "family": "StableDiffusionModel (reference 3983e93)",
+                   "image_size": o["image_size"], "image_channels": o["image_channels"],
+                   "latent_channels": L[0], "latent_size": L[1], "denoiser": o["denoiser"],
+                   "image_embedder": o["embedder"], "mask_decoder": self.mask_decoder_cfg,
+                   "latent_scaling_factor": o["latent_scaling_factor"], "parameters": params,
+                   "weights": self.weights_label()},
+            num_train_timesteps=T, beta_schedule=o["sampler"]["beta_schedule"],
+            beta_start=o["sampler"]["beta_start"], beta_end=o["sampler"]["beta_end"], alphas_cumprod=self.alphas,
+            spacing="linspace_trunc", clip_sample=1.0 if clip else 0.0,
+            ddim={"rule": DDIM_RULE,
+                  "timesteps": "trunc(float32 torch.linspace(0, T-1, steps)), descending",
+                  "prev_timestep": "t - T // steps; alpha_prev = 1 (final_alpha_bar) when negative",
+                  "x0_clip": "[-1, 1]" if clip else "none",
+                  "source": "src/models/diffusion/sampler/{base,ddim}.py"},
+            image_size=o["image_size"], image_channels=o["image_channels"], mean=o["mean"], std=o["std"],
+            latent_channels=L[0], latent_size=(L[1], L[2]), condition=(o["embedder"]["z_channels"], L[1], L[2]),
+            k=4, steps=steps, max_k=32, provenance=provenance)
 
 
 def write_reference_plan(m: "ImportedModel", out: str | Path, provenance: dict) -> dict:

@@ -11,7 +11,6 @@ they compute the same masks; ``check_same_result`` asserts it before anything is
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from diffusers import DDIMScheduler
 
 from msld_sdk import _native
 from msld_sdk.backends.onnxruntime_backend import session_options
+from msld_sdk.checksums import sha256_file as _sha256
 from msld_sdk.plan import Plan
 
 from ..model.checkpoint import load_checkpoint, random_model
@@ -32,10 +32,6 @@ HERE = Path(__file__).resolve().parent
 CHECKPOINT_DIRS = (HERE / "checkpoints", HERE.parent / "runs")  # shipped with the package; a clone's runs/
 REFERENCE_MODEL = "medseglatdiff-reference"   # model.name of plans of the reference architecture
 CHECKPOINT_DIRS_ENV = "MSLD_CHECKPOINT_DIRS"   # more folders (os.pathsep-separated) for an imported plan's checkpoint
-
-
-def _sha256(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def _find_checkpoint(plan: Plan, name: str | None, sha: str | None, dirs) -> Path:
