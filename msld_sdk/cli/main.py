@@ -133,7 +133,7 @@ def cmd_bench(a) -> int:
         require_export_extra("msld bench --baselines")   # before anything is timed
     seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, precision=a.precision)
     threads = getattr(seg.backend, "threads", a.threads or 0)
-    image_path = a.image or str(Path(__file__).resolve().parent / "samples" / "lidc_0974_n0_s2" / "image.png")
+    image_path = a.image or str(Path(__file__).resolve().parents[1] / "samples" / "lidc_0974_n0_s2" / "image.png")
     img = load_image(image_path)
     rows = []
     for k in a.k:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]             # msld_sdk/evaluation/ -> the clone
 DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"   # in a clone: ../shared/data
 KINDS = ("lidc", "polyp", "kvasir", "cvc")                   # the data sets under a data root
 FOLDER = "folder"                                            # DIR/images + DIR/masks

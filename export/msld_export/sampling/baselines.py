@@ -28,8 +28,9 @@ from ..model.checkpoint import load_checkpoint, random_model
 from ..model.config import ModelConfig
 from ..model.networks import ExportDecoder, ExportDenoiser, ExportEncoder, MedSegLatDiff
 
-HERE = Path(__file__).resolve().parent
-CHECKPOINT_DIRS = (HERE / "checkpoints", HERE.parent / "runs")  # shipped with the package; a clone's runs/
+PACKAGE = Path(__file__).resolve().parents[1]   # msld_export/
+# shipped with the package; a clone's runs/ (the package is export/msld_export in a clone)
+CHECKPOINT_DIRS = (PACKAGE / "checkpoints", PACKAGE.parents[1] / "runs")
 REFERENCE_MODEL = "medseglatdiff-reference"   # model.name of plans of the reference architecture
 CHECKPOINT_DIRS_ENV = "MSLD_CHECKPOINT_DIRS"   # more folders (os.pathsep-separated) for an imported plan's checkpoint
 
