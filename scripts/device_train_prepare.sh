@@ -8,7 +8,7 @@
 #     (one fold at a time: the resume state is kept per config name)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NAME=${1:?config name under export/configs}; SIZE=${2:?image size}
+NAME=${1:?config name under export/msld_export/configs}; SIZE=${2:?image size}
 KIND=$(python3 -c "from msld_sdk.evaluation.datasets import data_kind_for; print(data_kind_for('$NAME'))")
 rm -rf .dev/data .dev/resume/$NAME
 python3 -m msld_export.training.data pack --kind "$KIND" --size "$SIZE" --out .dev/data --jpeg-quality 95 \

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 NAME=${1:?model name: lidc or polyp}
 CKPT=${2:?checkpoint}
 case "$NAME" in lidc|polyp) ;; *) echo "model name must be lidc or polyp, not $NAME" >&2; exit 2;; esac
-mkdir -p export/checkpoints benchmarks/results
+mkdir -p export/msld_export/checkpoints benchmarks/results
 [ "$CKPT" -ef "export/msld_export/checkpoints/$NAME.safetensors" ] || cp "$CKPT" "export/msld_export/checkpoints/$NAME.safetensors"
 python -m msld_export.plan_writing.export_plan "export/msld_export/checkpoints/$NAME.safetensors" "msld_sdk/models/$NAME.plan"
 # Default steps: the fewest of 5/10/20 that stay within the seed spread of 20 steps on the full
