@@ -147,6 +147,8 @@ class Schedule:
     def ddim(self, steps: int) -> StepTable:
         """The DDIM steps of a ``steps``-step run, computed by the native code."""
         from . import _native
+        if not hasattr(_native, "ddim_coefficients"):
+            raise RuntimeError("msld_sdk._native predates Schedule (no ddim_coefficients): rebuild the extension")
         ts, prev, at, ap = _native.ddim_coefficients(self.alphas_cumprod, int(steps), self.spacing)
         return StepTable(np.asarray(ts, np.int32), np.asarray(prev, np.int32), np.asarray(at, np.float64),
                          np.asarray(ap, np.float64))
