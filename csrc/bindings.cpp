@@ -89,6 +89,26 @@ PYBIND11_MODULE(_native, m) {
     }, py::arg("num_train_timesteps"), py::arg("steps"), py::arg("spacing") = "trailing",
        "Descending DDIM timesteps, as diffusers' DDIMScheduler.set_timesteps.");
 
+    m.def("ddim_coefficients", [](farray alphas_cumprod, int steps, const std::string& spacing) {
+        const msld_spacing sp = parse_spacing(spacing);
+        const int32_t T = (int32_t)alphas_cumprod.size();
+        const py::ssize_t n = steps > 0 ? steps : 0;
+        py::array_t<int32_t> ts(n), prev(n);
+        py::array_t<double> at(n), ap(n);
+        if (steps < 1) check(MSLD_ERR_INVALID_ARG, "ddim_coefficients");
+        for (int32_t i = 0; i < steps; ++i) {
+            msld_ddim_coeffs c;
+            check(msld_ddim_coeffs_for(alphas_cumprod.data(), T, steps, sp, i, &c), "ddim_coefficients");
+            ts.mutable_data()[i] = c.timestep;
+            prev.mutable_data()[i] = c.prev_timestep;
+            at.mutable_data()[i] = c.alpha_t;
+            ap.mutable_data()[i] = c.alpha_prev;
+        }
+        return py::make_tuple(ts, prev, at, ap);
+    }, py::arg("alphas_cumprod"), py::arg("steps"), py::arg("spacing") = "trailing",
+       "The scalars of every DDIM step as the native loop uses them (msld_ddim_coeffs_for):\n"
+       "(timesteps int32, prev_timesteps int32, alpha_t float64, alpha_prev float64), step 0 first.");
+
     m.def("ddim_step", [](farray x, farray eps, double alpha_t, double alpha_prev, float eta,
                           py::object noise, float clip) {
         if (x.size() != eps.size()) throw py::value_error("x and eps differ in size");

@@ -1,7 +1,8 @@
 """``Segmenter``: the SDK's front door. Image in; k masks, their mean and a confidence map out.
 
 The image is encoded once; all k hypotheses (times the number of images in a batch) go
-through the denoiser together, once per DDIM step, inside the native loop (``_native``).
+through the denoiser together, once per DDIM step, in the backend's sampling loop
+(``backend.sample``, on the plan's ``Schedule``).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from .errors import InputError, PlanNotFoundError
 from .image_input import load_image, resize_planes, to_model_input
 from .plan import Plan
 from .result import SegmentationResult
-from .sampling import MAX_SEED, SampleOptions  # noqa: F401  (MAX_SEED: its former home)
+from .sampling import MAX_SEED, SampleOptions, Schedule  # noqa: F401  (MAX_SEED: its former home)
 from .roi import warn_if_whole_image
 from .views import hypothesis_rows, undo_views, view_inputs
 
@@ -66,9 +67,7 @@ class Segmenter:
         self.precision = precision
         self.backend = select_backend(self.plan, backend, threads=threads, precision=precision)
         self.progress = progress
-        self._alphas = np.asarray(m["schedule"]["alphas_cumprod"], np.float32)
-        self._spacing = m["schedule"]["spacing"]
-        self._clip = float(m["schedule"].get("clip_sample", 0.0))
+        self.schedule = Schedule.from_manifest(m)
         self._in = m["input"]
         self.defaults = dict(m["defaults"])
 
@@ -111,8 +110,8 @@ class Segmenter:
                 threshold: float | None = None, views: int | None = None) -> SampleOptions:
         """``run``'s sampling keywords checked against this plan: what is None comes from the plan's
         defaults, and a random seed is drawn when none is given."""
-        return SampleOptions.resolve(self.defaults, len(self._alphas), tuple(self._in["size"]), k=k, steps=steps,
-                                     seed=seed, eta=eta, threshold=threshold, views=views)
+        return SampleOptions.resolve(self.defaults, self.schedule.num_train_timesteps, tuple(self._in["size"]), k=k,
+                                     steps=steps, seed=seed, eta=eta, threshold=threshold, views=views)
 
     def preprocess(self, img) -> np.ndarray:
         """One image (anything ``run`` accepts) -> the encoder's 1 x C x H x W input."""
@@ -160,46 +159,26 @@ class Segmenter:
         rows = hypothesis_rows(n, k, views)   # cond row of each hypothesis: image i, view j % views
         t2 = time.perf_counter()
 
-        denoise_s = [0.0]
         bar = None
         if self.progress:
             from tqdm import tqdm
             bar = tqdm(total=steps, desc="DDIM", unit="step", leave=False)
 
-        run_loop = getattr(self.backend, "run_loop", None)
-        if run_loop is not None:
-            # Device-resident loop (TensorRT): noise, denoiser and DDIM updates never leave the GPU,
-            # so the host cannot time them apart; the whole loop is reported as denoise_ms.
-            extra = {} if x_init is None else {"initial_latents": x_init}
-            if views > 1:   # else one row per image, repeated on the device
-                cond = np.ascontiguousarray(cond[rows])
-                extra["cond_per_hypothesis"] = True
-            latents = run_loop(cond, k, n, steps, self._spacing, eta, self._clip, seed, self._alphas, **extra)
-            if bar is not None:
-                bar.update(steps)
-        else:
-            buf = self.backend.buffers(n * k)
-            buf.cond[...] = cond[rows]
+        def progress(done, total):
+            bar.update(done - bar.n)
 
-            def denoise():
-                s = time.perf_counter()
-                self.backend.denoise_bound(buf)
-                denoise_s[0] += time.perf_counter() - s
-
-            def progress(done, total):
-                bar.update(1)
-
-            if x_init is not None:
-                buf.x[...] = x_init.reshape(buf.x.shape)
-            _native.ddim_sample(denoise, self._alphas, steps, self._spacing, eta, self._clip, seed, k, n,
-                                buf.x, buf.eps, buf.t, progress if bar is not None else None,
-                                latents_given=x_init is not None)
-            latents = buf.x
+        per_hypothesis = views > 1   # else one cond row per image, repeated k times by the backend
+        if per_hypothesis:
+            cond = np.ascontiguousarray(cond[rows])
+        loop = {}   # a CPU-driven loop reports denoise_s, the time inside denoiser calls
+        latents = self.backend.sample(cond, n, options, self.schedule, initial_latents=x_init,
+                                      cond_per_hypothesis=per_hypothesis,
+                                      progress=progress if bar is not None else None, timings=loop)
         if bar is not None:
             bar.close()
         t3 = time.perf_counter()
-        if run_loop is not None:
-            denoise_s[0] = t3 - t2                        # loop_overhead_ms is then 0
+        # a device-resident loop (TensorRT) cannot be timed apart: all of it is denoise_ms
+        denoise_s = loop.get("denoise_s", t3 - t2)
         probs = undo_views(self.backend.decode(latents)[:, 0], k, views)   # (n*k) x h x w
         t4 = time.perf_counter()
 
@@ -221,8 +200,8 @@ class Segmenter:
         timings = {
             "preprocess_ms": (t1 - t0) * 1e3,
             "encode_ms": (t2 - t1) * 1e3,
-            "denoise_ms": denoise_s[0] * 1e3,
-            "loop_overhead_ms": (loop_s - denoise_s[0]) * 1e3,  # DDIM update, noise, callbacks
+            "denoise_ms": denoise_s * 1e3,
+            "loop_overhead_ms": (loop_s - denoise_s) * 1e3,  # DDIM update, noise, callbacks
             "decode_ms": (t4 - t3) * 1e3,
             "postprocess_ms": post_s * 1e3,
             "aggregate_ms": agg_s * 1e3,

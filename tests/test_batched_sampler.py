@@ -73,13 +73,13 @@ def _native_run(m, image, k, steps, seed, eta=0.0):
 @pytest.mark.parametrize("eta,clip", [(0.0, 0.0), (0.0, 1.0), (0.7, 1.0)])
 def test_ddim_update_equals_the_native_kernel(eta, clip):
     from msld_export.sampling.batched_sampler import ddim_scalars, ddim_update
-    from msld_export.sampling.gpu_sampler import ddim_schedule
+    from msld_sdk.sampling import Schedule
     from msld_export.reference.bench_plan import linear_alphas_bar
     rng = np.random.default_rng(0)
     x = rng.standard_normal(4099, dtype=np.float32) * 3
     e = rng.standard_normal(4099, dtype=np.float32)
     z = rng.standard_normal(4099, dtype=np.float32)
-    for c in ddim_schedule(linear_alphas_bar(1000, 1e-4, 2e-2), 20, "linspace_trunc"):
+    for c in Schedule(linear_alphas_bar(1000, 1e-4, 2e-2), "linspace_trunc").ddim(20):
         want, _ = _native.ddim_step(x, e, c.alpha_t, c.alpha_prev, eta, z if eta > 0 else None, clip)
         s = torch.from_numpy(ddim_scalars(c, eta, clip))
         got = ddim_update(torch.from_numpy(x), torch.from_numpy(e), s, clip, torch.from_numpy(z) if eta > 0 else None)
@@ -267,7 +267,7 @@ def test_cuda_graph_replay_equals_eager_and_the_cpu(ref_model, no_tf32):
 @cuda
 def test_cuda_noise_and_update_equal_the_native_cpu(ref_model):
     from msld_export.sampling.batched_sampler import BatchedSampler, ddim_scalars, ddim_update
-    from msld_export.sampling.gpu_sampler import ddim_schedule
+    from msld_sdk.sampling import Schedule
     s = BatchedSampler.from_reference(ref_model, device="cuda")
     buf = torch.empty(1, 6, 1, 32, 32, device="cuda")
     s._draw(buf, 2 ** 40 + 3, None, 3, 2)
@@ -275,7 +275,7 @@ def test_cuda_noise_and_update_equal_the_native_cpu(ref_model):
     np.testing.assert_array_equal(buf.reshape(2, 3, -1).cpu().numpy(), np.stack([want, want]))
     rng = np.random.default_rng(1)
     x, e = rng.standard_normal(5000, dtype=np.float32), rng.standard_normal(5000, dtype=np.float32)
-    c = ddim_schedule(ref_model.alphas, 20, "linspace_trunc")[3]
+    c = Schedule(ref_model.alphas, "linspace_trunc").ddim(20)[3]
     got = ddim_update(torch.from_numpy(x).cuda(), torch.from_numpy(e).cuda(),
                       torch.from_numpy(ddim_scalars(c, 0.0, 1.0)).cuda(), 1.0)
     np.testing.assert_array_equal(got.cpu().numpy(), _native.ddim_step(x, e, c.alpha_t, c.alpha_prev, 0.0, None, 1.0)[0])

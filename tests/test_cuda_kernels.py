@@ -159,9 +159,9 @@ def test_gaussian_dev_seed_and_images(seed, n_images, elems):
 
 def _coeff_cases():
     from msld_export.model.config import ModelConfig
-    from msld_export.sampling.gpu_sampler import ddim_schedule
+    from msld_export.sampling.gpu_sampler import step_table
     from msld_export.model.networks import alphas_cumprod
-    plan = ddim_schedule(alphas_cumprod(ModelConfig()), 10, "trailing")
+    plan = step_table(alphas_cumprod(ModelConfig()), 10, "trailing")
     # the noisiest step, one in the middle, and the last (prev = -1: alpha_prev = 1, zero variance)
     cases = [(c.alpha_t, c.alpha_prev) for c in (plan[0], plan[5], plan[-1])]
     cases.append((0.5, 0.9))  # a made-up pair with a large variance
@@ -375,7 +375,7 @@ def test_sampler_initial_noise_is_cpu_noise():
         elems = cfg.latent_channels * cfg.latent_size ** 2
         x = np.zeros((3, elems), np.float32)
         x[:] = _native.gaussian(77, 0, 3, elems, 0)
-        from msld_export.sampling.gpu_sampler import ddim_schedule
-        for c in ddim_schedule(sampler.alphas, 2):
+        from msld_export.sampling.gpu_sampler import step_table
+        for c in step_table(sampler.alphas, 2):
             x, _ = _native.ddim_step(x, np.zeros_like(x), c.alpha_t, c.alpha_prev, 0.0, None, 0.0)
         np.testing.assert_allclose(out.latents.reshape(3, elems).cpu().numpy(), x, rtol=1e-6, atol=1e-6)

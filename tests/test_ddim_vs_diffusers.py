@@ -5,6 +5,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from msld_sdk import _native
+from msld_sdk.sampling import Schedule
 
 T = 1000
 
@@ -45,14 +46,17 @@ def test_step_by_step_trajectory(spacing, steps, eta, clip):
     elems = int(np.prod(shape))
     x_ref = torch.from_numpy(_native.gaussian(7, 0, k, elems, 0).reshape(k, *shape))
     x_sdk = x_ref.numpy().copy()
+    table = Schedule(ac, spacing).ddim(steps)   # the SDK's step table, against diffusers' own
+    np.testing.assert_array_equal(table.timesteps, sched.timesteps.numpy())
     for i, t in enumerate(sched.timesteps):
         t = int(t)
-        noise = _native.gaussian(7, 0, k, elems, i + 1).reshape(k, *shape)
+        c = table[i]
+        noise = _native.gaussian(7, 0, k, elems, c.noise_stream).reshape(k, *shape)
         e_ref = eps_model(x_ref, t)
         x_ref = sched.step(e_ref, t, x_ref, eta=eta, variance_noise=torch.from_numpy(noise)).prev_sample
-        prev = t - T // steps
+        assert c.prev_timestep == t - T // steps      # diffusers: timestep - T // num_inference_steps
         e_sdk = eps_model(torch.from_numpy(x_sdk), t).numpy()
-        x_sdk, _ = _native.ddim_step(x_sdk, e_sdk, float(ac[t]), float(ac[prev]) if prev >= 0 else 1.0,
+        x_sdk, _ = _native.ddim_step(x_sdk, e_sdk, c.alpha_t, c.alpha_prev,
                                      eta=eta, noise=noise if eta > 0 else None, clip=1.0 if clip else 0.0)
         assert rel(x_sdk, x_ref.numpy()) < 1e-5, f"step {i} (t={t})"
 

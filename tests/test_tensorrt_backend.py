@@ -1,18 +1,19 @@
-"""The device-resident TensorRT loop (``TensorRTBackend.run_loop``) and the Segmenter hook that uses it.
+"""The device-resident TensorRT loop (``TensorRTBackend.sample``) and the Segmenter hook that uses it.
 
 On a CPU-only machine (no faking of TensorRT, CUDA or the GPU):
-  * the DDIM schedule and the per-step timestep tables ``run_loop`` uploads are exactly those of the
-    CPU loop (``_native.ddim_timesteps``, ``msld_ddim_coeffs_for``, the t the CPU loop writes) and of
-    the verified torch GPU loop (``msld_export.sampling.gpu_sampler.ddim_schedule``);
-  * the step sequence ``run_loop`` enqueues (initial noise on Philox stream 0 with hypotheses 0..k-1
-    for every image, then per step t, denoiser, DDIM update with the noise of stream step + 1), run
-    with the CPU twins of the CUDA kernels, gives ``_native.ddim_sample``'s latents bit for bit;
-  * ``Segmenter`` calls ``run_loop`` when (and only when) a backend has one, decodes what it returns,
-    and, when ``run_loop`` is the CPU loop, gives exactly the ONNX Runtime path's results.
+  * the DDIM step table (``Schedule.ddim``) and the per-step timestep tables the device loop uploads
+    are exactly those of the CPU loop (``_native.ddim_timesteps``, ``msld_ddim_coeffs_for``, the t
+    the CPU loop writes), and the torch GPU loop reads the same table;
+  * the step sequence the device loop enqueues (initial noise on Philox stream 0 with hypotheses
+    0..k-1 for every image, then per step t, denoiser, DDIM update with the noise of stream
+    step + 1), run with the CPU twins of the CUDA kernels, gives ``_native.ddim_sample``'s latents
+    bit for bit;
+  * ``Segmenter`` samples only through ``backend.sample``, decodes what it returns, and, when
+    ``sample`` is the CPU loop, gives exactly the ONNX Runtime path's results.
 
-On a GPU with TensorRT and cuda-python (skipped elsewhere, with the reason): ``run_loop`` against the
-CPU loop (masks equal except within 1e-4 of the threshold), against the same engine driven from the
-host, and CUDA-graph replay against step by step.
+On a GPU with TensorRT and cuda-python (skipped elsewhere, with the reason): the device loop against
+the CPU loop (masks equal except within 1e-4 of the threshold), against the same engine driven from
+the host, and CUDA-graph replay against step by step.
 """
 from __future__ import annotations
 
@@ -22,13 +23,15 @@ import shutil
 import numpy as np
 import pytest
 
-import msld_sdk.segmenter as segmenter_module
+import msld_sdk.backends.host_loop as host_loop_module
 from msld_sdk import Segmenter, _native
 from msld_sdk.backends import trt_compat
+from msld_sdk.backends.host_loop import host_sample
 from msld_sdk.backends.onnxruntime_backend import OnnxRuntimeBackend
-from msld_sdk.backends.tensorrt_backend import TensorRTBackend, ddim_schedule, timestep_table
+from msld_sdk.backends.tensorrt_backend import TensorRTBackend, timestep_table
 from msld_sdk.image_input import resize_planes
 from msld_sdk.plan import Plan
+from msld_sdk.sampling import Schedule
 
 GPU_REASON = "needs a GPU with TensorRT and cuda-python"
 
@@ -41,6 +44,10 @@ def toy_denoiser(x: np.ndarray, t: np.ndarray, cond: np.ndarray) -> np.ndarray:
     """A deterministic stand-in for the network (float32 in, float32 out)."""
     tt = (t.astype(np.float32) / np.float32(1000.0))[:, None, None, None]
     return np.tanh(np.float32(0.5) * x + np.float32(0.3) * cond - tt).astype(np.float32)
+
+
+def ddim_schedule(alphas, steps, spacing):
+    return Schedule(alphas, spacing).ddim(steps)
 
 
 def cpu_loop(alphas, steps, spacing, eta, clip, seed, k, cond, record_t=None):
@@ -73,7 +80,8 @@ def test_schedule_is_the_cpu_loops(tiny_plan, spacing, steps):
         prev = t - T // steps                       # msld_ddim_coeffs_for
         assert s.alpha_t[i] == float(ac[t])
         assert s.alpha_prev[i] == (float(ac[prev]) if prev >= 0 else 1.0)
-    assert [st[3] for st in s.steps()] == list(range(1, steps + 1))   # eta-noise stream of step i: i + 1
+    assert [st.noise_stream for st in s.steps()] == list(range(1, steps + 1))   # eta-noise stream: i + 1
+    assert [st.prev_timestep for st in s] == [t - T // steps for t in s.timesteps.tolist()]
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
@@ -81,7 +89,7 @@ def test_schedule_is_the_verified_gpu_loops(tiny_plan, spacing):
     gpu_sampler = pytest.importorskip("msld_export.sampling.gpu_sampler", reason="needs torch (export/)")
     ac = plan_alphas(tiny_plan)
     for steps in (1, 4, 20):
-        ref = gpu_sampler.ddim_schedule(ac, steps, spacing)
+        ref = gpu_sampler.step_table(ac, steps, spacing)
         s = ddim_schedule(ac, steps, spacing)
         assert [(c.timestep, c.alpha_t, c.alpha_prev) for c in ref] == \
                list(zip(s.timesteps.tolist(), s.alpha_t.tolist(), s.alpha_prev.tolist()))
@@ -104,7 +112,7 @@ def test_timestep_table_is_what_the_cpu_loop_writes(tiny_plan, spacing, n_images
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace_trunc"])
 @pytest.mark.parametrize("n_images", [1, 2])
 def test_device_step_sequence_with_cpu_kernels_is_the_cpu_loop(tiny_plan, rng, eta, clip, spacing, n_images):
-    """What run_loop enqueues, with each CUDA kernel replaced by its CPU twin (bit-identical by
+    """What the device loop enqueues, with each CUDA kernel replaced by its CPU twin (bit-identical by
     msld_cuda.h, checked on a GPU by test_cuda_kernels.py), equals the CPU loop bit for bit."""
     ac, k, steps, seed = plan_alphas(tiny_plan), 3, 6, 2**63 + 5
     cond = rng.standard_normal((n_images, 2, 4, 4)).astype(np.float32)
@@ -117,10 +125,10 @@ def test_device_step_sequence_with_cpu_kernels_is_the_cpu_loop(tiny_plan, rng, e
         return np.concatenate([_native.gaussian(seed, 0, k, elems, stream)] * n_images).reshape(-1)
 
     x = per_image_noise(0)
-    for i, alpha_t, alpha_prev, stream in sched.steps():
-        eps = toy_denoiser(x.reshape(cond_k.shape), table[i], cond_k).reshape(-1)
-        noise = per_image_noise(stream) if eta > 0 else None
-        x, _ = _native.ddim_step(x, eps, alpha_t, alpha_prev, eta, noise, clip)
+    for c in sched.steps():
+        eps = toy_denoiser(x.reshape(cond_k.shape), table[c.index], cond_k).reshape(-1)
+        noise = per_image_noise(c.noise_stream) if eta > 0 else None
+        x, _ = _native.ddim_step(x, eps, c.alpha_t, c.alpha_prev, eta, noise, clip)
     ref = cpu_loop(ac, steps, spacing, eta, clip, seed, k, cond)
     np.testing.assert_array_equal(x.reshape(ref.shape), ref)
 
@@ -128,8 +136,9 @@ def test_device_step_sequence_with_cpu_kernels_is_the_cpu_loop(tiny_plan, rng, e
 # ---- the Segmenter hook ---------------------------------------------------------------------------------
 
 class CpuLoopBackend:
-    """A backend with ``run_loop`` that runs the CPU loop on a wrapped ONNX Runtime backend. It has no
-    ``buffers`` / ``denoise_bound``, so the Segmenter can only get latents through ``run_loop``."""
+    """A backend whose ``sample`` runs the CPU loop on a wrapped ONNX Runtime backend, as a device loop
+    would: it reports no denoise time. It has no ``buffers`` / ``denoise_bound``, so the Segmenter can
+    only get latents through ``sample``."""
 
     name = "cpu-run-loop"
 
@@ -143,17 +152,20 @@ class CpuLoopBackend:
         self.decoded.append(latents)
         return self.inner.decode(latents)
 
-    def run_loop(self, cond, k, n_images, steps, spacing, eta, clip, seed, alphas_cumprod, initial_latents=None,
-                 cond_per_hypothesis=False):
-        self.calls.append(dict(cond=cond.copy(), k=k, n_images=n_images, steps=steps, spacing=spacing, eta=eta,
-                               clip=clip, seed=seed, alphas=np.array(alphas_cumprod), initial=initial_latents,
+    def sample(self, cond, n_images, options, schedule, initial_latents=None, cond_per_hypothesis=False,
+               progress=None, timings=None):
+        self.calls.append(dict(cond=cond.copy(), k=options.k, n_images=n_images, steps=options.steps,
+                               spacing=schedule.spacing, eta=options.eta, clip=schedule.clip, seed=options.seed,
+                               alphas=np.array(schedule.alphas_cumprod), initial=initial_latents,
                                per_hypothesis=cond_per_hypothesis))
+        k = options.k
         buf = self.inner.buffers(n_images * k)
         buf.cond[...] = cond if cond_per_hypothesis else np.repeat(cond, k, axis=0)
         if initial_latents is not None:
             buf.x[...] = initial_latents
-        _native.ddim_sample(lambda: self.inner.denoise_bound(buf), alphas_cumprod, steps, spacing, eta, clip, seed,
-                            k, n_images, buf.x, buf.eps, buf.t, latents_given=initial_latents is not None)
+        _native.ddim_sample(lambda: self.inner.denoise_bound(buf), schedule.alphas_cumprod, options.steps,
+                            schedule.spacing, options.eta, schedule.clip, options.seed, k, n_images, buf.x, buf.eps,
+                            buf.t, latents_given=initial_latents is not None)
         out = buf.x.copy()
         self.returned.append(out)
         return out
@@ -173,7 +185,7 @@ class CountingNative:
         return _native.ddim_sample(*a, **kw)
 
 
-def test_initial_latents_reach_run_loop_and_equal_the_cpu_path(tiny_plan, rng):
+def test_initial_latents_reach_sample_and_equal_the_cpu_path(tiny_plan, rng):
     imgs = [rng.random((40, 50), dtype=np.float32) for _ in range(2)]
     plain = Segmenter(tiny_plan, backend="onnxruntime")
     lat = plain.plan.latent_shape
@@ -187,14 +199,15 @@ def test_initial_latents_reach_run_loop_and_equal_the_cpu_path(tiny_plan, rng):
         np.testing.assert_array_equal(a.probs, b.probs)
 
 
-def test_only_the_tensorrt_backend_has_run_loop():
-    assert not hasattr(OnnxRuntimeBackend, "run_loop")
-    params = list(inspect.signature(TensorRTBackend.run_loop).parameters)
-    assert params == ["self", "cond", "k", "n_images", "steps", "spacing", "eta", "clip", "seed", "alphas_cumprod",
-                      "initial_latents", "cond_per_hypothesis"]
+def test_both_backends_have_one_sampling_entry():
+    for cls in (OnnxRuntimeBackend, TensorRTBackend):
+        assert not hasattr(cls, "run_loop") and not hasattr(cls, "_host_loop")
+        params = list(inspect.signature(cls.sample).parameters)
+        assert params == ["self", "cond", "n_images", "options", "schedule", "initial_latents",
+                          "cond_per_hypothesis", "progress", "timings"]
 
 
-def test_run_loop_gets_one_cond_row_per_hypothesis_with_views(tiny_rgb_plan, rng):
+def test_sample_gets_one_cond_row_per_hypothesis_with_views(tiny_rgb_plan, rng):
     """With test-time views the loop gets cond per hypothesis (n*k rows) and gives the CPU path's result."""
     imgs = [rng.random((40, 50, 3), dtype=np.float32) for _ in range(2)]
     ref = Segmenter(tiny_rgb_plan, backend="onnxruntime").run(imgs, k=3, steps=4, seed=2, views=4)
@@ -209,13 +222,13 @@ def test_run_loop_gets_one_cond_row_per_hypothesis_with_views(tiny_rgb_plan, rng
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @pytest.mark.parametrize("n_images", [1, 2])
-def test_segmenter_routes_through_run_loop_and_equals_the_cpu_path(tiny_plan, rng, monkeypatch, eta, n_images):
+def test_segmenter_routes_through_sample_and_equals_the_cpu_path(tiny_plan, rng, monkeypatch, eta, n_images):
     counting = CountingNative()
-    monkeypatch.setattr(segmenter_module, "_native", counting)
+    monkeypatch.setattr(host_loop_module, "_native", counting)
     imgs = [rng.random((40, 50), dtype=np.float32) for _ in range(n_images)]
     plain = Segmenter(tiny_plan, backend="onnxruntime")
     ref = plain.run(imgs, k=3, steps=5, seed=9, eta=eta)
-    assert counting.ddim_sample_calls == 1                  # no run_loop: the native CPU loop
+    assert counting.ddim_sample_calls == 1                  # ONNX Runtime's sample: the native CPU loop
 
     hooked = Segmenter(tiny_plan, backend="onnxruntime")
     fake = hooked.backend = CpuLoopBackend(hooked.backend)
@@ -224,10 +237,10 @@ def test_segmenter_routes_through_run_loop_and_equals_the_cpu_path(tiny_plan, rn
     assert len(fake.calls) == 1
     c = fake.calls[0]
     assert (c["k"], c["n_images"], c["steps"], c["spacing"], c["eta"], c["clip"], c["seed"]) == \
-           (3, n_images, 5, plain._spacing, eta, plain._clip, 9)
-    np.testing.assert_array_equal(c["alphas"], plain._alphas)
+           (3, n_images, 5, plain.schedule.spacing, eta, plain.schedule.clip, 9)
+    np.testing.assert_array_equal(c["alphas"], plain.schedule.alphas_cumprod)
     assert c["cond"].shape[0] == n_images
-    assert len(fake.decoded) == 1 and fake.decoded[0] is fake.returned[0]   # what run_loop returned is decoded
+    assert len(fake.decoded) == 1 and fake.decoded[0] is fake.returned[0]   # what sample returned is decoded
     for a, b in zip(got, ref):
         for field in ("masks", "probs", "mean", "confidence", "consensus"):
             np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
@@ -236,15 +249,15 @@ def test_segmenter_routes_through_run_loop_and_equals_the_cpu_path(tiny_plan, rn
         assert a.timings["loop_overhead_ms"] == 0.0 and a.timings["denoise_ms"] > 0.0
 
 
-def test_segmenter_decodes_exactly_the_latents_run_loop_returns(tiny_plan, rng):
+def test_segmenter_decodes_exactly_the_latents_sample_returns(tiny_plan, rng):
     seg = Segmenter(tiny_plan, backend="onnxruntime")
     inner = seg.backend
     k, img = 4, rng.random((30, 20), dtype=np.float32)
     known = rng.standard_normal((k,) + inner.latent_shape).astype(np.float32)
 
     class KnownLatents(CpuLoopBackend):
-        def run_loop(self, cond, k, n_images, steps, spacing, eta, clip, seed, alphas_cumprod):
-            self.calls.append(k)
+        def sample(self, cond, n_images, options, schedule, **kw):
+            self.calls.append(options.k)
             return known
 
     seg.backend = KnownLatents(inner)
@@ -294,7 +307,7 @@ def _near(probs, thr=0.5, tol=1e-4):
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_gpu_run_loop_masks_equal_the_cpu_loop(gpu_plan, eta):  # pragma: no cover - GPU only
+def test_gpu_sample_masks_equal_the_cpu_loop(gpu_plan, eta):  # pragma: no cover - GPU only
     rng = np.random.default_rng(3)
     imgs = [rng.random((40, 50), dtype=np.float32) for _ in range(2)]
     trt_seg = Segmenter(gpu_plan, backend="tensorrt")
@@ -309,16 +322,16 @@ def test_gpu_run_loop_masks_equal_the_cpu_loop(gpu_plan, eta):  # pragma: no cov
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_gpu_run_loop_equals_the_host_driven_loop_on_the_same_engine(gpu_plan, eta):  # pragma: no cover
+def test_gpu_sample_equals_the_host_driven_loop_on_the_same_engine(gpu_plan, eta):  # pragma: no cover
     seg = Segmenter(gpu_plan, backend="tensorrt")
     b = seg.backend
     b.use_cuda_graph = False
     cond = b.encode(np.random.default_rng(4).random((2, Plan.open(gpu_plan).channels,
                                                      *Plan.open(gpu_plan).image_size)).astype(np.float32))
-    args = (3, 2, 6, seg._spacing, eta, seg._clip, 77, seg._alphas)
-    dev = b.run_loop(cond, *args)
+    args = (2, seg.options(k=3, steps=6, eta=eta, seed=77), seg.schedule)
+    dev = b.sample(cond, *args)
     assert b.last_loop_mode == "steps"
-    host = b._host_loop(cond, *args)
+    host = host_sample(b, cond, *args)
     np.testing.assert_allclose(dev, host, rtol=1e-5, atol=1e-5)
 
 
@@ -330,7 +343,7 @@ def test_gpu_graph_replay_equals_step_by_step(gpu_plan, eta, caplog):  # pragma:
     cond = b.encode(np.random.default_rng(5).random((2, pl.channels, *pl.image_size)).astype(np.float32))
 
     def run(seed):
-        return b.run_loop(cond, 4, 2, 8, seg._spacing, eta, seg._clip, seed, seg._alphas)
+        return b.sample(cond, 2, seg.options(k=4, steps=8, eta=eta, seed=seed), seg.schedule)
 
     first = run(1)                      # step by step, then capture
     assert b.last_loop_mode == "steps"

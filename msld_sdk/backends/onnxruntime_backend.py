@@ -1,8 +1,9 @@
 """ONNX Runtime backend: the plan's three graphs on the CPU (or any ORT execution provider).
 
-The denoiser runs through I/O binding on buffers allocated once per batch size: the native
-DDIM loop updates ``x`` in place, ORT reads ``x``, ``t`` and ``cond`` and writes ``eps`` into
-preallocated memory, so nothing is copied or allocated between steps.
+``sample`` is the CPU-driven native loop (``host_loop.host_sample``); the denoiser runs through
+I/O binding on buffers allocated once per batch size: the loop updates ``x`` in place, ORT reads
+``x``, ``t`` and ``cond`` and writes ``eps`` into preallocated memory, so nothing is copied or
+allocated between steps.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import onnxruntime as ort
 
 from ..tools.cpu_features import int8_kernel_path
 from ..plan import Plan
+from ..sampling import SampleOptions, Schedule
+from .host_loop import DenoiserBuffers, host_sample
 
 log = logging.getLogger("msld_sdk")
 
@@ -47,21 +50,6 @@ def _physical_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return max(1, os.cpu_count() or 1)
-
-
-class DenoiserBuffers:
-    """Input/output memory of one denoiser batch size, bound to ORT once."""
-
-    def __init__(self, session: ort.InferenceSession, batch: int, latent_shape: tuple[int, int, int],
-                 cond_shape: tuple[int, int, int] | None = None):
-        self.x = np.zeros((batch, *latent_shape), np.float32)
-        self.eps = np.zeros((batch, *latent_shape), np.float32)
-        self.t = np.zeros((batch,), np.float32)
-        self.cond = np.zeros((batch, *(cond_shape or latent_shape)), np.float32)
-        self.binding = session.io_binding()
-        for name, arr in (("x", self.x), ("t", self.t), ("cond", self.cond)):
-            self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
-        self.binding.bind_ortvalue_output("eps", ort.OrtValue.ortvalue_from_numpy(self.eps))
 
 
 class OnnxRuntimeBackend:
@@ -99,12 +87,20 @@ class OnnxRuntimeBackend:
             cache = self._local.buffers = {}
         buf = cache.get(batch)
         if buf is None:
-            buf = cache[batch] = DenoiserBuffers(self.denoiser, batch, self.latent_shape, self.cond_shape)
+            buf = cache[batch] = DenoiserBuffers(batch, self.latent_shape, self.cond_shape).bind(self.denoiser)
         return buf
 
     def denoise_bound(self, buf: DenoiserBuffers) -> None:
         """One denoiser call on the bound buffers: reads buf.x, buf.t, buf.cond; writes buf.eps."""
         self.denoiser.run_with_iobinding(buf.binding)
+
+    def sample(self, cond: np.ndarray, n_images: int, options: SampleOptions, schedule: Schedule,
+               initial_latents: np.ndarray | None = None, cond_per_hypothesis: bool = False,
+               progress=None, timings: dict | None = None) -> np.ndarray:
+        """The whole sampling loop for ``cond`` (the encoder's output): the final latents
+        (n_images * k, C, h, w), laid out [image][hypothesis]. See ``host_loop.host_sample``."""
+        return host_sample(self, cond, n_images, options, schedule, initial_latents, cond_per_hypothesis,
+                           progress, timings)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """N x c x h x w latents -> N x 1 x H x W foreground probabilities."""

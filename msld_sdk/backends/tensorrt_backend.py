@@ -1,52 +1,20 @@
 """TensorRT backend: the plan's engines on an NVIDIA GPU (TensorRT or TensorRT-RTX).
 
-UNVERIFIED ON A GPU. This module was written from the TensorRT / TensorRT-RTX and
-cuda-python API documentation on a machine without a GPU; IT HAS NEVER BEEN RUN, neither the
-host-driven interface nor the device-resident loop (``run_loop``) nor its CUDA-graph capture.
-What is verified on the CPU is only that the engines it loads are built and stored correctly
-(``tests/test_engine_build.py``), and (``tests/test_tensorrt_backend.py``) that the DDIM
-schedule and timestep tables ``run_loop`` uploads are the CPU loop's and that its step sequence,
-run with the CPU twins of the CUDA kernels, gives the CPU loop's latents bit for bit. Run
-``tests/test_backend_selection.py`` and ``tests/test_tensorrt_backend.py`` on a GPU machine
-(their GPU tests are skipped elsewhere) before relying on it.
+UNVERIFIED ON A GPU: written from the TensorRT / TensorRT-RTX and cuda-python documentation on
+a machine without a GPU, this module has never been run, neither the host-driven interface nor
+the device-resident loop nor its CUDA-graph capture. On the CPU the tests check only that the
+engines are built and stored correctly and that the device loop's step sequence, run with the
+CPU twins of the CUDA kernels, gives the CPU loop's latents bit for bit.
 
-Two ways to sample:
-
-* ``run_loop`` (what ``Segmenter`` uses when a backend has it): the whole DDIM loop on the
-  GPU. Per batch size: one denoiser execution context of its own, device buffers for x, eps,
-  cond, the bound t and the seed word, allocated once. Per call: cond goes up once and is
-  repeated k times per image on the device, the initial latents come from the native Philox
-  kernel (stream 0, hypotheses 0..k-1 for every image, seed read from the device word), then
-  per step a device-to-device copy of that step's timesteps (tables uploaded once per
-  schedule) into the bound t, ``execute_async_v3`` and the fused native DDIM update (eta noise,
-  Philox stream step + 1, generated inside the kernel), all on one stream; one copy of the
-  latents back at the end. The first call for a (batch, k, schedule, eta, clip) runs those
-  steps one by one (this is also the warm-up enqueue TensorRT needs before capture: shapes
-  and addresses are fixed by then) and then captures them into a CUDA graph; later calls
-  only write the seed word and cond, launch the initial noise and replay the graph. If the
-  capture fails, one warning is logged and that configuration keeps running step by step.
-  Without the native CUDA kernels, or for a k above the engine's batch maximum, ``run_loop``
-  drives the loop from the CPU instead (below), with the same results.
-* ``encode``, ``buffers(batch)``, ``denoise_bound(buf)``, ``decode`` (the ONNX Runtime
-  backend's interface): host numpy x/t/cond/eps for the CPU-driven native loop; every
-  denoiser call copies x, t, cond to the device and eps back.
-
-Each engine gets one execution context for the host interface; device buffers are allocated
-once per batch size (cuda-python ``cudaMalloc``), bound with ``set_input_shape`` /
-``set_tensor_address`` and run with ``execute_async_v3`` on one CUDA stream (``run_loop`` has
-a non-blocking stream of its own, so no other work can slip into a capture).
-Batches above an engine's profile maximum are run in chunks (``run_loop``: in groups of
-whole images; an image's noise does not depend on its place in the batch, so only the
-denoiser's arithmetic for another batch size can differ).
-
-Imported lazily by ``backends.select_backend``; importing it needs neither TensorRT nor
-cuda-python (they are loaded when a backend is constructed).
+``sample`` runs the whole DDIM loop on the GPU (one CUDA graph per configuration once captured)
+and falls back to the shared CPU-driven loop (``host_loop.host_sample``) where it cannot. How
+the device loop works, and what to run on a GPU before relying on it: docs/tensorrt_loop.md.
+Importing this module needs neither TensorRT nor cuda-python.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -54,6 +22,8 @@ from .. import _native
 from . import trt_compat
 from ..errors import BackendUnavailableError
 from ..plan import GRAPH_PARTS, Plan
+from ..sampling import SampleOptions, Schedule, StepTable
+from .host_loop import DenoiserBuffers, check_sample_args, host_sample
 
 log = logging.getLogger("msld_sdk")
 
@@ -70,38 +40,9 @@ def _cuda_call(result, what: str):
     return rest[0] if len(rest) == 1 else rest
 
 
-@dataclass(frozen=True)
-class DdimSchedule:
-    """The host-side scalars of one DDIM schedule, exactly as ``msld_ddim_coeffs_for`` (the CPU
-    loop) computes them: timesteps from ``_native.ddim_timesteps``; alpha_t = alphas[t] and
-    alpha_prev = alphas[t - T // steps] (1 when that is negative), float32 values as doubles."""
-
-    timesteps: np.ndarray   # int32 (steps,), descending
-    alpha_t: np.ndarray     # float64 (steps,)
-    alpha_prev: np.ndarray  # float64 (steps,)
-
-    def steps(self):
-        """(step i, alpha_t, alpha_prev, Philox stream of its eta noise = i + 1) per step."""
-        for i in range(len(self.timesteps)):
-            yield i, float(self.alpha_t[i]), float(self.alpha_prev[i]), i + 1
-
-    def key(self) -> tuple:
-        return (self.timesteps.tobytes(), self.alpha_t.tobytes(), self.alpha_prev.tobytes())
-
-
-def ddim_schedule(alphas_cumprod: np.ndarray, steps: int, spacing: str) -> DdimSchedule:
-    ac = np.ascontiguousarray(alphas_cumprod, dtype=np.float32)
-    T = int(ac.shape[0])
-    ts = np.asarray(_native.ddim_timesteps(T, int(steps), spacing), dtype=np.int32)
-    prev = ts.astype(np.int64) - T // int(steps)
-    alpha_t = ac[ts].astype(np.float64)
-    alpha_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)].astype(np.float64), 1.0)
-    return DdimSchedule(ts, alpha_t, alpha_prev)
-
-
-def timestep_table(schedule: DdimSchedule, batch: int, dtype=np.float32) -> np.ndarray:
+def timestep_table(table: StepTable, batch: int, dtype=np.float32) -> np.ndarray:
     """(steps, batch): row i is what the CPU loop writes into t before step i ((float)t)."""
-    t = schedule.timesteps.astype(np.float32)[:, None]
+    t = table.timesteps.astype(np.float32)[:, None]
     return np.ascontiguousarray(np.broadcast_to(t, (len(t), batch)).astype(dtype))
 
 
@@ -192,16 +133,6 @@ class _EnginePart:
         self._device.clear()
 
 
-class DenoiserBuffers:
-    """Host memory of one denoiser batch size (the native loop writes x and t, reads eps)."""
-
-    def __init__(self, batch: int, latent_shape: tuple[int, int, int], cond_shape: tuple[int, int, int] | None = None):
-        self.x = np.zeros((batch, *latent_shape), np.float32)
-        self.eps = np.zeros((batch, *latent_shape), np.float32)
-        self.t = np.zeros((batch,), np.float32)
-        self.cond = np.zeros((batch, *(cond_shape or latent_shape)), np.float32)
-
-
 def _loop_context(engine, flavour):
     """A denoiser execution context of the device loop's own (shapes and addresses never change
     after its first enqueue, as a captured graph requires). Where the API allows: activation
@@ -228,7 +159,7 @@ def _loop_context(engine, flavour):
 
 
 class _LoopState:
-    """Device side of ``run_loop`` for one batch size: context, buffers, t tables and graphs."""
+    """Device side of ``sample``'s device loop for one batch size: context, buffers, t tables and graphs."""
 
     def __init__(self, backend: "TensorRTBackend", batch: int, latent_shape: tuple[int, int, int],
                  cond_shape: tuple[int, int, int] | None = None):
@@ -276,12 +207,12 @@ class _LoopState:
         self._ptrs.append(p)
         return p
 
-    def table(self, schedule: DdimSchedule, stream) -> int:
-        """Device copy of ``timestep_table`` for this schedule (uploaded on first use only)."""
-        key = schedule.key()
+    def table(self, steps: StepTable, stream) -> int:
+        """Device copy of ``timestep_table`` for these steps (uploaded on first use only)."""
+        key = steps.key()
         ptr = self.tables.get(key)
         if ptr is None:
-            host = timestep_table(schedule, self.batch, self.t_dtype)
+            host = timestep_table(steps, self.batch, self.t_dtype)
             ptr = self._malloc(host.nbytes)
             cudart = self.cudart
             _cuda_call(cudart.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes,
@@ -318,7 +249,7 @@ class TensorRTBackend:
         self.runtime = trt.Runtime(self.logger)
         try:
             self.stream = _cuda_call(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
-            # run_loop's own stream: nothing else is ever enqueued on it, so a capture records
+            # the device loop's own stream: nothing else is ever enqueued on it, so a capture records
             # only the loop; non-blocking: no implicit syncs with the legacy default stream
             self.loop_stream = _cuda_call(self.cudart.cudaStreamCreateWithFlags(
                 getattr(self.cudart, "cudaStreamNonBlocking", 1)), "cudaStreamCreateWithFlags")
@@ -342,11 +273,11 @@ class TensorRTBackend:
         self.threads = 1
         self._buffers: dict[tuple[int, int], DenoiserBuffers] = {}
         self._lock = threading.Lock()
-        self._loops: dict[tuple, _LoopState] = {}  # run_loop state per (batch, latent shape)
+        self._loops: dict[tuple, _LoopState] = {}  # device-loop state per (batch, latent shape)
         self._loop_lock = threading.Lock()         # one device loop at a time (shared buffers)
-        self.use_cuda_graph = True                 # False: run_loop neither captures nor replays graphs
+        self.use_cuda_graph = True                 # False: the device loop neither captures nor replays graphs
         self.last_loop_mode: str | None = None     # "graph", "steps" or "host" (diagnostics)
-        self._host_reasons: set[str] = set()       # why run_loop fell back to the host loop (logged once)
+        self._host_reasons: set[str] = set()       # why sample fell back to the host loop (logged once)
 
     def encode(self, image: np.ndarray) -> np.ndarray:
         """B x C x H x W normalised image -> B x c x h x w image latent."""
@@ -365,22 +296,21 @@ class TensorRTBackend:
         """One denoiser call: copies x, t, cond to the GPU, runs, copies eps back into buf.eps."""
         self.parts["denoiser"].run({"x": buf.x, "t": buf.t, "cond": buf.cond}, {"eps": buf.eps})
 
-    # ---- the device-resident DDIM loop --------------------------------------------------------
-    def run_loop(self, cond: np.ndarray, k: int, n_images: int, steps: int, spacing: str, eta: float,
-                 clip: float, seed: int, alphas_cumprod: np.ndarray,
-                 initial_latents: np.ndarray | None = None, cond_per_hypothesis: bool = False) -> np.ndarray:
+    # ---- sampling: the device-resident DDIM loop, or the CPU-driven one ---------------------------
+    def sample(self, cond: np.ndarray, n_images: int, options: SampleOptions, schedule: Schedule,
+               initial_latents: np.ndarray | None = None, cond_per_hypothesis: bool = False,
+               progress=None, timings: dict | None = None) -> np.ndarray:
         """The whole DDIM loop (``msld_ddim_sample``) for ``cond`` (n_images, C, h, w), the
         encoder's output: returns the final latents (n_images * k, C, h, w) float32, laid out
         [image][hypothesis] and equal to the CPU loop's up to the denoiser's arithmetic.
         ``initial_latents`` (n_images * k, C, h, w) float32, if given, replaces the drawn noise.
         ``cond_per_hypothesis``: ``cond`` has one row per hypothesis (n_images * k, laid out like
-        the latents; test-time views, ``msld_sdk.views``) instead of one per image."""
+        the latents; test-time views, ``msld_sdk.views``) instead of one per image. On the GPU
+        ``progress(steps, steps)`` is called once at the end and ``timings`` is left as it is;
+        the CPU-driven fallback behaves as ``host_loop.host_sample``."""
         cond = np.ascontiguousarray(cond, dtype=np.float32)
-        rows = n_images * k if cond_per_hypothesis else n_images
-        if cond.shape[0] != rows:
-            raise ValueError(f"cond holds {cond.shape[0]} rows, expected {rows} "
-                             f"({'one per hypothesis' if cond_per_hypothesis else 'one per image'})")
-        schedule = ddim_schedule(alphas_cumprod, steps, spacing)
+        check_sample_args(cond, n_images, options, cond_per_hypothesis)
+        k = options.k
         den = self.parts["denoiser"]
         group = den.max_batch // k  # whole images per denoiser batch
         why = (f"k={k} is above the denoiser engine's batch maximum {den.max_batch} (the eta-noise kernel "
@@ -393,31 +323,22 @@ class TensorRTBackend:
                 self._host_reasons.add(why)
                 log.info("msld_sdk: TensorRT DDIM loop driven from the CPU (%s)", why)
             self.last_loop_mode = "host"
-            return self._host_loop(cond, k, n_images, steps, spacing, eta, clip, seed, alphas_cumprod,
-                                   initial_latents, cond_per_hypothesis)
+            return host_sample(self, cond, n_images, options, schedule, initial_latents, cond_per_hypothesis,
+                               progress, timings)
+        steps = schedule.ddim(options.steps)
         out = np.empty((n_images * k,) + tuple(self.latent_shape), np.float32)
         for start in range(0, n_images, group):
             m = min(group, n_images - start)
             init = None if initial_latents is None else \
                 np.ascontiguousarray(initial_latents[start * k:(start + m) * k], np.float32)
             c = cond[start * k:(start + m) * k] if cond_per_hypothesis else cond[start:start + m]
-            self._device_loop(c, k, schedule, float(eta), float(clip), int(seed),
+            self._device_loop(c, k, steps, float(options.eta), schedule.clip, int(options.seed),
                               out[start * k:(start + m) * k], init, cond_per_hypothesis)
+        if progress is not None:
+            progress(options.steps, options.steps)
         return out
 
-    def _host_loop(self, cond, k, n_images, steps, spacing, eta, clip, seed, alphas_cumprod,
-                   initial_latents=None, cond_per_hypothesis=False) -> np.ndarray:
-        """The CPU-driven loop on this backend's host buffers (what Segmenter did before run_loop)."""
-        buf = self.buffers(n_images * k)
-        buf.cond[...] = cond if cond_per_hypothesis else np.repeat(cond, k, axis=0)
-        if initial_latents is not None:
-            buf.x[...] = np.asarray(initial_latents, np.float32).reshape(buf.x.shape)
-        _native.ddim_sample(lambda: self.denoise_bound(buf), np.ascontiguousarray(alphas_cumprod, np.float32),
-                            steps, spacing, eta, clip, seed, k, n_images, buf.x, buf.eps, buf.t,
-                            latents_given=initial_latents is not None)
-        return buf.x.copy()
-
-    def _device_loop(self, cond: np.ndarray, k: int, schedule: DdimSchedule, eta: float, clip: float, seed: int,
+    def _device_loop(self, cond: np.ndarray, k: int, steps: StepTable, eta: float, clip: float, seed: int,
                      out: np.ndarray, initial_latents: np.ndarray | None = None,
                      cond_per_hypothesis: bool = False) -> None:
         cudart, stream = self.cudart, self.loop_stream
@@ -429,7 +350,7 @@ class TensorRTBackend:
             st = self._loops.get((n * k, cond.shape[1:]))
             if st is None:
                 st = self._loops[(n * k, cond.shape[1:])] = _LoopState(self, n * k, self.latent_shape, cond.shape[1:])
-            table = st.table(schedule, stream)
+            table = st.table(steps, stream)
             # this call's inputs: seed word, cond (up once, then k copies per image on the device),
             # initial latents (Philox stream 0, hypotheses 0..k-1 for every image)
             seed_host = np.array([seed], np.uint64)  # pageable H2D copies are staged before the call returns
@@ -448,20 +369,20 @@ class TensorRTBackend:
             else:  # given initial latents replace Philox stream 0
                 _cuda_call(cudart.cudaMemcpyAsync(st.x, initial_latents.ctypes.data, initial_latents.nbytes, h2d,
                                                   stream), "initial latents upload")
-            key = (k, n, eta, clip) + schedule.key()
+            key = (k, n, eta, clip) + steps.key()
             graph = st.graphs.get(key) if self.use_cuda_graph else None
             if graph is not None:
                 _cuda_call(cudart.cudaGraphLaunch(graph, stream), "cudaGraphLaunch")
                 self.last_loop_mode = "graph"
             else:
-                self._enqueue_steps(st, table, schedule, k, n, eta, clip)
+                self._enqueue_steps(st, table, steps, k, n, eta, clip)
                 self.last_loop_mode = "steps"
             _cuda_call(cudart.cudaMemcpyAsync(out.ctypes.data, st.x, out.nbytes,
                                               cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream), "latents D2H")
             _cuda_call(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
             if graph is None and self.use_cuda_graph and key not in st.no_graph:
                 # the steps just run were the warm-up enqueue; capture them for the next calls
-                graph, why = self._capture(st, table, schedule, k, n, eta, clip)
+                graph, why = self._capture(st, table, steps, k, n, eta, clip)
                 if graph is None:
                     st.no_graph[key] = why
                     log.warning("msld_sdk: CUDA graph capture of the TensorRT DDIM loop failed (%s); "
@@ -469,7 +390,7 @@ class TensorRTBackend:
                 else:
                     st.graphs[key] = graph
 
-    def _enqueue_steps(self, st: _LoopState, table: int, schedule: DdimSchedule, k: int, n: int, eta: float,
+    def _enqueue_steps(self, st: _LoopState, table: int, steps: StepTable, k: int, n: int, eta: float,
                        clip: float) -> None:
         """Enqueue every step on the stream (no host copy, no sync): t <- row i of the table,
         denoiser, fused DDIM update in place on x (eta noise generated in the kernel)."""
@@ -477,17 +398,17 @@ class TensorRTBackend:
         s = int(stream)
         d2d = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
         row = st.batch * st.t_dtype.itemsize
-        for i, alpha_t, alpha_prev, noise_stream in schedule.steps():
-            _cuda_call(cudart.cudaMemcpyAsync(st.t, table + i * row, row, d2d, stream), "t copy")
+        for c in steps:
+            _cuda_call(cudart.cudaMemcpyAsync(st.t, table + c.index * row, row, d2d, stream), "t copy")
             if not st.context.execute_async_v3(s):
-                raise RuntimeError(f"TensorRT execute_async_v3 failed for the denoiser (step {i})")
+                raise RuntimeError(f"TensorRT execute_async_v3 failed for the denoiser (step {c.index})")
             if eta > 0.0:
-                _native.cuda_ddim_step_noise_dev(st.x, st.eps, alpha_t, alpha_prev, eta, clip, st.seed, k, n,
-                                                 st.elems, noise_stream, s)
+                _native.cuda_ddim_step_noise_dev(st.x, st.eps, c.alpha_t, c.alpha_prev, eta, clip, st.seed, k, n,
+                                                 st.elems, c.noise_stream, s)
             else:
-                _native.cuda_ddim_step(st.x, st.eps, 0, st.batch * st.elems, alpha_t, alpha_prev, 0.0, clip, s)
+                _native.cuda_ddim_step(st.x, st.eps, 0, st.batch * st.elems, c.alpha_t, c.alpha_prev, 0.0, clip, s)
 
-    def _capture(self, st: _LoopState, table: int, schedule: DdimSchedule, k: int, n: int, eta: float,
+    def _capture(self, st: _LoopState, table: int, steps: StepTable, k: int, n: int, eta: float,
                  clip: float):
         """Capture ``_enqueue_steps`` into an instantiated CUDA graph: (graph exec, None) or (None, why)."""
         cudart, stream = self.cudart, self.loop_stream
@@ -502,7 +423,7 @@ class TensorRTBackend:
             return None, str(e)
         failed = None
         try:
-            self._enqueue_steps(st, table, schedule, k, n, eta, clip)
+            self._enqueue_steps(st, table, steps, k, n, eta, clip)
         except Exception as e:  # noqa: BLE001 - any failure inside capture means: no graph
             failed = f"{type(e).__name__}: {e}"
         err, graph = cudart.cudaStreamEndCapture(stream)  # always end, even after a failure

@@ -23,6 +23,7 @@ from msld_sdk import _native
 from msld_sdk.backends.onnxruntime_backend import session_options
 from msld_sdk.checksums import sha256_file as _sha256
 from msld_sdk.plan import Plan
+from msld_sdk.sampling import Schedule
 
 from ..model.checkpoint import load_checkpoint, random_model
 from ..model.config import ModelConfig
@@ -137,11 +138,6 @@ def _normalise(plan: Plan, img01: np.ndarray) -> np.ndarray:
     return ((a.transpose(2, 0, 1) - m) / s)[None].astype(np.float32)
 
 
-def ddim_prev(T: int, steps: int, t: int) -> int:
-    """The previous timestep of both DDIM rules the plans use (diffusers' and the reference's)."""
-    return t - T // steps
-
-
 def _reference_eager_per_hypothesis(model: ReferenceTorch, plan: Plan, img01: np.ndarray, k: int, steps: int,
                                     seed: int) -> np.ndarray:
     """(a) for the reference architecture: its modules, one hypothesis at a time, the embedder
@@ -191,23 +187,21 @@ class OrtPerHypothesis:
         self.plan = plan
         self.sess = {p: ort.InferenceSession(plan.blob(p), opts, providers=["CPUExecutionProvider"])
                      for p in ("encoder", "denoiser", "decoder")}
-        self.ac = np.asarray(plan.manifest["schedule"]["alphas_cumprod"], np.float32)
-        self.T = len(self.ac)
-        self.clip = float(plan.manifest["schedule"].get("clip_sample", 0.0))   # x0 clipping (reference plans)
+        self.schedule = Schedule.from_plan(plan)
+        self.clip = self.schedule.clip   # x0 clipping (reference plans)
 
     def __call__(self, img01: np.ndarray, k: int, steps: int, seed: int) -> np.ndarray:
         C, (L, _) = self.plan.manifest["latent"]["channels"], self.plan.manifest["latent"]["size"]
-        ts = _native.ddim_timesteps(self.T, steps, self.plan.manifest["schedule"]["spacing"])
+        table = self.schedule.ddim(steps)
         x_img = _normalise(self.plan, img01)
         out = []
         for i in range(k):
             cond = self.sess["encoder"].run(None, {"image": x_img})[0]
             x = _native.gaussian(seed, i, 1, C * L * L, 0).reshape(1, C, L, L)
-            for t in ts:
-                eps = self.sess["denoiser"].run(None, {"x": x, "t": np.array([t], np.float32), "cond": cond})[0]
-                a_t = self.ac[t]
-                prev = ddim_prev(self.T, steps, t)
-                a_p = self.ac[prev] if prev >= 0 else np.float32(1.0)
+            for c in table:
+                t = np.array([c.timestep], np.float32)
+                eps = self.sess["denoiser"].run(None, {"x": x, "t": t, "cond": cond})[0]
+                a_t, a_p = np.float32(c.alpha_t), np.float32(c.alpha_prev)   # the plan's float32 alphas
                 x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
                 if self.clip > 0:
                     x0 = np.clip(x0, -self.clip, self.clip)

@@ -1,42 +1,16 @@
 """The whole sampling loop for k hypotheses on one device, in PyTorch, for any dtype of the networks.
 
-``BatchedSampler`` runs what ``msld_ddim_sample`` (csrc/sampler_cpu.cpp) runs, with every step on
-the device that holds the networks (CUDA, or the CPU for tests):
+``BatchedSampler`` runs what ``msld_ddim_sample`` runs, on the device that holds the networks (CUDA,
+or the CPU for tests): encode once and repeat the condition k times, the SDK's Philox noise
+(native CUDA kernel where available, else the native CPU generator), per step one denoiser call
+for all n_images * k latents and the DDIM update on the plan's step table
+(``msld_sdk.sampling.Schedule.ddim``), then decode and aggregate with ``msld_aggregate``'s
+arithmetic. ``use_graph=True`` (CUDA) captures the sequence once per configuration and replays it.
 
-  1. encode the image once and repeat its condition k times (layout [image][hypothesis]);
-  2. initial latents: the SDK's Philox normals, stream 0, hypotheses 0..k-1 for every image, drawn
-     by the native CUDA kernel where ``msld_sdk._native`` has it, else by the native CPU generator
-     and copied to the device (``noise=``); with eta > 0 the step noise is stream ``step + 1``;
-  3. per step one denoiser call for all ``n_images * k`` latents, then the DDIM update with the
-     plan's own sampler rule (timesteps from ``_native.ddim_timesteps``: ``linspace_trunc`` for the
-     reference plans; previous timestep ``t - T // steps``; x0 clipping);
-  4. decode all latents in one batch, aggregate each image's k hypotheses (masks, mean, confidence,
-     consensus: the arithmetic of ``msld_aggregate``).
-
-With ``use_graph=True`` (CUDA only) the whole sequence is captured once per (images, shape, k,
-steps, eta, clip, threshold) as one CUDA graph and replayed; a new seed or image only rewrites
-static buffers before the replay.
-
-**Precision.** ``dtype`` ("fp32", "fp16", "bf16") is the dtype of the three networks' weights and
-activations (``decoder_dtype`` may keep the decoder apart). What stays float32, and why:
-
-* the latents x, the DDIM update and its scalars: the update divides by sqrt(alpha_t) (down to
-  ~0.006 at t = 999), multiplying eps's rounding by up to ~160 at every step; in fp16/bf16 the
-  accumulated latent would drift by far more than the networks' own rounding. The scalars are those
-  of ``msld::ddim_scalars`` (float32 from the float64 alphas) and the update uses the same
-  operations in the same order as ``msld::ddim_update``, so in fp32 it is bit-identical to the
-  native kernels. Each step casts x to the network dtype on the way in and eps back to fp32;
-* the timesteps t: the reference's time embedding indexes a table with ``t.long()``; bf16 holds
-  integers exactly only up to 256 (999 would become 1000);
-* the noise (drawn in fp32 by the native generator, so every dtype starts from the same latents);
-* the probabilities and the aggregation (sums over k in fp32, votes counted as integers).
-
-Normalisation layers run in the network dtype; PyTorch's GroupNorm/LayerNorm/softmax kernels
-accumulate in fp32 internally for fp16/bf16 inputs.
-
-``channels_last`` stores the networks' convolution weights and the latents fed to them in NHWC.
-
-This module lives under export/ because it needs torch; the runtime never imports it.
+``dtype`` ("fp32", "fp16", "bf16") is the networks' dtype; the latents, the update, the timesteps,
+the noise and the aggregation stay float32 (why: the comment below the imports), so in fp32 the
+update is bit-identical to the native kernels. ``channels_last`` stores the networks' weights and
+the latents fed to them in NHWC. Lives under export/ because it needs torch.
 """
 from __future__ import annotations
 
@@ -49,8 +23,26 @@ import torch
 from torch import nn
 
 from msld_sdk import _native
+from msld_sdk.sampling import DdimStep, Schedule
 
-from .gpu_sampler import GpuSample, StepCoeffs, ddim_schedule, native_has_cuda, seed_word
+from .gpu_sampler import GpuSample, native_has_cuda, seed_word
+
+# Precision. ``dtype`` ("fp32", "fp16", "bf16") is the dtype of the three networks' weights and
+# activations (``decoder_dtype`` may keep the decoder apart). What stays float32, and why:
+#
+# * the latents x, the DDIM update and its scalars: the update divides by sqrt(alpha_t) (down to
+#   ~0.006 at t = 999), multiplying eps's rounding by up to ~160 at every step; in fp16/bf16 the
+#   accumulated latent would drift by far more than the networks' own rounding. The scalars are those
+#   of ``msld::ddim_scalars`` (float32 from the float64 alphas) and the update uses the same
+#   operations in the same order as ``msld::ddim_update``, so in fp32 it is bit-identical to the
+#   native kernels. Each step casts x to the network dtype on the way in and eps back to fp32;
+# * the timesteps t: the reference's time embedding indexes a table with ``t.long()``; bf16 holds
+#   integers exactly only up to 256 (999 would become 1000);
+# * the noise (drawn in fp32 by the native generator, so every dtype starts from the same latents);
+# * the probabilities and the aggregation (sums over k in fp32, votes counted as integers).
+#
+# Normalisation layers run in the network dtype; PyTorch's GroupNorm/LayerNorm/softmax kernels
+# accumulate in fp32 internally for fp16/bf16 inputs.
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NOISE_SOURCES = ("auto", "native-cuda", "host")
@@ -68,7 +60,7 @@ def as_dtype(d) -> torch.dtype:
 
 # ---- the DDIM update, as the native kernels compute it -------------------------------------------
 
-def ddim_scalars(c: StepCoeffs, eta: float, clip: float) -> np.ndarray:
+def ddim_scalars(c: DdimStep, eta: float, clip: float) -> np.ndarray:
     """float32 [sqrt(1-a_t), sqrt(a_t), sqrt(a_prev), dir, std, clip] of ``msld::ddim_scalars``
     (csrc/ddim_scalars.h): the alphas rounded to float32, every operation in float32, except the
     DDIM variance, computed in float64 and then rounded."""
@@ -130,12 +122,9 @@ def per_hypothesis_eager(embedder: nn.Module, denoiser: nn.Module, decoder: nn.M
     hypothesis (the reference's ui.py n_ensemble loop), the denoiser at batch 1, its DDIM rule in
     torch float32 on the image's device. ``image``: (1, C, H, W) normalised. Hypothesis i starts from
     the SDK's noise for (seed, i), so with the same weights it computes the SDK's masks."""
-    ac = torch.as_tensor(np.asarray(alphas_cumprod, dtype=np.float32))
-    T = len(ac)
-    ts = _native.ddim_timesteps(T, steps, spacing)
+    table = Schedule(alphas_cumprod, spacing).ddim(steps)
     dev = image.device
     shape = None
-    one = torch.tensor(1.0)
     out = []
     with torch.no_grad():
         for i in range(k):
@@ -143,10 +132,10 @@ def per_hypothesis_eager(embedder: nn.Module, denoiser: nn.Module, decoder: nn.M
             if shape is None:
                 shape = (1, int(denoiser_latent_channels(denoiser)), cond.shape[2], cond.shape[3])
             x = torch.from_numpy(_native.gaussian(seed, i, 1, int(np.prod(shape)), 0).reshape(shape)).to(dev)
-            for t in ts:
-                eps = denoiser(x, torch.tensor([float(t)], device=dev), cond)
-                prev = int(t) - T // steps
-                a, ap = ac[t], (ac[prev] if prev >= 0 else one)
+            for c in table:
+                eps = denoiser(x, torch.tensor([float(c.timestep)], device=dev), cond)
+                # the alphas are float32 values held as doubles: back to float32 tensors exactly
+                a, ap = torch.tensor(np.float32(c.alpha_t)), torch.tensor(np.float32(c.alpha_prev))
                 x0 = (x - torch.sqrt(1 - a) * eps) / torch.sqrt(a)
                 if clip > 0:
                     x0 = x0.clamp(-clip, clip)
@@ -288,7 +277,7 @@ class BatchedSampler:
         key = (steps, self.eta, self.clip)
         hit = self._coeffs.get(key)
         if hit is None:
-            plan = ddim_schedule(self.alphas, steps, self.spacing)
+            plan = Schedule(self.alphas, self.spacing).ddim(steps)
             rows = np.stack([ddim_scalars(c, self.eta, self.clip) for c in plan])
             coef = torch.from_numpy(rows).to(self.device)
             hit = self._coeffs[key] = (plan, coef)

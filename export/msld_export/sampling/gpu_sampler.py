@@ -1,37 +1,15 @@
 """The GPU sampling path without TensorRT: PyTorch modules + the native CUDA kernels.
 
-``GpuSampler`` runs the DDIM loop of ``msld_ddim_sample`` (csrc/sampler_cpu.cpp) on one CUDA device:
+``GpuSampler`` runs the loop of ``msld_ddim_sample`` on one CUDA device: encode once, initial
+latents from the native Philox kernel (stream 0), per step the denoiser on all n_images * k
+latents and the native fused DDIM update (eta noise: stream step + 1, made inside the kernel),
+then decode and aggregate with the native kernel. Step by step, or (``use_graph=True``) captured
+once per configuration as one CUDA graph and replayed; the seed then lives in a device word the
+noise kernels read when they run, so a replay with another seed draws the same noise as the CPU.
+The step table is ``msld_sdk.sampling.Schedule.ddim``: the native loop's own coefficients.
 
-  1. encode the image once (``ExportEncoder``) and repeat its latent k times;
-  2. draw the initial latents with the native Philox kernel (stream 0, hypotheses 0..k-1 for every
-     image, as the CPU loop does);
-  3. per step: the denoiser on all ``n_images * k`` latents in one batch, then the native fused
-     DDIM update on torch's current stream (with eta > 0 the step's noise, Philox stream
-     ``step + 1``, is generated inside the update kernel: no noise buffer);
-  4. decode every latent to a foreground probability (``ExportDecoder``) and aggregate each
-     image's k hypotheses with the native kernel (masks, mean, confidence, consensus).
-
-Two modes:
-  * step by step (``use_graph=False``): plain eager PyTorch calls and kernel launches;
-  * CUDA graph (``use_graph=True``): on first use for a given (images, shape, k, steps, eta, clip,
-    spacing, threshold) the whole sequence above (encode, noise, all steps, decode, aggregate) is
-    captured with ``torch.cuda.CUDAGraph`` into static buffers, and later calls only copy the image
-    in, write the seed, and replay.
-
-How the seed reaches a replayed graph: it lives in a one-word device buffer (int64 holding the
-uint64's bits) that the graph's noise kernels read when they *run* (``cuda_gaussian_dev`` and
-``cuda_ddim_step_noise_dev``); a replay with another seed only rewrites that word first. The noise
-is therefore identical to the step-by-step mode (which passes the seed by value) and to the CPU.
-
-The timestep schedule comes from ``msld_sdk._native.ddim_timesteps`` and the alphas from
-``msld_export.model.networks.alphas_cumprod(cfg)``, with the formulas of ``msld_ddim_coeffs_for``.
-
-This module lives under export/ because it needs torch; the runtime never imports it. Importing
-it needs no GPU; constructing a ``GpuSampler`` does.
-
-``batched_sampler.BatchedSampler`` (beside this) runs the same loop with the update and aggregation in
-PyTorch: on any device (the CPU too), with fp16/bf16 networks and channels_last, for plans of the
-reference architecture (the paper-scale GPU benchmark, benchmarks/gpu_paper_scale.py).
+Lives under export/ because it needs torch; the runtime never imports it. Importing it needs no
+GPU. ``batched_sampler.BatchedSampler`` runs the same loop with the update in PyTorch.
 """
 from __future__ import annotations
 
@@ -44,6 +22,7 @@ import torch
 from torch import nn
 
 from msld_sdk import _native
+from msld_sdk.sampling import Schedule, StepTable
 
 from ..model.config import ModelConfig
 from ..model.networks import ExportDecoder, ExportDenoiser, ExportEncoder, MedSegLatDiff, alphas_cumprod
@@ -69,26 +48,10 @@ def cuda_unavailable_reason() -> str | None:
 
 # ---- schedule ----------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class StepCoeffs:
-    """One DDIM step, as msld_ddim_coeffs."""
-    timestep: int
-    prev_timestep: int
-    alpha_t: float
-    alpha_prev: float
-
-
-def ddim_schedule(alphas: torch.Tensor | np.ndarray, steps: int, spacing: str = "trailing") -> list[StepCoeffs]:
-    """The steps of msld_ddim_coeffs_for: timesteps from the native code, float32 alphas as doubles."""
-    ac = np.ascontiguousarray(np.asarray(alphas.cpu() if isinstance(alphas, torch.Tensor) else alphas,
-                                         dtype=np.float32))
-    T = int(ac.shape[0])
-    ts = _native.ddim_timesteps(T, int(steps), spacing)
-    out = []
-    for t in ts.tolist():
-        prev = t - T // steps  # diffusers: timestep - T // num_inference_steps
-        out.append(StepCoeffs(int(t), int(prev), float(ac[t]), float(ac[prev]) if prev >= 0 else 1.0))
-    return out
+def step_table(alphas: torch.Tensor | np.ndarray, steps: int, spacing: str = "trailing") -> StepTable:
+    """The DDIM steps of ``Schedule.ddim`` for these alphas (a torch tensor or an array; float32)."""
+    ac = np.asarray(alphas.cpu() if isinstance(alphas, torch.Tensor) else alphas, dtype=np.float32)
+    return Schedule(ac, spacing).ddim(int(steps))
 
 
 def seed_word(seed: int) -> int:
@@ -179,7 +142,7 @@ class GpuSampler:
             raise ValueError(f"k must be in [1, 65535], got {k}")
         if not eta >= 0.0:
             raise ValueError(f"eta must be >= 0, got {eta}")
-        plan = ddim_schedule(self.alphas, steps, spacing)
+        plan = step_table(self.alphas, steps, spacing)
         if image.dim() == 3:
             image = image.unsqueeze(0)
         if image.dim() != 4:
@@ -227,8 +190,8 @@ class GpuSampler:
             _native.cuda_gaussian(seed, 0, k, elems, 0, x.data_ptr(), stream)
             if n_images > 1:
                 x.view(n_images, k, -1)[1:].copy_(x.view(n_images, k, -1)[:1].expand(n_images - 1, k, elems))
-        for i, c in enumerate(plan):
-            eps = self.denoiser(x, t_steps[i], cond_k)
+        for c in plan:
+            eps = self.denoiser(x, t_steps[c.index], cond_k)
             if eps.dtype != torch.float32 or not eps.is_contiguous():
                 eps = eps.float().contiguous()
             if eps.shape != x.shape:
@@ -236,10 +199,10 @@ class GpuSampler:
             if eta > 0.0:
                 if seed_buf is not None:
                     _native.cuda_ddim_step_noise_dev(x.data_ptr(), eps.data_ptr(), c.alpha_t, c.alpha_prev, eta, clip,
-                                                     seed_buf.data_ptr(), k, n_images, elems, i + 1, stream)
+                                                     seed_buf.data_ptr(), k, n_images, elems, c.noise_stream, stream)
                 else:
                     _native.cuda_ddim_step_noise(x.data_ptr(), eps.data_ptr(), c.alpha_t, c.alpha_prev, eta, clip,
-                                                 seed, k, n_images, elems, i + 1, stream)
+                                                 seed, k, n_images, elems, c.noise_stream, stream)
             else:
                 _native.cuda_ddim_step(x.data_ptr(), eps.data_ptr(), 0, n, c.alpha_t, c.alpha_prev, 0.0, clip, stream)
             del eps
