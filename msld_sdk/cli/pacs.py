@@ -80,10 +80,10 @@ def add_listen_parser(sub, common, add_run_args) -> None:
     p.add_argument("--max-pending", type=int, default=16,
                    help="series waiting at most; more are refused (C-STORE A700) until one is done (default: 16)")
     p.add_argument("--center", nargs=3, type=float, default=None, metavar=("X", "Y", "Z"),
-                   help="crop-trained plans: the region when no SR mark came with the series")
+                   help="crop-trained plans: the region when no SR mark came with the series (default: none)")
     p.add_argument("--slices", nargs=2, type=int, default=None, metavar=("Z0", "Z1"),
                    help="segment slices Z0..Z1-1 around every mark (default: the marked slice)")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     add_run_args(p)
     _add_server_args(p)
 
