@@ -22,8 +22,8 @@ def add_pacs_args(p: argparse.ArgumentParser) -> None:
                              "$MSLD_DICOMWEB_TOKEN or netrc, never on the command line")
     g.add_argument("--dicomweb", default=None, metavar="URL",
                    help="read the series from this DICOMweb server (e.g. http://127.0.0.1:8042/dicom-web) instead "
-                        "of files; the SEG is written into -o and, with --store, sent back")
-    g.add_argument("--study", default=None, metavar="UID", help="--dicomweb: StudyInstanceUID")
+                        "of files; the SEG is written into -o and, with --store, sent back (default: none, files)")
+    g.add_argument("--study", default=None, metavar="UID", help="--dicomweb: StudyInstanceUID (default: none)")
     g.add_argument("--series", default=None, metavar="UID",
                    help="--dicomweb: SeriesInstanceUID (default: the study's CT series with the most instances)")
     g.add_argument("--store", action="store_true",
