@@ -1,4 +1,7 @@
-"""Typed errors: every failure the SDK reports names the problem and, where there is one, the fix."""
+"""Typed errors: every failure the SDK reports names the problem and, where there is one, the fix.
+
+The CLI maps them to exit codes (docs/outputs.md#errors-and-exit-codes): ``UsageError`` and
+``MissingExtraError`` exit 2, every other ``MsldError`` exits 1."""
 
 
 class MsldError(Exception):
@@ -50,3 +53,18 @@ class CheckpointError(MsldError, ValueError):
 class PacsError(MsldError, RuntimeError):
     """A PACS (DICOMweb server or DICOM node) request failed or returned something unusable; the
     message names the server, the request and the status, and never a credential."""
+
+
+class UsageError(MsldError, ValueError):
+    """An argument of a call or of a command cannot be used as given (e.g. an unknown backend
+    name); the CLI exits 2."""
+
+
+class OutputError(UsageError):
+    """An output cannot be written where asked: it would replace an input, a folder where a file
+    goes (or the reverse), something msld did not write (without ``--overwrite``), or a place
+    that cannot be created or written. Raised before any work starts."""
+
+
+class BatchError(MsldError):
+    """Some inputs of a batch failed; the others were written. The message lists the failures."""

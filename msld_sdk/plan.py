@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 from .checksums import sha256_bytes  # noqa: F401  (re-exported: msld_sdk.plan.sha256_bytes)
 from .errors import PlanFormatError, PlanIntegrityError, PlanNotFoundError, PlanVersionError
+from .writing import atomic_path
 
 FORMAT_NAME = "msld-plan"
 FORMAT_VERSION = 1
@@ -243,20 +244,18 @@ def write_plan(path: str | os.PathLike, manifest: Mapping, blobs: Mapping[str, t
     """Write a plan. ``blobs`` maps a blob name to (path inside the zip, bytes).
 
     Fills ``manifest['blobs']`` with each blob's path, size and sha256 and returns the final
-    manifest. Written to a temporary file and renamed, so a reader never sees half a plan.
+    manifest. Written to a temporary file beside ``path`` and renamed (``writing.atomic_path``),
+    so a reader never sees half a plan and a failure leaves no temporary file.
     """
     m = json.loads(json.dumps(manifest))  # deep copy, and proves it is plain JSON
     m["format"] = FORMAT_NAME
     m["format_version"] = FORMAT_VERSION
     m["blobs"] = {name: {"path": arc, "size": len(data), "sha256": sha256_bytes(data)}
                   for name, (arc, data) in blobs.items()}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
         zf.writestr(MANIFEST_NAME, json.dumps(m, indent=1, sort_keys=True))
         for name, (arc, data) in blobs.items():
             zf.writestr(arc, data)
-    os.replace(tmp, path)
     return m
 
 

@@ -33,11 +33,15 @@ def save_result_pngs(d, r, image01: np.ndarray) -> None:
 
     from PIL import Image
 
+    from .writing import atomic_path
+
     d = Path(d)
     d.mkdir(parents=True, exist_ok=True)
-    for i, m in enumerate(r.masks):
-        Image.fromarray(m.astype(np.uint8) * 255).save(d / f"mask_{i:02d}.png")
-    Image.fromarray((r.mean * 255 + 0.5).astype(np.uint8)).save(d / "mean.png")
-    Image.fromarray((r.consensus.astype(np.uint8) * 255)).save(d / "consensus.png")
-    Image.fromarray(heatmap(r.confidence)).save(d / "confidence.png")
-    Image.fromarray(overlay(image01, r.mean, r.consensus)).save(d / "overlay.png")
+    pictures = [(f"mask_{i:02d}.png", lambda m=m: m.astype(np.uint8) * 255) for i, m in enumerate(r.masks)]
+    pictures += [("mean.png", lambda: (r.mean * 255 + 0.5).astype(np.uint8)),
+                 ("consensus.png", lambda: r.consensus.astype(np.uint8) * 255),
+                 ("confidence.png", lambda: heatmap(r.confidence)),
+                 ("overlay.png", lambda: overlay(image01, r.mean, r.consensus))]
+    for name, picture in pictures:     # each to a temporary name, renamed when whole
+        with atomic_path(d / name) as tmp:
+            Image.fromarray(picture()).save(tmp, format="PNG")

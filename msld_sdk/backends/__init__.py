@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 from . import trt_compat
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, UsageError
 from ..plan import GRAPH_PARTS, Plan
 
 log = logging.getLogger("msld_sdk")
@@ -162,7 +162,7 @@ def _onnxruntime(plan: Plan, threads: int | None, precision: str = "fp32"):
 
 def select_backend(plan: Plan, backend: str = "auto", threads: int | None = None, precision: str = "fp32"):
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise UsageError(f"backend must be one of {BACKENDS}, got {backend!r}")
     plan.denoiser_blob(precision)  # the plan has it (else PrecisionUnavailableError naming the fix)
     if precision != "fp32":
         # int8 is an ONNX Runtime (CPU) path; msld build makes fp16 TensorRT engines only

@@ -11,10 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MissingExtraError, MsldError
+from .. import __version__
+from ..errors import BatchError, MissingExtraError, MsldError, UsageError
 from ..plan import PRECISIONS
-from .clinical import add_clinical_args, clinical_route
+from .clinical import add_clinical_args, check_segment_options, clinical_route
+from .options import Formatter, add_overwrite_arg, positive_int, run_command, unit_float
 from .pacs import add_listen_parser, add_pacs_args, cmd_listen, pacs_route
+
+BACKEND_CHOICES = ["auto", "onnxruntime", "tensorrt"]
 
 
 def _add_precision_arg(p: argparse.ArgumentParser) -> None:
@@ -23,49 +27,102 @@ def _add_precision_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_views_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--views", type=int, default=None, metavar="V",
+    p.add_argument("--views", type=positive_int, default=None, metavar="V",
                    help="hypothesis j sees the image turned by view j %% V (quarter turns, then mirrored; "
                         "1 = off; default: the plan's)")
 
 
-def _add_run_args(p: argparse.ArgumentParser) -> None:
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                   help="inference backend (auto: TensorRT when the plan has engines for this GPU, else ONNX Runtime)")
+    _add_precision_arg(p)
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all available)")
+
+
+def _add_threshold_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threshold", type=unit_float, default=None,
+                   help="probability above which a pixel is in a mask (default: the plan's, 0.5 for the shipped ones)")
+
+
+def _add_run_args(p: argparse.ArgumentParser, threshold: bool = True) -> None:
     p.add_argument("--plan", default=None, help="plan file or shipped model name (default: the embedded lidc model)")
-    p.add_argument("-k", "--k", type=int, default=None, help="number of hypotheses (default: the plan's)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the plan's)")
+    p.add_argument("-k", "--k", type=positive_int, default=None, help="number of hypotheses (default: the plan's)")
+    p.add_argument("--steps", type=positive_int, default=None, help="DDIM steps (default: the plan's)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible hypotheses (default: random, printed)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic given the seed, 1 = DDPM-like")
+    if threshold:
+        _add_threshold_arg(p)
     _add_views_arg(p)
-    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
-    _add_precision_arg(p)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
+    _add_backend_args(p)
 
 
 def cmd_segment(a) -> int:
     from ..evaluation.evaluate import image_seed
-    from ..outputs import output_names, segment_and_write
+    from ..outputs import expand_inputs, output_names, segment_and_write
     from ..segmenter import Segmenter
+    from ..writing import OutputFolder, check_output_file, check_output_folder, write_text
 
-    route = pacs_route(a) or clinical_route(a)  # PACS: cli/pacs.py; series, volumes, SEG, Ray: cli/clinical.py
+    route = pacs_route(a) or clinical_route(a)  # PACS: cli/pacs.py; Ray: cli/clinical.py
     if route is None and not a.images:
-        raise SystemExit("msld segment: give image files, series folders or volumes (or --dicomweb URL --study UID)")
+        raise UsageError("msld segment: give image files, folders of images, series folders or volumes "
+                         "(or --dicomweb URL --study UID)")
     if route is not None:
         return route(a)
+    items = expand_inputs(a.images)   # each input's kind by itself; a folder of images -> its images
+    check_segment_options(a, items)
+    # the output rule (docs/outputs.md), before any work: -o is replaced whole, never an input
+    out = check_output_folder(a.out, a.images, a.overwrite)
+    if a.dicom_seg:
+        from ..clinical.dicom_seg import mean_path
+        for f in (a.dicom_seg, mean_path(a.dicom_seg)):
+            check_output_file(f, a.images, a.overwrite, what="--dicom-seg")
     seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, progress=not a.quiet, precision=a.precision)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # one folder per image, named by its file; by parent folder too when names repeat (x/image.png)
-    names = output_names(a.images, whole_suffix=False)
-    for i, (path, name) in enumerate(zip(a.images, names)):
-        # several images with one --seed: image i gets image_seed(seed, i), as `--ray` and `msld eval`
-        # do, so that images do not share noise; one image gets the seed itself, as Segmenter.run
-        seed = image_seed(a.seed, i) if a.seed is not None and len(a.images) > 1 else a.seed
-        d = out / name if len(a.images) > 1 else out
-        r = segment_and_write(seg, path, d, k=a.k, steps=a.steps, seed=seed, eta=a.eta, views=a.views,
-                              roi=a.roi or a.center, volume=False, npz=None).result
-        fg = float(r.consensus.mean())
-        print(f"{path}: k={r.k} steps={r.steps} views={r.views} seed={r.seed} -> {d}/ "
-              f"(consensus foreground {100 * fg:.2f}% of pixels, mean confidence {float(r.confidence.mean()):.3f}, "
-              f"{r.timings['total_ms']:.0f} ms)")
+    many = len(items) > 1
+    # one folder per input, named by its file; by as many parent folders as needed when names repeat
+    names = output_names([p for p, _ in items], whole_suffix=[kind != "image" for _, kind in items])
+    failed = {}
+    with OutputFolder(out) as folder:   # built beside -o, swapped in whole at the end
+        for i, ((path, kind), name) in enumerate(zip(items, names)):
+            # several inputs with one --seed: input i gets image_seed(seed, i), as `--ray` and `msld eval`
+            # do, so that inputs do not share noise; one input gets the seed itself, as Segmenter.run
+            seed = image_seed(a.seed, i) if a.seed is not None and many else a.seed
+            d, final = (folder.path / name, out / name) if many else (folder.path, out)
+            image = kind == "image"
+            try:
+                w = segment_and_write(seg, path, d, k=a.k, steps=a.steps, seed=seed, eta=a.eta, views=a.views,
+                                      threshold=a.threshold, roi=a.roi if a.roi is not None else a.center,
+                                      slices=None if image else a.slices, volume=not image,
+                                      npz=None if image else "geometry", nifti="if_installed",
+                                      dicom_seg=None if image else a.dicom_seg)
+            except Exception as e:      # one input: the error itself; a batch: recorded, the others go on
+                if not many:
+                    raise
+                failed[path] = f"{type(e).__name__}: {e}"
+                print(f"msld: {path}: failed: {failed[path]}", file=sys.stderr)
+                d.mkdir(parents=True, exist_ok=True)
+                write_text(d / "error.json", json.dumps({"index": i, "path": path, "error": failed[path]}, indent=1))
+                continue
+            r = w.result
+            if image:
+                fg = float(r.consensus.mean())
+                print(f"{path}: k={r.k} steps={r.steps} views={r.views} seed={r.seed} -> {final}/ "
+                      f"(consensus foreground {100 * fg:.2f}% of pixels, mean confidence "
+                      f"{float(r.confidence.mean()):.3f}, {r.timings['total_ms']:.0f} ms)")
+            else:
+                vol = w.volume
+                z0, z1 = r.slices
+                print(f"{path}: {vol.shape[0]} slices {vol.shape[1]}x{vol.shape[2]}, segmented {z0}..{z1 - 1} "
+                      f"k={r.k} steps={r.steps} seed={r.seed} roi={r.roi} -> {final}/ ({', '.join(w.files)}; "
+                      f"{r.timings['total_ms']:.0f} ms)")
+        if failed and len(failed) == len(items):   # nothing to show: the earlier output stays as it was
+            raise BatchError(f"all {len(items)} inputs failed (first: {next(iter(failed))}: "
+                             f"{next(iter(failed.values()))}); {out} left as it was")
+    if failed:
+        print(f"msld: {len(items) - len(failed)} of {len(items)} inputs written to {out}/, {len(failed)} failed "
+              "(each recorded in its folder's error.json):", file=sys.stderr)
+        for path, err in failed.items():
+            print(f"  {path}: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -86,8 +143,12 @@ def cmd_info(a) -> int:
 def cmd_build(a) -> int:
     from ..tools.engine_build import build_engines
     from ..segmenter import resolve_plan_path
+    from ..writing import check_output_file
 
-    build_engines(resolve_plan_path(a.plan), a.out, fp32=a.fp32, k_max=a.k_max, opt_k=a.opt_k,
+    plan = resolve_plan_path(a.plan)
+    if a.out is not None:   # without --out the engines are added to the plan itself (rewritten whole)
+        check_output_file(a.out, [plan], a.overwrite)
+    build_engines(plan, a.out, fp32=a.fp32, k_max=a.k_max, opt_k=a.opt_k,
                   compute_capabilities=a.compute_capability, timing_cache=a.timing_cache,
                   progress=not a.quiet)
     return 0
@@ -131,6 +192,9 @@ def cmd_bench(a) -> int:
 
     if a.baselines:
         require_export_extra("msld bench --baselines")   # before anything is timed
+    if a.json:
+        from ..writing import check_output_file
+        check_output_file(a.json, [a.plan, a.image], a.overwrite, what="--json")
     seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, precision=a.precision)
     threads = getattr(seg.backend, "threads", a.threads or 0)
     image_path = a.image or str(Path(__file__).resolve().parents[1] / "samples" / "lidc_0974_n0_s2" / "image.png")
@@ -223,7 +287,8 @@ def cmd_bench(a) -> int:
               f"= {report['speedup_vs_ort_per_hypothesis_sdk_settings']:.2f}x) | "
               f"overhead {100 * report['overhead_fraction']:.2f}%")
     if a.json:
-        Path(a.json).write_text(json.dumps(report, indent=1))
+        from ..writing import write_text
+        write_text(a.json, json.dumps(report, indent=1))
         print(f"wrote {a.json}")
     return 0
 
@@ -237,6 +302,9 @@ def cmd_eval(a) -> int:
     from ..evaluation.evaluate import Sample, evaluate, format_report, to_json
     from ..segmenter import Segmenter
 
+    if a.json:
+        from ..writing import check_output_file
+        check_output_file(a.json, [a.plan, a.data], a.overwrite, what="--json")
     seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, precision=a.precision)
     a.data = a.data or str(default_data_root())
     try:
@@ -253,8 +321,8 @@ def cmd_eval(a) -> int:
     samples = (Sample(data.images[i].transpose(1, 2, 0).astype(np.float32) / 255.0, data.masks[i] > 0, data.ids[i])
                for i in range(len(data)))
     bar = tqdm(total=len(data), desc=f"eval {kind}/{split}", unit="img", disable=a.quiet)
-    rep = evaluate(seg, samples, k=a.k or seg.defaults["k"], steps=a.steps, seed=a.seed, views=a.views,
-                   progress=lambda n: bar.update(n - bar.n))
+    rep = evaluate(seg, samples, k=a.k if a.k is not None else seg.defaults["k"], steps=a.steps, seed=a.seed,
+                   views=a.views, threshold=a.threshold, progress=lambda n: bar.update(n - bar.n))
     bar.close()
     rep.update(plan=seg.plan.path, plan_graphs_sha256=seg.plan.graphs_sha256, data=str(a.data), kind=kind, split=split, precision=a.precision,
                per_nodule=bool(a.per_nodule), cvc_fold=a.cvc_fold,
@@ -262,39 +330,53 @@ def cmd_eval(a) -> int:
                int8_kernel=getattr(seg.backend, "int8_kernel", None) and seg.backend.int8_kernel.name)
     print(format_report(rep))
     if a.json:
-        Path(a.json).write_text(to_json(rep))
+        from ..writing import write_text
+        write_text(a.json, to_json(rep))
         print(f"wrote {a.json}")
     return 0
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="msld", description="MedSegLatDiff: k plausible segmentations, their mean "
-                                 "and a confidence map.")
+def build_parser() -> argparse.ArgumentParser:
+    """The ``msld`` parser (``export`` and ``import`` only named here: their own parsers live with
+    the torch side, msld_export)."""
+    ap = argparse.ArgumentParser(prog="msld", formatter_class=Formatter,
+                                 description="MedSegLatDiff: k plausible segmentations, their mean and a confidence "
+                                 "map. Exit status: 0 done, 1 failed (one line says why), 2 usage error.")
+    ap.add_argument("--version", action="version", version=f"msld {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", help="log which backend runs and why")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="log which backend runs and why, and print the traceback of an error")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("segment", parents=[common], help="segment images; write k masks, mean, confidence heat map and overlay as PNG")
-    p.add_argument("images", nargs="*", help="image files (PNG, JPEG, TIFF, NPY, DICOM), DICOM series folders or "
-                   "NIfTI volumes")
-    p.add_argument("-o", "--out", default="msld_out", help="output folder (default: msld_out)")
+    def command(name, **kw):
+        return sub.add_parser(name, parents=[common], formatter_class=Formatter, **kw)
+
+    p = command("segment", help="segment images; write k masks, mean, confidence heat map and overlay as PNG")
+    p.add_argument("images", nargs="*", help="inputs, each told apart by itself: image files (PNG, JPEG, TIFF, NPY, "
+                   "DICOM), folders of images, DICOM series folders or NIfTI volumes")
+    p.add_argument("-o", "--out", default="msld_out", help="output folder, replaced whole (docs/outputs.md); one "
+                   "sub-folder per input when there are several")
+    add_overwrite_arg(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_run_args(p)
     add_clinical_args(p)
     add_pacs_args(p)
-    add_listen_parser(sub, common, _add_run_args)
+    add_listen_parser(sub, common, lambda q: _add_run_args(q, threshold=False))   # the node has no threshold
+    sub.choices["listen"].formatter_class = Formatter
 
-    p = sub.add_parser("info", parents=[common], help="print a plan's manifest")
+    p = command("info", help="print a plan's manifest")
     p.add_argument("plan", nargs="?", default=None, help="plan file or shipped model name (default: lidc)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
-    p = sub.add_parser("build", parents=[common], help="build TensorRT engines for a plan and store them in it "
-                       "(needs tensorrt-rtx-cu13 or tensorrt; TensorRT-RTX builds without a GPU)")
+    p = command("build", help="build TensorRT engines for a plan and store them in it "
+                "(needs tensorrt-rtx-cu13 or tensorrt; TensorRT-RTX builds without a GPU)")
     p.add_argument("plan", help="plan file (or shipped model name); engines are added to it unless --out is given")
-    p.add_argument("--out", default=None, help="write the plan with engines here instead of in place")
-    p.add_argument("--fp32", action="store_true", help="fp32 engines (default: fp16 convolutions/matmuls)")
-    p.add_argument("--k-max", type=int, default=32, help="largest denoiser/decoder batch, images x k (default: 32)")
-    p.add_argument("--opt-k", type=int, default=8, help="batch the engines are tuned for (default: 8)")
+    p.add_argument("-o", "--out", default=None, help="write the plan with engines here instead of in place "
+                   "(default: in place)")
+    add_overwrite_arg(p)
+    p.add_argument("--fp32", action="store_true", help="fp32 engines (fp16 convolutions/matmuls otherwise)")
+    p.add_argument("--k-max", type=positive_int, default=32, help="largest denoiser/decoder batch, images x k")
+    p.add_argument("--opt-k", type=positive_int, default=8, help="batch the engines are tuned for")
     p.add_argument("--compute-capability", nargs="+", action="extend", default=None, metavar="CC",
                    help="GPU compute capabilities to target, e.g. 8.6 8.9 (TensorRT-RTX; default: all it "
                         "supports from 8.0; full TensorRT: the local GPU)")
@@ -302,32 +384,33 @@ def main(argv=None) -> int:
                    help="timing cache file (default: OUT.timing.cache; used where the TensorRT flavour has one)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("bench", parents=[common], help="latency benchmark (median, p90, stage shares, GFLOP/s); "
-                       "--baselines adds PyTorch-eager and ONNX-Runtime per-hypothesis runs (needs the [export] extra)")
+    p = command("bench", help="latency benchmark (median, p90, stage shares, GFLOP/s); --baselines adds "
+                "PyTorch-eager and ONNX-Runtime per-hypothesis runs (needs the [export] extra)")
     p.add_argument("--plan", default=None, help="plan file or shipped model name (default: lidc)")
-    p.add_argument("--k", type=int, nargs="+", default=[8], help="hypotheses, one or more (default: 8)")
-    p.add_argument("--steps", type=int, nargs="+", default=[20], help="DDIM steps, one or more (default: 20)")
-    p.add_argument("--repeats", type=int, default=10, help="timed runs per setting (default: 10)")
+    p.add_argument("-k", "--k", type=positive_int, nargs="+", default=[8], help="hypotheses, one or more")
+    p.add_argument("--steps", type=positive_int, nargs="+", default=[20], help="DDIM steps, one or more")
+    p.add_argument("--repeats", type=positive_int, default=10, help="timed runs per setting")
     p.add_argument("--baselines", action="store_true", help="also time the research-code and per-hypothesis "
                    "ONNX Runtime ways on the same weights, k, steps and seed (first --k/--steps)")
-    p.add_argument("--baseline-repeats", type=int, default=3, help="timed runs per baseline (default: 3)")
-    p.add_argument("--int8-repeats", type=int, default=30, help="interleaved denoiser calls per precision when "
-                   "the plan has an int8 denoiser (default: 30)")
+    p.add_argument("--baseline-repeats", type=positive_int, default=3, help="timed runs per baseline")
+    p.add_argument("--int8-repeats", type=positive_int, default=30, help="interleaved denoiser calls per precision "
+                   "when the plan has an int8 denoiser")
     p.add_argument("--no-int8-run", action="store_true", help="with an int8 plan, skip the whole runs of the other "
                    "precision (timings and consensus-mask agreement on the same noise)")
-    p.add_argument("--rss-k", type=int, nargs="+", default=None, metavar="K",
-                   help="also measure peak RSS of one run at each K, each in a fresh process")
-    p.add_argument("--rss-steps", type=int, default=None, help="steps of the --rss-k runs (default: first --steps)")
+    p.add_argument("--rss-k", type=positive_int, nargs="+", default=None, metavar="K",
+                   help="also measure peak RSS of one run at each K, each in a fresh process (default: not measured)")
+    p.add_argument("--rss-steps", type=positive_int, default=None,
+                   help="steps of the --rss-k runs (default: first --steps)")
     p.add_argument("--image", default=None, help="image to segment (default: a shipped LIDC sample)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
-    _add_precision_arg(p)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of every timed run (the same noise in each)")
+    _add_backend_args(p)
+    p.add_argument("--json", "-o", "--out", dest="json", default=None, metavar="FILE",
+                   help="write the full report as JSON to FILE (default: none)")
+    add_overwrite_arg(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no per-setting progress lines")
 
-    p = sub.add_parser("eval", parents=[common], help="Dice/IoU (and GED, HM-IoU, ECE for multi-annotator data) "
-                       "of a plan on a labelled split or on a folder with images/ and masks/")
+    p = command("eval", help="Dice/IoU (and GED, HM-IoU, ECE for multi-annotator data) of a plan on a labelled "
+                "split or on a folder with images/ and masks/")
     p.add_argument("--plan", default=None, help="plan file or shipped model name (default: lidc)")
     p.add_argument("--data", default=None,
                    help="data root holding lidc/, kvasir-seg/, cvc-clinicdb/ (default: $MSLD_DATA, else "
@@ -335,46 +418,49 @@ def main(argv=None) -> int:
     p.add_argument("--kind", choices=["lidc", "polyp", "kvasir", "cvc", "folder"], default=None,
                    help="data set (default: folder when DATA has images/ and masks/, else from the plan's "
                         "model name); folder: every image of DATA/images with its mask in DATA/masks")
-    p.add_argument("--split", default="val", choices=["train", "val"])
-    p.add_argument("--k", type=int, default=None, help="hypotheses per image (default: the plan's)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the plan's)")
+    p.add_argument("--split", default="val", choices=["train", "val"], help="which part of the data set")
+    p.add_argument("-k", "--k", type=positive_int, default=None, help="hypotheses per image (default: the plan's)")
+    p.add_argument("--steps", type=positive_int, default=None, help="DDIM steps (default: the plan's)")
     p.add_argument("--seed", type=int, default=0,
                    help="image i is sampled with a seed derived from (seed, i), so images do not share noise")
-    p.add_argument("--limit", type=int, default=None, help="first N items of the split only")
+    _add_threshold_arg(p)
+    p.add_argument("--limit", type=positive_int, default=None, help="first N items of the split only "
+                   "(default: all)")
     p.add_argument("--cvc-fold", default=None, metavar="F/N",
                    help="CVC-ClinicDB (kinds cvc, polyp): validate on the F-th of N sequence-safe blocks "
                         "(cross-validation; default: the shipped models' split, the last 15 %%)")
     _add_views_arg(p)
     p.add_argument("--per-nodule", action="store_true",
                    help="LIDC: one slice per nodule, its middle one (a nodule's slices are near-duplicates)")
-    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
-    _add_precision_arg(p)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", default=None, metavar="FILE")
-    p.add_argument("-q", "--quiet", action="store_true")
+    _add_backend_args(p)
+    p.add_argument("--json", "-o", "--out", dest="json", default=None, metavar="FILE",
+                   help="write the report as JSON to FILE (default: none)")
+    add_overwrite_arg(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     sub.add_parser("export", help="checkpoint -> plan (needs the [export] extra); `msld export --help` for options",
                    add_help=False)
-
     sub.add_parser("import", help="checkpoint trained with the MedSegLatDiff reference code (last.ckpt + its "
-                   ".hydra/config.yaml) -> plan (needs the [export] extra); `msld import --help` for options", add_help=False)
+                   ".hydra/config.yaml) -> plan (needs the [export] extra); `msld import --help` for options",
+                   add_help=False)
+    return ap
 
+
+def _main(argv: list) -> int:
+    if argv[:1] in (["export"], ["import"]):
+        rest = [x for x in argv[1:] if x not in ("-v", "--verbose")]
+        return (cmd_export if argv[0] == "export" else cmd_import)(None, rest)
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
+    return {"segment": cmd_segment, "info": cmd_info, "build": cmd_build, "bench": cmd_bench,
+            "eval": cmd_eval, "listen": cmd_listen}[a.cmd](a)
+
+
+def main(argv=None) -> int:
+    """``msld ARGS``: the exit status. Whatever goes wrong ends in one line on stderr naming the
+    problem and the fix (exit 2 for usage errors, 1 for failures); ``-v`` adds the traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv[:1] == ["export"]:
-            return cmd_export(None, argv[1:])
-        if argv[:1] == ["import"]:
-            return cmd_import(None, argv[1:])
-        a = ap.parse_args(argv)
-        logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
-        return {"segment": cmd_segment, "info": cmd_info, "build": cmd_build, "bench": cmd_bench,
-                "eval": cmd_eval, "listen": cmd_listen}[a.cmd](a)
-    except MissingExtraError as e:   # an optional part is not installed: exit 2, one line naming the extra
-        print(f"msld: error: {e}", file=sys.stderr)
-        return 2
-    except MsldError as e:
-        print(f"msld: error: {e}", file=sys.stderr)
-        return 1
+    return run_command("msld", lambda: _main(argv), argv)
 
 
 if __name__ == "__main__":

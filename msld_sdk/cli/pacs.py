@@ -22,8 +22,8 @@ def add_pacs_args(p: argparse.ArgumentParser) -> None:
                              "$MSLD_DICOMWEB_TOKEN or netrc, never on the command line")
     g.add_argument("--dicomweb", default=None, metavar="URL",
                    help="read the series from this DICOMweb server (e.g. http://127.0.0.1:8042/dicom-web) instead "
-                        "of files; the SEG is written into -o and, with --store, sent back")
-    g.add_argument("--study", default=None, metavar="UID", help="--dicomweb: StudyInstanceUID")
+                        "of files; the SEG is written into -o and, with --store, sent back (default: none, files)")
+    g.add_argument("--study", default=None, metavar="UID", help="--dicomweb: StudyInstanceUID (default: none)")
     g.add_argument("--series", default=None, metavar="UID",
                    help="--dicomweb: SeriesInstanceUID (default: the study's CT series with the most instances)")
     g.add_argument("--store", action="store_true",
@@ -80,10 +80,10 @@ def add_listen_parser(sub, common, add_run_args) -> None:
     p.add_argument("--max-pending", type=int, default=16,
                    help="series waiting at most; more are refused (C-STORE A700) until one is done (default: 16)")
     p.add_argument("--center", nargs=3, type=float, default=None, metavar=("X", "Y", "Z"),
-                   help="crop-trained plans: the region when no SR mark came with the series")
+                   help="crop-trained plans: the region when no SR mark came with the series (default: none)")
     p.add_argument("--slices", nargs=2, type=int, default=None, metavar=("Z0", "Z1"),
                    help="segment slices Z0..Z1-1 around every mark (default: the marked slice)")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     add_run_args(p)
     _add_server_args(p)
 

@@ -26,7 +26,8 @@ import numpy as np
 from ..errors import InputError
 from ..evaluation.evaluate import image_seed
 from ..extras import require
-from ..outputs import output_names, segment_and_write
+from ..outputs import expand_inputs, output_names, segment_and_write
+from ..writing import OutputFolder, write_text
 
 log = logging.getLogger("msld_sdk")
 
@@ -34,13 +35,12 @@ DONE, ERROR, JOB, SUMMARY = "done.json", "error.json", "job.json", "summary.json
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)        # a reader sees the whole file or none
+    write_text(path, json.dumps(obj, indent=1))     # a reader sees the whole file or none
 
 
 def make_items(inputs) -> list[dict]:
-    paths = [str(p) for p in inputs]
+    """One item per input; a folder of images gives one item per image (``outputs.expand_inputs``)."""
+    paths = [p for p, _ in expand_inputs([str(p) for p in inputs])]
     return [{"index": i, "path": p, "name": n} for i, (p, n) in enumerate(zip(paths, output_names(paths)))]
 
 
@@ -52,23 +52,25 @@ def process_item(seg, item: dict, out: Path, params: dict) -> dict:
     seed = image_seed(params["seed"], item["index"])
     t0 = time.perf_counter()
     try:
-        d.mkdir(parents=True, exist_ok=True)
-        if (d / ERROR).exists():
-            (d / ERROR).unlink()
-        r = segment_and_write(seg, item["path"], d, k=params["k"], steps=params["steps"], seed=seed,
-                              eta=params["eta"], views=params.get("views"), roi=params["roi"],
-                              slices=params["slices"], npz="arrays", nifti="required",
-                              dicom_seg=d / "seg.dcm" if params.get("dicom_seg") and Path(item["path"]).is_dir()
-                              else None).result      # a DICOM series: seg.dcm + seg_mean.dcm
-        _write_json(d / DONE, {"index": item["index"], "path": item["path"], "seed": seed, "k": r.k,
-                               "steps": r.steps, "seconds": round(time.perf_counter() - t0, 3),
-                               "pid": os.getpid(), "finished": time.time()})
+        # the item's folder is built beside its place and swapped in whole, done.json inside it:
+        # no output of an earlier try (an error.json, masks of another k) survives
+        with OutputFolder(d) as f:
+            r = segment_and_write(seg, item["path"], f.path, k=params["k"], steps=params["steps"], seed=seed,
+                                  eta=params["eta"], views=params.get("views"), roi=params["roi"],
+                                  slices=params["slices"], npz="arrays", nifti="required",
+                                  threshold=params.get("threshold"),
+                                  dicom_seg=f.path / "seg.dcm" if params.get("dicom_seg") and Path(item["path"]).is_dir()
+                                  else None).result      # a DICOM series: seg.dcm + seg_mean.dcm
+            _write_json(f.path / DONE, {"index": item["index"], "path": item["path"], "seed": seed, "k": r.k,
+                                        "steps": r.steps, "seconds": round(time.perf_counter() - t0, 3),
+                                        "pid": os.getpid(), "finished": time.time()})
         return {"index": item["index"], "name": item["name"], "status": "done", "error": ""}
     except Exception as e:  # a bad item is recorded and the job goes on
         err = f"{type(e).__name__}: {e}"
         log.warning("msld_sdk: item %d (%s) failed: %s", item["index"], item["path"], err)
-        _write_json(d / ERROR, {"index": item["index"], "path": item["path"], "error": err,
-                                "traceback": traceback.format_exc(limit=5)})
+        with OutputFolder(d) as f:
+            _write_json(f.path / ERROR, {"index": item["index"], "path": item["path"], "error": err,
+                                         "traceback": traceback.format_exc(limit=5)})
         return {"index": item["index"], "name": item["name"], "status": "error", "error": err}
 
 
@@ -101,9 +103,9 @@ def _check_job(out: Path, params: dict) -> None:
 
 
 def run_items(inputs, out, plan=None, k=None, steps=None, seed: int = 0, eta: float = 0.0, roi=None, slices=None,
-              views: int | None = None, ray_address: str | None = None, actors: int = 2, threads: int | None = 1, backend: str = "auto",
-              precision: str = "fp32", use_ray: bool = True, on_item=None, progress: bool = False,
-              dicom_seg: bool = False) -> dict:
+              views: int | None = None, threshold: float | None = None, ray_address: str | None = None, actors: int = 2,
+              threads: int | None = 1, backend: str = "auto", precision: str = "fp32", use_ray: bool = True, on_item=None,
+              progress: bool = False, dicom_seg: bool = False) -> dict:
     """Segment ``inputs`` into ``out`` (see the module docstring); returns the summary."""
     from ..segmenter import resolve_plan_path
     out = Path(out)
@@ -115,6 +117,8 @@ def run_items(inputs, out, plan=None, k=None, steps=None, seed: int = 0, eta: fl
         params["dicom_seg"] = True
     if views is not None:   # only when given, so that jobs written before views existed still resume
         params["views"] = int(views)
+    if threshold is not None:
+        params["threshold"] = float(threshold)
     _check_job(out, params)
     items = make_items(inputs)
     pending = [it for it in items if not (out / it["name"] / DONE).exists()]

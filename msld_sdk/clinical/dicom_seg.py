@@ -21,6 +21,7 @@ import numpy as np
 from .. import __version__
 from ..errors import InputError
 from ..extras import require
+from ..writing import atomic_path
 
 FRACTIONAL_SUFFIX = "_mean"
 
@@ -75,11 +76,13 @@ def write_dicom_seg(out: str | Path, result, volume, manifest: dict, series_uid:
     b = hd.seg.Segmentation(pixel_array=binary.astype(np.uint8), segmentation_type="BINARY",
                             segment_descriptions=segs, sop_instance_uid=sop_uids[0], instance_number=1,
                             content_description=f"consensus and {result.k} hypotheses", **common)
-    b.save_as(str(out))
+    with atomic_path(out) as tmp:
+        b.save_as(str(tmp))
     f = hd.seg.Segmentation(pixel_array=result.mean.astype(np.float32), segmentation_type="FRACTIONAL",
                             fractional_type="PROBABILITY", max_fractional_value=255,
                             segment_descriptions=[describe(1, "mean probability")], sop_instance_uid=sop_uids[1],
                             instance_number=2, content_description=f"mean of {result.k} hypotheses", **common)
     mp = mean_path(out)
-    f.save_as(str(mp))
+    with atomic_path(mp) as tmp:
+        f.save_as(str(tmp))
     return [out, mp]

@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import InputError
 from ..extras import require
 from ..roi import crop, normalise_crop, paste, training_input, windows
+from ..writing import atomic_path
 
 log = logging.getLogger("msld_sdk")
 
@@ -227,5 +228,6 @@ def save_nifti_outputs(d, vr: VolumeResult, vol: Volume) -> list[Path]:
                     ("masks", np.stack([xyz(m) for m in vr.masks.astype(np.uint8)], axis=-1))):
         img = nib.Nifti1Image(a if name == "masks" else xyz(a), vol.affine)
         files.append(d / f"{name}.nii.gz")
-        nib.save(img, str(files[-1]))
+        with atomic_path(files[-1]) as tmp:
+            nib.save(img, str(tmp))
     return files

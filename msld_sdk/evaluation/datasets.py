@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import InputError
+
 REPO_ROOT = Path(__file__).resolve().parents[2]             # msld_sdk/evaluation/ -> the clone
 DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"   # in a clone: ../shared/data
 KINDS = ("lidc", "polyp", "kvasir", "cvc")                   # the data sets under a data root
@@ -144,9 +146,9 @@ def parse_fold(fold: str) -> tuple[int, int]:
     try:
         f, k = (int(v) for v in str(fold).split("/"))
     except ValueError:
-        raise ValueError(f"a fold is written F/N, e.g. 2/5, not {fold!r}") from None
+        raise InputError(f"a fold is written F/N, e.g. 2/5, not {fold!r}") from None
     if not (k >= 2 and 1 <= f <= k):
-        raise ValueError(f"fold {fold!r}: need N >= 2 and 1 <= F <= N")
+        raise InputError(f"fold {fold!r}: need N >= 2 and 1 <= F <= N")
     return f, k
 
 
@@ -285,7 +287,7 @@ def _by_stem(d: Path) -> dict[str, Path]:
     for f in sorted(d.iterdir(), key=lambda q: _natural_key(q.name)):
         if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
             if f.stem in out:
-                raise ValueError(f"{d}: {out[f.stem].name} and {f.name} have the same name; keep one")
+                raise InputError(f"{d}: {out[f.stem].name} and {f.name} have the same name; keep one")
             out[f.stem] = f
     return out
 
@@ -320,14 +322,14 @@ def load_split(kind: str, root=None, split: str = "train", image_size: int = 128
     CVC-ClinicDB cross-validation fold of ``cvc_split`` (for kinds cvc and polyp).
     """
     if kind not in KINDS + (FOLDER,):
-        raise ValueError(f"kind must be one of {KINDS + (FOLDER,)}, not {kind!r}")
+        raise InputError(f"kind must be one of {KINDS + (FOLDER,)}, not {kind!r}")
     if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+        raise InputError(f"split must be 'train' or 'val', not {split!r}")
     root = Path(root) if root is not None else default_data_root()
     if cvc_fold is not None:
         parse_fold(cvc_fold)
         if kind not in ("cvc", "polyp"):
-            raise ValueError(f"cvc_fold applies to the kinds cvc and polyp, not {kind!r}")
+            raise InputError(f"cvc_fold applies to the kinds cvc and polyp, not {kind!r}")
     if kind == FOLDER:
         if not is_folder_pair(root):
             raise FileNotFoundError(f"{root} has no images/ and masks/ folders")
@@ -364,7 +366,7 @@ def middle_slice_per_nodule(ds: SegData) -> SegData:
     held-out evaluation score one slice per nodule.
     """
     if ds.kind != "lidc":
-        raise ValueError(f"one slice per nodule applies to LIDC only, not {ds.kind!r}")
+        raise InputError(f"one slice per nodule applies to LIDC only, not {ds.kind!r}")
     nodules: dict[str, list[int]] = {}
     for i, item_id in enumerate(ds.ids):          # "LIDC-IDRI-NNNN/nodule-K/slice-N", slices in order
         nodules.setdefault(item_id.rsplit("/", 1)[0], []).append(i)
@@ -432,4 +434,4 @@ def data_kind_for(cfg_name: str) -> str:
     for k in KINDS:
         if n.startswith(k):
             return k
-    raise ValueError(f"cannot tell the data set from config name {cfg_name!r}; pass --kind")
+    raise InputError(f"cannot tell the data set from config name {cfg_name!r}; pass --kind")

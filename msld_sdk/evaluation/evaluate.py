@@ -61,7 +61,7 @@ def image_seed(seed: int, index: int) -> int:
 
 
 def evaluate(segmenter, samples: Iterable[Sample], k: int, steps: int | None, seed: int = 0,
-             progress=None, views: int | None = None) -> dict:
+             progress=None, views: int | None = None, threshold: float | None = None) -> dict:
     """Metrics over ``samples`` (see the module docstring). ``progress(n_done)`` is called per image."""
     acc, acc_major = _Acc(), _Acc()
     per_image = []
@@ -71,7 +71,8 @@ def evaluate(segmenter, samples: Iterable[Sample], k: int, steps: int | None, se
     t0 = time.perf_counter()
     for s in samples:
         r = segmenter.run([s.image], k=k, steps=steps, seed=image_seed(seed, n),
-                          **({} if views is None else {"views": views}))[0]
+                          **({} if views is None else {"views": views}),
+                          **({} if threshold is None else {"threshold": threshold}))[0]
         used_views = getattr(r, "views", 1)
         ann = s.annotations.astype(bool)
         ref = reference_mask(ann)
@@ -97,7 +98,7 @@ def evaluate(segmenter, samples: Iterable[Sample], k: int, steps: int | None, se
         if progress:
             progress(n)
     out = {"n_images": n, "k": k, "steps": steps or segmenter.defaults["steps"], "seed": seed,
-           "views": used_views,
+           "views": used_views, **({} if threshold is None else {"threshold": threshold}),
            "seed_scheme": SEED_SCHEME,
            "metrics": acc.means(), "ece": metrics.ece_from_bins(*bins) if bins is not None else None,
            "seconds": time.perf_counter() - t0}

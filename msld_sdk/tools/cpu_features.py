@@ -21,6 +21,8 @@ import os
 import platform
 from dataclasses import dataclass, field
 
+from ..errors import UsageError
+
 # /proc/cpuinfo flag -> the name printed in reports
 ISA_FLAGS = {"avx2": "AVX2", "fma": "FMA", "avx512f": "AVX-512", "avx512_vnni": "AVX512-VNNI",
              "avx_vnni": "AVX-VNNI", "amx_int8": "AMX-INT8"}
@@ -78,7 +80,7 @@ def int8_kernel_path(info: dict | None = None, mode: str | None = None) -> Int8K
     info = info or cpu_info()
     mode = (mode or os.environ.get(KERNEL_ENV) or "auto").lower()
     if mode not in ("auto", "exact"):
-        raise ValueError(f"{KERNEL_ENV} must be 'auto' or 'exact', got {mode!r}")
+        raise UsageError(f"{KERNEL_ENV} must be 'auto' or 'exact', got {mode!r}")
     if not _is_x86(info["arch"]):
         return Int8KernelPath("default", f"{info['arch']} CPU: ONNX Runtime's x86 u8s8 saturation does not apply")
     if mode == "exact":

@@ -126,13 +126,31 @@ def export_plan(model: MedSegLatDiff, out: str | Path, provenance: dict | None =
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="msld export", description="Export a checkpoint to a plan file.")
+    from msld_sdk.cli.options import Formatter, add_overwrite_arg
+    from msld_sdk.writing import check_output_file
+
+    ap = argparse.ArgumentParser(prog="msld export", description="Export a checkpoint to a plan file.",
+                                 formatter_class=Formatter)
     ap.add_argument("checkpoint", nargs="?", help="safetensors checkpoint written by msld_export.training.train")
-    ap.add_argument("out", help="plan file to write (e.g. engine.plan)")
+    ap.add_argument("out", nargs="?", help="plan file to write (e.g. engine.plan); or --out")
+    ap.add_argument("-o", "--out", dest="out_opt", default=None, help="plan file to write (default: the positional)")
+    add_overwrite_arg(ap)
     ap.add_argument("--random", action="store_true", help="export an untrained model (for tests/demos)")
-    ap.add_argument("--config", help="model config JSON (with --random)")
+    ap.add_argument("--config", help="model config JSON (with --random; default: the default ModelConfig)")
     ap.add_argument("--seed", type=int, default=0, help="weight seed with --random")
     a = ap.parse_args(argv)
+    given = [x for x in (a.checkpoint, a.out) if x is not None]
+    if a.out_opt is not None:      # --out: a positional, if any, is the checkpoint
+        if len(given) > 1:
+            ap.error("give the plan file once: as --out or as the last positional, not both")
+        a.checkpoint, a.out = (given[0] if given else None), a.out_opt
+    elif len(given) == 1:          # one positional: the plan file (with --random) or a checkpoint without a plan
+        if not a.random:
+            ap.error("give the plan file to write: msld export CHECKPOINT OUT.plan (or --out OUT.plan)")
+        a.checkpoint, a.out = None, given[0]
+    elif not given:
+        ap.error("give the plan file to write: --out OUT.plan")
+    check_output_file(a.out, [a.checkpoint, a.config], a.overwrite)   # before any work (docs/outputs.md)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if a.random:
         cfg = ModelConfig.load(a.config) if a.config else ModelConfig()

@@ -427,12 +427,18 @@ def import_reference(checkpoint: str | Path, config: str | Path, out: str | Path
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="msld import", description="Turn a checkpoint trained with the MedSegLatDiff "
+    from msld_sdk.cli.options import Formatter, add_overwrite_arg
+    from msld_sdk.writing import check_output_file
+
+    ap = argparse.ArgumentParser(prog="msld import", formatter_class=Formatter,
+                                 description="Turn a checkpoint trained with the MedSegLatDiff "
                                  f"reference code ({SOURCE_REPOSITORY} @ {SOURCE_COMMIT[:7]}) into an msld plan.")
     ap.add_argument("checkpoint", help="the run's Lightning checkpoint (e.g. checkpoints/last.ckpt)")
     ap.add_argument("--config", required=True, help="the run's .hydra/config.yaml")
-    ap.add_argument("--out", required=True, help="plan file to write")
+    ap.add_argument("-o", "--out", required=True, help="plan file to write (never one of the inputs)")
+    add_overwrite_arg(ap)
     a = ap.parse_args(argv)
+    check_output_file(a.out, [a.checkpoint, a.config], a.overwrite)   # before any work (docs/outputs.md)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     print(_summary(import_reference(a.checkpoint, a.config, a.out), a.out))
     return 0
