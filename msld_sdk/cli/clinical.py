@@ -29,6 +29,12 @@ def add_clinical_args(p: argparse.ArgumentParser) -> None:
                         "ADDRESS: none = a local Ray started here, 'auto' = the cluster this machine is part of, "
                         "'ray://HOST:10001' = a remote cluster")
     p.add_argument("--actors", type=int, default=2, help="--ray: number of Segmenter actors (default: 2)")
+    p.add_argument("--allow-modality", nargs="?", const=True, default=False, metavar="MODALITY",
+                   help="segment DICOM inputs of another modality than the plan's (e.g. MR with the CT plan), "
+                        "with a warning; MODALITY: accept only that one (default: refused)")
+    p.add_argument("--accept-irregular-slices", action="store_true",
+                   help="series: accept uneven, missing or duplicate slice positions or mixed orientations, "
+                        "segmenting every slice at its true position (no NIfTI output; default: refused)")
 
 
 def _is_dicom_file(p: str) -> bool:
@@ -64,7 +70,8 @@ def cmd_segment_volumes(a) -> int:
         d = out / name if len(a.images) > 1 else out
         w = segment_and_write(seg, path, d, k=a.k, steps=a.steps, seed=a.seed, eta=a.eta, views=a.views, roi=roi,
                               slices=a.slices, volume=True, npz="geometry", nifti="if_installed",
-                              dicom_seg=a.dicom_seg)
+                              dicom_seg=a.dicom_seg, allow_modality=a.allow_modality,
+                              accept_irregular=a.accept_irregular_slices)
         vr, vol = w.result, w.volume
         z0, z1 = vr.slices
         print(f"{path}: {vol.shape[0]} slices {vol.shape[1]}x{vol.shape[2]}, segmented {z0}..{z1 - 1} k={vr.k} "

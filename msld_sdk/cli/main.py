@@ -61,7 +61,8 @@ def cmd_segment(a) -> int:
         seed = image_seed(a.seed, i) if a.seed is not None and len(a.images) > 1 else a.seed
         d = out / name if len(a.images) > 1 else out
         r = segment_and_write(seg, path, d, k=a.k, steps=a.steps, seed=seed, eta=a.eta, views=a.views,
-                              roi=a.roi or a.center, volume=False, npz=None).result
+                              roi=a.roi or a.center, volume=False, npz=None,
+                              allow_modality=getattr(a, "allow_modality", False)).result
         fg = float(r.consensus.mean())
         print(f"{path}: k={r.k} steps={r.steps} views={r.views} seed={r.seed} -> {d}/ "
               f"(consensus foreground {100 * fg:.2f}% of pixels, mean confidence {float(r.confidence.mean()):.3f}, "
