@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import re
 
 LIDC_EVIDENCE = (
     "../shared/data/lidc, all 6,267 image PNGs: min 0 and max 255 in every one, max reached by 1 pixel "
@@ -60,6 +61,40 @@ def training_input_for(model_name: str) -> dict | None:
         if n.startswith(kind):
             return dict(rec)
     return None
+
+
+REFERENCE_DATASETS = {"lidc": "lidc", "kvasir": "polyp", "cvc": "polyp"}   # reference data-set name -> record
+
+
+def reference_dataset(cfg: dict) -> tuple[str | None, str]:
+    """The data set a reference run was trained on, and where the config says so: its
+    ``data.dataset_name``, else a known name in its data folder or its mask autoencoder's path."""
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+    net = ((cfg.get("model") or {}).get("net") or {}) if isinstance(cfg.get("model"), dict) else {}
+    for where, v in (("data.dataset_name", data.get("dataset_name")), ("data.data_dir", data.get("data_dir")),
+                     ("model.net.autoencoder_weight_path", net.get("autoencoder_weight_path"))):
+        for token in re.split(r"[^a-z0-9]+", str(v or "").lower()):
+            for name in REFERENCE_DATASETS:
+                if token == name or token.startswith(name):
+                    return name, where
+    return None, ""
+
+
+def reference_training_input(cfg: dict, size: int, channels: int, mean, std) -> dict:
+    """``training_input`` of a plan imported from the reference code: size, channels and Normalize
+    from its config; for LIDC the reference data set's per-slice min-max (src/data/dataset/lidc.py:
+    each 128 x 128 crop scaled by its own min and max to [0, 1], then Normalize) and modality CT."""
+    name, where = reference_dataset(cfg)
+    base = dict(TRAINING_INPUTS[REFERENCE_DATASETS[name]]) if name else {"kind": "whole_image", "pad_value": None}
+    base.update({"image_size": [size, size], "channels": channels,
+                 "normalize": {"mean": list(mean), "std": list(std), "after": "[0, 1]"},
+                 "dataset": name, "dataset_from": where or "not named in the config"})
+    if name == "lidc":
+        base["crop_size"] = [size, size]
+        base["intensity"] = dict(base["intensity"], description=(
+            "reference LIDC data set: each slice (a crop centred on a nodule) min-max scaled to [0, 1] by its "
+            "own range, then Normalize(mean, std); Hounsfield units below -1024 (scanner padding) clipped first"))
+    return base
 
 
 def set_training_input(plan_path, kind: str, why: str | None = None, out_path=None, record: dict | None = None) -> dict:
