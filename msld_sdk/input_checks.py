@@ -4,8 +4,9 @@ Three rules (docs/input_contract.md, "Checks against the plan"):
   * modality: a DICOM input whose Modality differs from the plan's (a CT plan given MR, PT,
     SEG, ...) is refused with ``InputError``, unless the caller allows it (``allow_modality``:
     True, or the modality codes to accept), and then it runs with a warning;
-  * channels: a colour image given to a one-channel plan, or a grey one to a colour plan, is
-    converted (luminance / repetition) with one warning naming the plan's training input;
+  * channels: a colour image (channels that differ) given to a one-channel plan, or a
+    one-channel image to a colour plan, is converted (luminance / repetition) with one warning
+    naming the plan's training input;
   * scale: an image many times larger than the plan's training input gets a warning.
 ``collect_warnings`` logs each distinct warning once over many runs (``msld eval``) and keeps
 them for the report.
@@ -100,7 +101,8 @@ def is_colour(a: np.ndarray) -> bool:
 
 
 def check_channels(manifest: dict, arrays) -> None:
-    """One warning when the images' colour does not match the plan's training images."""
+    """One warning when converting to the plan's channels loses colour (an RGB image whose
+    channels differ, to a one-channel plan) or lacks it (a one-channel image to a colour plan)."""
     ch = int(manifest["input"]["channels"])
     mod = plan_modality(manifest)
     colour = [is_colour(a) for a in arrays]
@@ -109,7 +111,7 @@ def check_channels(manifest: dict, arrays) -> None:
         log.warning("msld_sdk: a colour image given to a plan trained on one-channel %s images; it is converted "
                     "to luminance and the masks are unlikely to mean anything. Give the plan %s images, or use a "
                     "plan trained on colour images", want, want)
-    elif ch == 3 and not all(colour):
+    elif ch == 3 and any(a.ndim < 3 or a.shape[2] == 1 for a in arrays):
         want = f"colour {mod}" if mod else "colour"
         log.warning("msld_sdk: a greyscale image given to a plan trained on %s images; its grey is repeated over "
                     "three channels and the masks are unlikely to mean anything. Give the plan %s images, or use "

@@ -7,18 +7,11 @@ images were.  ``export_plan`` writes it for new plans; for plans already shipped
     python -m msld_export.training.training_input msld_sdk/models/lidc.plan --kind lidc
 
 adds it without re-exporting (graphs and int8 blob kept byte for byte) and records the
-evidence in ``provenance.training_input_evidence``.
+evidence in ``provenance.training_input_evidence``. ``reference_training_input`` makes the
+record of a plan imported from the reference code (``msld import``).
 
-LIDC intensity mapping -- how it was determined (from ../shared/data/lidc itself; the data README only says "already windowed" and no raw Hounsfield units are there):
-every one of the 6,267 image PNGs has minimum exactly 0 and maximum exactly 255, the maximum
-usually reached by a single pixel (median 1, 95th percentile 2 pixels), so each crop was
-scaled by its own minimum and maximum -- a fixed window would clip many bright (bone) pixels
-to 255 in some crops and leave 255 unused in others.  Anchoring each crop's lung-parenchyma
-mode (~ -870 HU) and soft-tissue mode (~ +40 HU) gives the HU at pixel 0 as -991 HU (median
-over 1,240 crops; quartiles -1029 / -954), i.e. air, and the HU at 255 from +460 to +2040 HU
-(5th-95th percentile): the crop's brightest pixel.  The SDK therefore maps a CT window by
-min-max over the crop, after clipping below -1024 HU (scanner padding outside the field of
-view, never part of a crop whose minimum is air), and pads with air (-1000 HU, 0 in [0, 1]).
+How the LIDC intensity mapping was determined (per-crop min-max, not a fixed HU window):
+docs/clinical_workflow.md, "LIDC intensity mapping"; the evidence is ``LIDC_EVIDENCE`` below.
 """
 from __future__ import annotations
 
