@@ -124,13 +124,8 @@ def _normalise_array(a: np.ndarray) -> np.ndarray:
         raise InputError(f"image is {h} x {w} = {h * w} pixels, over the {MAX_PIXELS} pixel limit")
     if a.dtype == np.bool_:
         a = a.astype(np.float32)
-    elif a.dtype == np.uint8:
-        a = a.astype(np.float32) / 255.0
-    elif a.dtype == np.uint16:
-        a = a.astype(np.float32) / 65535.0
     elif np.issubdtype(a.dtype, np.integer):
-        a = a.astype(np.float64)
-        a = _rescale(a, "integer")
+        a = _integers_to_unit(a)
     elif np.issubdtype(a.dtype, np.floating):
         a = a.astype(np.float32, copy=False)
         if not np.isfinite(a).all():
@@ -148,6 +143,28 @@ def _normalise_array(a: np.ndarray) -> np.ndarray:
     elif a.shape[2] == 2:     # gray + alpha -> gray
         a = a[:, :, :1]
     return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def integer_scale(lo: int, hi: int) -> int | None:
+    """The one rule for integer images, whatever their dtype: values within 0..255 are 8-bit
+    intensities (divided by 255), else values within 0..65535 are 16-bit ones (divided by 65535);
+    None: outside 0..65535 (then rescaled by min/max, with a warning). Equal values therefore
+    give equal inputs, and equal masks, as uint8, uint16, int32 or int64."""
+    if lo >= 0 and hi <= 255:
+        return 255
+    if lo >= 0 and hi <= 65535:
+        return 65535
+    return None
+
+
+def _integers_to_unit(a: np.ndarray) -> np.ndarray:
+    lo, hi = (0, 255) if a.dtype == np.uint8 else (int(a.min()), int(a.max()))
+    scale = integer_scale(lo, hi)
+    if scale is None:
+        return _rescale(a.astype(np.float64), f"integer values {lo}..{hi}, outside 0..65535")
+    out = a.astype(np.float32)      # exact: every value <= 65535
+    out /= np.float32(scale)        # in place: no second full-size copy
+    return out
 
 
 def _rescale(a: np.ndarray, what: str) -> np.ndarray:
@@ -170,14 +187,34 @@ def convert_channels(a: np.ndarray, channels: int) -> np.ndarray:
     raise InputError(f"cannot convert a {c}-channel image to the model's {channels} channels")
 
 
-def resize_planes(planes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear (antialiased) resize of N x H x W float32 planes to N x size[0] x size[1]."""
+STRIP_PIXELS = 1 << 22   # planes larger than this are resized in column strips (see resize_planes)
+
+
+def resize_planes(planes: np.ndarray, size: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+    """Bilinear (antialiased) resize of N x H x W float32 planes to N x size[0] x size[1]
+    (into ``out`` when given). A large upscaled output is made without a full-size temporary:
+    PIL's horizontal pass, then its vertical pass on strips of columns. When both sides grow PIL
+    runs exactly these two passes on the whole plane (their coefficients depend only on the
+    sizes), so the values are bit-identical to one ``Image.resize``."""
     h, w = size
-    if planes.shape[1:] == (h, w):
+    if planes.shape[1:] == (h, w) and out is None:
         return planes
-    out = np.empty((planes.shape[0], h, w), np.float32)
+    if out is None:
+        out = np.empty((planes.shape[0], h, w), np.float32)
     for i, pl in enumerate(planes):
-        out[i] = np.asarray(Image.fromarray(pl, mode="F").resize((w, h), Image.BILINEAR))
+        if h * w <= STRIP_PIXELS or h < pl.shape[0] or w < pl.shape[1]:
+            out[i] = np.asarray(Image.fromarray(np.ascontiguousarray(pl), mode="F").resize((w, h), Image.BILINEAR))
+            continue
+        hin = pl.shape[0]
+        tmp = pl if pl.shape[1] == w else np.asarray(Image.fromarray(np.ascontiguousarray(pl), mode="F")
+                                                     .resize((w, hin), Image.BILINEAR))
+        step = max(1, STRIP_PIXELS // (4 * h))
+        for c0 in range(0, w, step):
+            c1 = min(w, c0 + step)
+            strip = np.ascontiguousarray(tmp[:, c0:c1])
+            if hin != h:
+                strip = np.asarray(Image.fromarray(strip, mode="F").resize((c1 - c0, h), Image.BILINEAR))
+            out[i, :, c0:c1] = strip
     return out
 
 

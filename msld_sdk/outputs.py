@@ -98,7 +98,8 @@ def expand_inputs(paths) -> list[tuple[str, str]]:
 
 def segment_and_write(seg, path, out_dir, *, k=None, steps=None, seed=None, eta: float = 0.0, views=None,
                       roi=None, slices=None, volume: bool | None = None, npz: str | None = "arrays",
-                      nifti: str = "required", dicom_seg=None, threshold: float | None = None) -> Written:
+                      nifti: str = "required", dicom_seg=None, threshold: float | None = None, allow_modality=False,
+                      accept_irregular: bool = False) -> Written:
     """Segment ``path`` with ``seg`` (a ``Segmenter``) and write its outputs into ``out_dir``.
 
     volume:    True: read ``path`` as a series or volume (``clinical.volume.load_volume``); False:
@@ -109,10 +110,11 @@ def segment_and_write(seg, path, out_dir, *, k=None, steps=None, seed=None, eta:
                "geometry" = those and, for a volume, slices, affine and seed.
     nifti:     a volume's NIfTI: "required" (fails without nibabel) or "if_installed".
     dicom_seg: a volume's DICOM SEG file (``clinical.dicom_seg.write_dicom_seg``), or None.
+    allow_modality, accept_irregular: the input checks' overrides (docs/input_contract.md).
     """
     if npz not in NPZ_KINDS or nifti not in NIFTI_KINDS:
         raise UsageError(f"npz must be one of {NPZ_KINDS} and nifti one of {NIFTI_KINDS}, got {npz!r}, {nifti!r}")
-    run_kw = dict(k=k, steps=steps, seed=seed, eta=eta, views=views)
+    run_kw = dict(k=k, steps=steps, seed=seed, eta=eta, views=views, allow_modality=allow_modality)
     if threshold is not None:
         run_kw["threshold"] = threshold
     d = Path(out_dir)
@@ -123,7 +125,7 @@ def segment_and_write(seg, path, out_dir, *, k=None, steps=None, seed=None, eta:
         volume = kind != "image"
     if not volume:
         return _image(seg, path, d, roi, run_kw, npz)
-    return _volume(seg, path, d, roi, slices, run_kw, npz, nifti, dicom_seg)
+    return _volume(seg, path, d, roi, slices, run_kw, npz, nifti, dicom_seg, accept_irregular)
 
 
 def _image(seg, path, d: Path, roi, run_kw: dict, npz) -> Written:
@@ -140,20 +142,23 @@ def _image(seg, path, d: Path, roi, run_kw: dict, npz) -> Written:
     return w
 
 
-def _volume(seg, path, d: Path, roi, slices, run_kw: dict, npz, nifti: str, dicom_seg) -> Written:
+def _volume(seg, path, d: Path, roi, slices, run_kw: dict, npz, nifti: str, dicom_seg,
+            accept_irregular: bool = False) -> Written:
     import importlib.util
 
     from .clinical.volume import load_volume, save_nifti_outputs, segment_volume
 
-    vol = load_volume(path)
+    vol = load_volume(path, accept_irregular=accept_irregular)
     vr = segment_volume(seg, vol, roi=roi, slices=slices, **run_kw)
     d.mkdir(parents=True, exist_ok=True)
     w = Written(str(path), d, vr, vol)
     nii = []
-    if nifti == "required" or importlib.util.find_spec("nibabel") is not None:
+    if nifti == "required" or (vol.regular and importlib.util.find_spec("nibabel") is not None):
         nii = save_nifti_outputs(d, vr, vol)      # before result.npz: no arrays without the NIfTI
     if npz is not None:
         extra = {} if npz == "arrays" else dict(slices=np.array(vr.slices), affine=vol.affine, seed=vr.seed)
+        if npz != "arrays" and vol.positions is not None:
+            extra["positions"] = vol.positions      # each slice's true ImagePositionPatient (LPS mm)
         with atomic_path(d / "result.npz") as tmp:
             np.savez_compressed(tmp, masks=vr.masks, mean=vr.mean, confidence=vr.confidence,
                                 consensus=vr.consensus, **extra)

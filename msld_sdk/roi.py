@@ -118,7 +118,10 @@ def normalise_crop(c: np.ndarray, info: dict, hu: bool = False) -> np.ndarray:
             return np.clip((c - wlo) / (whi - wlo), 0.0, 1.0).astype(np.float32)
         if kind != "minmax":
             raise InputError("this plan does not record how Hounsfield units were mapped to its training "
-                             "images (manifest training_input.intensity); give images in [0, 1] instead")
+                             "images (manifest training_input.intensity), so it cannot segment CT series or "
+                             "volumes. Re-import it with a current `msld import` (it records LIDC's), or add the "
+                             "record: python -m msld_export.training.training_input PLAN --kind lidc; "
+                             "or give images already in [0, 1]")
     if kind == "minmax":
         lo, hi = float(c.min()), float(c.max())
         return ((c - lo) / (hi - lo) if hi > lo else np.zeros_like(c)).astype(np.float32)

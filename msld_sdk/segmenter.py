@@ -18,6 +18,7 @@ from . import _native
 from .backends import select_backend
 from .errors import InputError, PlanNotFoundError
 from .image_input import load_image, resize_planes, to_model_input
+from .input_checks import check_channels, check_image_modalities, check_scale
 from .plan import Plan
 from .result import SegmentationResult
 from .sampling import MAX_SEED, SampleOptions, Schedule  # noqa: F401  (MAX_SEED: its former home)
@@ -74,7 +75,7 @@ class Segmenter:
     # ---- public API ------------------------------------------------------------------------
     def run(self, img, k: int | None = None, steps: int | None = None, seed: int | None = None,
             eta: float = 0.0, threshold: float | None = None, roi=None, initial_latents=None,
-            views: int | None = None):
+            views: int | None = None, allow_modality=False):
         """Segment one image (array, PIL image or path) or a list of them.
 
         Returns a ``SegmentationResult`` (a list of them for a list input). ``seed`` makes
@@ -91,12 +92,16 @@ class Segmenter:
         ``views``: hypothesis j is sampled from the image turned by view ``j % views`` (the four
         quarter turns, then their mirror images; ``msld_sdk.views``) and turned back; 1 turns
         this off. Default: the plan's (``defaults["views"]``, 1 when it has none).
+
+        ``allow_modality``: a DICOM path whose Modality is not the plan's is refused unless this
+        is True or names it (e.g. "MR"); it then runs with a warning (``msld_sdk.input_checks``).
         """
         batch = isinstance(img, (list, tuple))
         images = list(img) if batch else [img]
         if batch and not images:
             raise InputError("empty list of images")
         options = self.options(k=k, steps=steps, seed=seed, eta=eta, threshold=threshold, views=views)
+        check_image_modalities(self.plan.manifest, images, allow_modality)
         if roi is not None:
             from .roi import run_with_roi
             results = run_with_roi(self, images, roi, options, initial_latents=initial_latents)
@@ -152,9 +157,13 @@ class Segmenter:
         arrays = [load_image(im) for im in images]
         if warn_whole_image:
             warn_if_whole_image(self.plan.manifest, [a.shape for a in arrays])
+            check_scale(self.plan.manifest, [a.shape for a in arrays])
+        check_channels(self.plan.manifest, arrays)
         x_in = np.concatenate([self._model_input(a) for a in arrays])
+        shapes = [a.shape[:2] for a in arrays]
+        del arrays   # full-size images are not needed past here: peak memory ~ the outputs (input_contract.md)
         t1 = time.perf_counter()
-        n = len(arrays)
+        n = len(shapes)
         cond = self.backend.encode(view_inputs(x_in, views))   # (n * views) rows
         rows = hypothesis_rows(n, k, views)   # cond row of each hypothesis: image i, view j % views
         t2 = time.perf_counter()
@@ -184,9 +193,9 @@ class Segmenter:
 
         results = []
         agg_s = post_s = 0.0
-        for i, a in enumerate(arrays):
+        for i, shape in enumerate(shapes):
             s = time.perf_counter()
-            p = resize_planes(np.ascontiguousarray(probs[i * k:(i + 1) * k]), a.shape[:2])
+            p = resize_planes(np.ascontiguousarray(probs[i * k:(i + 1) * k]), shape)
             np.clip(p, 0.0, 1.0, out=p)  # bilinear resize stays in range; guard against rounding
             s2 = time.perf_counter()
             masks, mean, conf, cons = _native.aggregate(p, threshold)

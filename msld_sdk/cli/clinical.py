@@ -43,6 +43,12 @@ def add_clinical_args(p: argparse.ArgumentParser) -> None:
                         "ADDRESS: none = a local Ray started here, 'auto' = the cluster this machine is part of, "
                         "'ray://HOST:10001' = a remote cluster; default: no Ray, inputs one after another here")
     p.add_argument("--actors", type=positive_int, default=2, help="--ray: number of Segmenter actors (default: 2)")
+    p.add_argument("--allow-modality", nargs="?", const=True, default=False, metavar="MODALITY",
+                   help="segment DICOM inputs of another modality than the plan's (e.g. MR with the CT plan), "
+                        "with a warning; MODALITY: accept only that one (default: refused)")
+    p.add_argument("--accept-irregular-slices", action="store_true",
+                   help="series: accept uneven, missing or duplicate slice positions or mixed orientations, "
+                        "segmenting every slice at its true position (no NIfTI output; default: refused)")
 
 
 def check_segment_options(a, items) -> None:

@@ -93,7 +93,9 @@ def cmd_segment(a) -> int:
                                       threshold=a.threshold, roi=a.roi if a.roi is not None else a.center,
                                       slices=None if image else a.slices, volume=not image,
                                       npz=None if image else "geometry", nifti="if_installed",
-                                      dicom_seg=None if image else a.dicom_seg)
+                                      dicom_seg=None if image else a.dicom_seg,
+                                      allow_modality=a.allow_modality,
+                                      accept_irregular=not image and a.accept_irregular_slices)
             except Exception as e:      # one input: the error itself; a batch: recorded, the others go on
                 if not many:
                     raise

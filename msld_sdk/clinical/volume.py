@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..extras import require
+from ..input_checks import check_modality
 from ..roi import crop, normalise_crop, paste, training_input, windows
 from ..writing import atomic_path
 
@@ -36,6 +37,9 @@ class Volume:
     source: str                         # "dicom" | "nifti" | "array"
     path: str = ""
     datasets: list = field(default_factory=list, repr=False)   # DICOM: one per slice, in slice order
+    modality: str | None = None         # DICOM Modality (CT, MR, ...); None for NIfTI and arrays
+    positions: np.ndarray | None = None  # DICOM: Z x 3 ImagePositionPatient (LPS mm), as read
+    regular: bool = True                # False: irregular geometry accepted; the affine cannot hold it
 
     @property
     def shape(self) -> tuple:
@@ -71,10 +75,10 @@ def is_volume_input(p) -> bool:
     return p.is_dir() or str(p).lower().endswith(NIFTI_SUFFIXES)
 
 
-def load_volume(p) -> Volume:
+def load_volume(p, accept_irregular: bool = False) -> Volume:
     p = Path(p)
     if p.is_dir():
-        return load_series(p)
+        return load_series(p, accept_irregular=accept_irregular)
     if str(p).lower().endswith(NIFTI_SUFFIXES):
         return load_nifti(p)
     return load_series([p])
@@ -85,12 +89,60 @@ def _dicom_files(folder: Path) -> list[Path]:
     return sorted(q for q in folder.iterdir() if q.is_file() and q.name != "DICOMDIR" and not q.name.startswith("."))
 
 
-def load_series(folder_or_files, series_uid: str | None = None) -> Volume:
-    """One DICOM series from a folder (or a list of files), ordered by slice position."""
+SPACING_TOLERANCE = 0.01    # a slice step may differ from the series' median step by 1 % (and 0.01 mm)
+ORIENTATION_TOLERANCE = 1e-4
+
+
+def _name(d, z) -> str:
+    f = Path(str(getattr(d, "filename", "") or "")).name
+    return f"slice {z} ({f})" if f else f"slice {z} (instance {d.get('InstanceNumber', '?')})"
+
+
+def geometry_problems(slices, normal) -> list[str]:
+    """What makes the (position-sorted) slices an irregular grid: more than one orientation,
+    two slices at one position, a missing slice, uneven steps, or a step off the slice line."""
+    problems = []
+    iop0 = np.asarray(slices[0].get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), float)
+    for z, d in enumerate(slices):
+        iop = np.asarray(d.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), float)
+        if np.abs(iop - iop0).max() > ORIENTATION_TOLERANCE:
+            problems.append(f"{_name(d, z)} has orientation {iop.round(4).tolist()}, {_name(slices[0], 0)} "
+                            f"{iop0.round(4).tolist()}")
+    if len(slices) < 2 or not all("ImagePositionPatient" in d for d in slices):
+        return problems
+    pos = np.asarray([np.asarray(d.ImagePositionPatient, float) for d in slices])
+    steps = np.diff(pos, axis=0)
+    along = steps @ normal
+    moving = along[along > 0.01]
+    m = float(np.median(moving)) if len(moving) else 0.0
+    med = np.median(steps[along > 0.01], axis=0) if len(moving) else np.zeros(3)
+    tol = max(0.01, SPACING_TOLERANCE * m)
+    for i, (a, st) in enumerate(zip(along, steps)):
+        pair = f"{_name(slices[i], i)} and {_name(slices[i + 1], i + 1)}"
+        if a <= 0.01:
+            problems.append(f"{pair} are at the same position {pos[i].round(3).tolist()}")
+        elif abs(a - m) > tol and abs(a / m - round(a / m)) * m <= tol and round(a / m) >= 2:
+            problems.append(f"{round(a / m) - 1} slice(s) missing between {pair} ({a:.3g} mm apart, spacing "
+                            f"{m:.3g} mm)")
+        elif abs(a - m) > tol:
+            problems.append(f"{pair} are {a:.4g} mm apart, the series' spacing is {m:.4g} mm")
+        elif np.linalg.norm(st - med) > tol:
+            problems.append(f"{_name(slices[i + 1], i + 1)} is shifted {np.linalg.norm(st - med):.3g} mm off the "
+                            "line of the other slices")
+    return problems
+
+
+def load_series(folder_or_files, series_uid: str | None = None, accept_irregular: bool = False) -> Volume:
+    """One DICOM series from a folder (or a list of files), ordered by slice position.
+
+    The slices must form a regular grid (``geometry_problems``): otherwise ``InputError`` names
+    the offending slices, unless ``accept_irregular``: then each slice keeps its true position
+    (``Volume.positions``) and ``regular`` is False (no NIfTI: an affine cannot hold them)."""
     pydicom = require("pydicom", "reading a DICOM series")
     files = _dicom_files(Path(folder_or_files)) if isinstance(folder_or_files, (str, os.PathLike)) \
         else [Path(f) for f in folder_or_files]
-    where = str(folder_or_files)
+    where = str(folder_or_files) if isinstance(folder_or_files, (str, os.PathLike)) or len(files) != 1 \
+        else str(files[0])
     by_series: dict = {}
     for f in files:
         try:
@@ -120,6 +172,19 @@ def load_series(folder_or_files, series_uid: str | None = None) -> Volume:
         log.warning("msld_sdk: %s: slices without ImagePositionPatient; ordered by InstanceNumber", where)
         slices.sort(key=lambda d: int(d.get("InstanceNumber", 0)))
     first = slices[0]
+    problems = geometry_problems(slices, normal)
+    if problems and not accept_irregular:
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise InputError(f"{where}: the slices do not form a regular grid: {'; '.join(problems[:5])}{more}. Fix the "
+                         "series (remove duplicates, add the missing slices), or pass accept_irregular=True (CLI: "
+                         "--accept-irregular-slices) to segment every slice at its true position (result.npz "
+                         "and DICOM SEG keep the positions; no NIfTI, whose affine cannot hold them)")
+    if problems:
+        log.warning("msld_sdk: %s: irregular slice geometry accepted, true positions kept: %s", where,
+                    "; ".join(problems))
+    modalities = sorted({str(d.get("Modality", "")) for d in slices})
+    if len(modalities) > 1:
+        raise InputError(f"{where}: one series with several modalities {modalities}; pass the slices of one")
     hu = np.empty((len(slices),) + shape, np.float32)
     for z, d in enumerate(slices):
         try:
@@ -137,7 +202,10 @@ def load_series(folder_or_files, series_uid: str | None = None) -> Volume:
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row_dir * dx, col_dir * dy, step, origin
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps          # DICOM LPS -> NIfTI RAS
-    return Volume(hu, affine, "dicom", where, slices)
+    positions = (np.asarray([np.asarray(d.ImagePositionPatient, float) for d in slices])
+                 if all("ImagePositionPatient" in d for d in slices) else None)
+    return Volume(hu, affine, "dicom", where, slices, modality=modalities[0] or None, positions=positions,
+                  regular=not problems)
 
 
 def load_nifti(path) -> Volume:
@@ -188,8 +256,10 @@ def crop_pixels(info: dict, spacing_yx) -> tuple[int, int]:
 
 
 def segment_volume(seg, vol: Volume, roi=None, slices=None, k=None, steps=None, seed=None, eta=0.0,
-                   threshold=None, views=None) -> VolumeResult:
-    """Segment slices ``slices`` of ``vol`` in the region ``roi`` (see the module docstring)."""
+                   threshold=None, views=None, allow_modality=False) -> VolumeResult:
+    """Segment slices ``slices`` of ``vol`` in the region ``roi`` (see the module docstring).
+    A DICOM series of another modality than the plan's is refused unless ``allow_modality``
+    (True, or the codes to accept) covers it (``msld_sdk.input_checks.check_modality``)."""
     info = training_input(seg.plan.manifest)
     options = seg.options(k=k, steps=steps, seed=seed, eta=eta, threshold=threshold, views=views)
     Z, H, W = vol.hu.shape
@@ -202,6 +272,8 @@ def segment_volume(seg, vol: Volume, roi=None, slices=None, k=None, steps=None, 
     fill = info.get("pad_hu", float(vol.hu.min()))
     cut = crop(stack, win, fill)
     crops = [normalise_crop(cut[:, :, i], info, hu=True) for i in range(z1 - z0)]
+    if vol.source == "dicom":
+        check_modality(seg.plan.manifest, vol.modality, vol.path, allow_modality)
     results = seg.segment(crops, options, warn_whole_image=roi2 is None)
     kk = results[0].k
     out = VolumeResult(masks=np.zeros((kk, Z, H, W), bool), mean=np.zeros((Z, H, W), np.float32),
@@ -220,6 +292,9 @@ def save_nifti_outputs(d, vr: VolumeResult, vol: Volume) -> list[Path]:
     """``mean``, ``confidence``, ``consensus`` and ``masks`` (4-D, last axis = hypothesis) as
     NIfTI in the volume's geometry (its affine; axes x, y, z)."""
     nib = require("nibabel", "writing NIfTI outputs")
+    if not vol.regular:
+        raise InputError(f"{vol.path}: irregular slice positions (accepted with accept_irregular) cannot be held by "
+                         "a NIfTI affine; use result.npz (it keeps every slice's position) or DICOM SEG")
     d = Path(d)
     d.mkdir(parents=True, exist_ok=True)
     xyz = lambda a: np.ascontiguousarray(a.transpose(2, 1, 0))

@@ -23,6 +23,7 @@ from typing import Iterable
 
 import numpy as np
 
+from ..input_checks import collect_warnings
 from . import metrics
 
 
@@ -62,7 +63,19 @@ def image_seed(seed: int, index: int) -> int:
 
 def evaluate(segmenter, samples: Iterable[Sample], k: int, steps: int | None, seed: int = 0,
              progress=None, views: int | None = None, threshold: float | None = None) -> dict:
-    """Metrics over ``samples`` (see the module docstring). ``progress(n_done)`` is called per image."""
+    """Metrics over ``samples`` (see the module docstring). ``progress(n_done)`` is called per image.
+    The input checks' warnings (e.g. colour photos given to a greyscale CT plan) are logged once
+    and listed in the report's ``input_warnings``."""
+    with collect_warnings() as warned:
+        out = _evaluate(segmenter, samples, k, steps, seed, progress, views, threshold)
+    if warned:
+        per_image = out.pop("per_image")
+        out["input_warnings"] = list(warned)
+        out["per_image"] = per_image
+    return out
+
+
+def _evaluate(segmenter, samples, k, steps, seed, progress, views, threshold) -> dict:
     acc, acc_major = _Acc(), _Acc()
     per_image = []
     bins = None
@@ -121,6 +134,8 @@ def format_report(rep: dict) -> str:
         lines.append(f"GED {m['ged']:.4f}  HM-IoU {m['hm_iou']:.4f}")
     if rep.get("ece") is not None:
         lines.append(f"ECE (pixels, mean probability vs reference) {rep['ece']:.4f}")
+    for w in rep.get("input_warnings", []):
+        lines.append(f"WARNING: {w}")
     if "majority_marked" in rep:
         mm = rep["majority_marked"]
         lines.append(f"slices a majority of annotators marked ({mm['n_images']}): Dice consensus "

@@ -30,6 +30,7 @@ from msld_sdk.plan import write_plan
 
 from ..plan_writing.export_plan import OPSET, export_checked
 from ..plan_writing.manifest import build_manifest
+from ..training.training_input import reference_training_input
 
 from .checkpoint_reader import Checkpoint, read_checkpoint, state_dict_of
 from .model import (DecoderGraph, Denoiser, DenoiserGraph, EncoderGraph, ImageEncoder, MaskDecoder,
@@ -391,7 +392,9 @@ class ImportedModel:
                   "source": "src/models/diffusion/sampler/{base,ddim}.py"},
             image_size=o["image_size"], image_channels=o["image_channels"], mean=o["mean"], std=o["std"],
             latent_channels=L[0], latent_size=(L[1], L[2]), condition=(o["embedder"]["z_channels"], L[1], L[2]),
-            k=4, steps=steps, max_k=32, provenance=provenance)
+            k=4, steps=steps, max_k=32, provenance=provenance,
+            training_input=reference_training_input(self.config, o["image_size"], o["image_channels"], o["mean"],
+                                                    o["std"]))
 
 
 def write_reference_plan(m: "ImportedModel", out: str | Path, provenance: dict) -> dict:

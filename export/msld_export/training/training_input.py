@@ -7,23 +7,17 @@ images were.  ``export_plan`` writes it for new plans; for plans already shipped
     python -m msld_export.training.training_input msld_sdk/models/lidc.plan --kind lidc
 
 adds it without re-exporting (graphs and int8 blob kept byte for byte) and records the
-evidence in ``provenance.training_input_evidence``.
+evidence in ``provenance.training_input_evidence``. ``reference_training_input`` makes the
+record of a plan imported from the reference code (``msld import``).
 
-LIDC intensity mapping -- how it was determined (from ../shared/data/lidc itself; the data README only says "already windowed" and no raw Hounsfield units are there):
-every one of the 6,267 image PNGs has minimum exactly 0 and maximum exactly 255, the maximum
-usually reached by a single pixel (median 1, 95th percentile 2 pixels), so each crop was
-scaled by its own minimum and maximum -- a fixed window would clip many bright (bone) pixels
-to 255 in some crops and leave 255 unused in others.  Anchoring each crop's lung-parenchyma
-mode (~ -870 HU) and soft-tissue mode (~ +40 HU) gives the HU at pixel 0 as -991 HU (median
-over 1,240 crops; quartiles -1029 / -954), i.e. air, and the HU at 255 from +460 to +2040 HU
-(5th-95th percentile): the crop's brightest pixel.  The SDK therefore maps a CT window by
-min-max over the crop, after clipping below -1024 HU (scanner padding outside the field of
-view, never part of a crop whose minimum is air), and pads with air (-1000 HU, 0 in [0, 1]).
+How the LIDC intensity mapping was determined (per-crop min-max, not a fixed HU window):
+docs/clinical_workflow.md, "LIDC intensity mapping"; the evidence is ``LIDC_EVIDENCE`` below.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import re
 
 LIDC_EVIDENCE = (
     "../shared/data/lidc, all 6,267 image PNGs: min 0 and max 255 in every one, max reached by 1 pixel "
@@ -60,6 +54,40 @@ def training_input_for(model_name: str) -> dict | None:
         if n.startswith(kind):
             return dict(rec)
     return None
+
+
+REFERENCE_DATASETS = {"lidc": "lidc", "kvasir": "polyp", "cvc": "polyp"}   # reference data-set name -> record
+
+
+def reference_dataset(cfg: dict) -> tuple[str | None, str]:
+    """The data set a reference run was trained on, and where the config says so: its
+    ``data.dataset_name``, else a known name in its data folder or its mask autoencoder's path."""
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+    net = ((cfg.get("model") or {}).get("net") or {}) if isinstance(cfg.get("model"), dict) else {}
+    for where, v in (("data.dataset_name", data.get("dataset_name")), ("data.data_dir", data.get("data_dir")),
+                     ("model.net.autoencoder_weight_path", net.get("autoencoder_weight_path"))):
+        for token in re.split(r"[^a-z0-9]+", str(v or "").lower()):
+            for name in REFERENCE_DATASETS:
+                if token == name or token.startswith(name):
+                    return name, where
+    return None, ""
+
+
+def reference_training_input(cfg: dict, size: int, channels: int, mean, std) -> dict:
+    """``training_input`` of a plan imported from the reference code: size, channels and Normalize
+    from its config; for LIDC the reference data set's per-slice min-max (src/data/dataset/lidc.py:
+    each 128 x 128 crop scaled by its own min and max to [0, 1], then Normalize) and modality CT."""
+    name, where = reference_dataset(cfg)
+    base = dict(TRAINING_INPUTS[REFERENCE_DATASETS[name]]) if name else {"kind": "whole_image", "pad_value": None}
+    base.update({"image_size": [size, size], "channels": channels,
+                 "normalize": {"mean": list(mean), "std": list(std), "after": "[0, 1]"},
+                 "dataset": name, "dataset_from": where or "not named in the config"})
+    if name == "lidc":
+        base["crop_size"] = [size, size]
+        base["intensity"] = dict(base["intensity"], description=(
+            "reference LIDC data set: each slice (a crop centred on a nodule) min-max scaled to [0, 1] by its "
+            "own range, then Normalize(mean, std); Hounsfield units below -1024 (scanner padding) clipped first"))
+    return base
 
 
 def set_training_input(plan_path, kind: str, why: str | None = None, out_path=None, record: dict | None = None) -> dict:
