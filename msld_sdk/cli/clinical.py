@@ -4,7 +4,6 @@ against the kinds of the inputs, and the Ray route; every input is segmented and
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..errors import UsageError
 from ..outputs import output_names  # noqa: F401  (its former home)
