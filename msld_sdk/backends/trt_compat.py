@@ -1,24 +1,11 @@
 """The one place that knows how NVIDIA TensorRT (``tensorrt``) and TensorRT for RTX
 (``tensorrt_rtx``) differ. Everything else asks this module.
 
-Both packages expose the same Python API shape (Builder, OnnxParser, Runtime, ...). Where
-they differ:
-
-- **Targets.** TensorRT-RTX builds ahead of time on a machine without a GPU, for the compute
-  capabilities named in the builder config (``config.num_compute_capabilities`` /
-  ``config.set_compute_capability``); its ``ComputeCapability`` enum lists what a release can
-  target (1.7: 7.5, 8.0, 8.6, 8.9, 12.0, 12.1; Turing 7.5 only when asked for explicitly).
-  Full TensorRT autotunes on the GPU it runs on, so it builds for that GPU only.
-- **Precision.** TensorRT-RTX networks are strongly typed (no ``BuilderFlag.FP16``; TensorRT
-  11 removed it too): precision comes from the graph's tensor types. The engine builder
-  therefore converts the ONNX graph to fp16 first and builds both flavours strongly typed.
-- **Timing cache.** TensorRT uses it to skip autotuning on the next build. In TensorRT-RTX the
-  API is a deprecated no-op (since 1.2) that, per NVIDIA's docs, forces a GPU query during
-  the ahead-of-time build, so it is not used with that flavour.
-- **Engine validity.** TensorRT-RTX has ``Runtime.get_engine_validity`` (a header check); it
-  still needs a CUDA driver, so on a machine without a GPU it cannot say anything.
-
-Nothing here imports a TensorRT module at import time; ``load`` does, on request.
+Both expose the same API shape; they differ in build targets (RTX builds ahead of time for named
+compute capabilities, full TensorRT for the GPU it runs on), precision (both built strongly
+typed from an fp16 graph), the timing cache (not used with RTX) and engine validity checks.
+The details are in docs/backends.md. Nothing here imports a TensorRT module at import time;
+``load`` does, on request.
 """
 from __future__ import annotations
 

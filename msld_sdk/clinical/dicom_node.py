@@ -1,19 +1,10 @@
 """A DICOM node (``msld listen``): receive series by C-STORE, segment each when complete, send
-the SEG.
+the SEG to a DICOMweb URL (STOW-RS) or a DICOM destination (C-STORE).
 
-* A series is complete when no instance of it (or of an SR referencing it) arrived for
-  ``settle_s`` seconds; then it is queued (bounded: a new series is refused with C-STORE status
-  A700 while ``max_pending`` series wait) and segmented by one worker.
-* Region: none for whole-image plans; for crop-trained plans every mark (point or region on
-  one image) of the TID 1500 SRs received for the series, read with highdicom, is one
-  segmentation; without marks, ``center``; without either the series is refused.
-* The SEG goes to ``dest``: a DICOMweb URL (STOW-RS, once: see dicomweb.py) or
-  ``dicom://AET@HOST:PORT`` (C-STORE).
-* On disk (``work``): incoming/<series>/ instances, sr/, jobs/<series>.json; a restarted node
-  finishes pending series and skips marks already sent, so nothing is segmented twice.
-* Bad instance rule: an image whose pixel data cannot be decoded is answered C210, recorded in
-  the job and left out; if leaving it out leaves a gap in the slice positions the series is
-  refused as a whole (state "refused", reason in the job record).
+A series is complete when nothing new arrived for ``settle_s`` seconds; the queue is bounded.
+The region comes from TID 1500 SR marks for the series, else ``center``. Received instances and
+a job record per series live under ``work``, so a restarted node finishes pending series and
+nothing is sent twice. The rules (queue, bad instances, restart) are in docs/pacs.md.
 """
 from __future__ import annotations
 

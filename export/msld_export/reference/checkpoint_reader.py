@@ -1,20 +1,11 @@
 """Read the tensors of a PyTorch / Lightning checkpoint without executing anything from it.
 
-A Lightning ``.ckpt`` is a zip: ``<dir>/data.pkl`` (a pickle) plus one raw storage per tensor under
-``<dir>/data/<key>``. Its ``hyper_parameters`` hold pickled objects of the training code's own
-classes, so ``torch.load(weights_only=True)`` refuses it and ``weights_only=False`` would run code.
-This reader needs neither torch nor the training code:
-
-* ``_RestrictedUnpickler.find_class`` resolves only a fixed set of globals to real objects
-  (``collections.OrderedDict``, the tensor/parameter rebuild functions, the storage types), each
-  replaced by a function of this module that builds a lazy tensor record. Globals of known-benign
-  training libraries (torch, Lightning, omegaconf, the reference's ``src.*`` ...) become inert
-  placeholder classes that record their name and never call anything; any other global
-  (``os.system``, ``builtins.eval``, ...) is refused with ``CheckpointError``.
-* tensors are materialised as numpy arrays only on request, after checking that the storage
-  exists, is long enough for the requested view and has a supported dtype.
-Every failure (not a zip, truncated, damaged pickle, refused global, bad tensor) raises
-``CheckpointError`` naming the file and the problem.
+A Lightning ``.ckpt`` is a zip holding a pickle plus one raw storage per tensor; its
+``hyper_parameters`` hold pickled objects of the training code's classes, so ``torch.load``
+either refuses it or would run code. This reader needs neither torch nor the training code: a
+restricted unpickler resolves only a fixed set of globals (the rest become inert placeholders
+or are refused), and tensors are read lazily after bounds checks. Every failure raises
+``CheckpointError`` naming the file and the problem (details: docs/reference_import.md).
 """
 from __future__ import annotations
 

@@ -1,23 +1,12 @@
-"""Train a MedSegLatDiff model on CPU (see export/TRAINING.md).
+"""Train a MedSegLatDiff model on the CPU or a GPU, resumably (recipe and runs: export/TRAINING.md).
 
-    python -m msld_export.training.train --config export/msld_export/configs/lidc.json --data ../shared/data --out runs/lidc \
-        [--stage 1|2|all] [--minutes1 15 --minutes2 45] [--iters1 N --iters2 N] [--max-minutes N]
+    python -m msld_export.training.train --config export/msld_export/configs/lidc.json
+        --data ../shared/data --out runs/lidc [--stage 1|2|all] [--max-minutes N]
 
-Stage 1 trains the image VAE (L1 recon + small KL) and the mask autoencoder (weighted BCE with
-``cfg.fg_weight`` + soft Dice + a small L2 on its latents), re-centres the mask latents so that
-an empty mask encodes to 0, then sets ``cfg.mask_latent_scale = 1 / std(mask latents)``.
-Stage 2 trains the latent denoiser on the frozen autoencoders (DDPM, T=1000, epsilon
-prediction, MSE weighted per timestep by clip((1-abar)/abar, 1, 20)), with an EMA of its weights.
-Why the centring and the weighting: export/TRAINING.md.
-
-Files in ``--out``:
-  last.safetensors / last_state.safetensors  resumable state (weights / optimizer+EMA+RNG)
-  stage1.safetensors                         the model right after stage 1 (scale set)
-  model.safetensors                          the usable model (EMA denoiser), config in metadata
-  log.json                                   losses, loss curves, iterations, wall time, val Dice
-A run stopped by ``--max-minutes`` (or killed) resumes where it stopped when started again
-with the same command.  ``--minutes1/--minutes2`` are *planned* stage lengths: the learning
-rate anneals over max(step/iters, elapsed/minutes) and the stage ends at whichever comes first.
+Stage 1 trains the image VAE and the mask autoencoder and sets the mask latent scale; stage 2
+trains the latent denoiser on the frozen autoencoders, with an EMA of its weights. A run
+stopped by ``--max-minutes`` (or killed) resumes where it stopped when started again with the
+same command. The losses and the files written to ``--out`` are described in export/TRAINING.md.
 """
 from __future__ import annotations
 
