@@ -207,8 +207,10 @@ def test_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
            "--family", "lidc", "--device", "cpu", "--base-channels", "32", "32", "32", "--k", "2", "--steps", "2",
            "--mem-ks", "1", "2", "--dtypes", "fp32", "bf16", "--channels-last", "off", "--repeats", "1",
            "--warmup", "0", "--baseline-repeats", "1", "--agreement-seeds", "1", "--denoiser-repeats", "1",
-           "--threads", "1", "--out", str(out)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+           "--threads", "1", "--budget-s", "3600", "--out", str(out)]
+    # the budget and the timeout only guard against a hang: bf16 on a CPU without native bf16
+    # (AVX2 only) is emulated and takes minutes; speed is the benchmark's business, not this test's
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     d = json.loads(out.read_text())
     assert d["partial"] is False and not d["errors"] and not d["skipped"]
