@@ -262,23 +262,22 @@ class Node:
 
     def process(self, series: str) -> dict:
         from .dicom_seg import write_dicom_seg
-        from .dicomweb import Pacs, check_complete, seg_identity, seg_params
-        from .volume import load_series, segment_volume
+        from .dicomweb import Pacs, load_series_complete, seg_identity, seg_params
+        from .volume import segment_volume
 
         j = self.job(series)
         j["state"] = "running"
         self.save_job(j)
         t0 = time.perf_counter()
         try:
-            vol = load_series(self.work / "incoming" / series)
+            try:                            # the series as received: refused, not retried
+                vol = load_series_complete(self.work / "incoming" / series, f"series {series}")
+            except PacsError as e:
+                raise InputError(str(e)) from None
             mod = sorted({str(d.get("Modality", "")) for d in vol.datasets})
             want = self.info.get("modality")
             if want and mod != [want]:
                 raise InputError(f"series is {'/'.join(mod)}, not {want}; this plan segments {want}")
-            try:
-                check_complete(vol, f"series {series}")
-            except PacsError as e:          # the series as received: refused, not retried
-                raise InputError(str(e)) from None
             study = str(vol.datasets[0].StudyInstanceUID)
             sent = []
             for region in self.regions(vol):

@@ -182,7 +182,6 @@ class Pacs:
         """Read a whole series into ``folder`` (one file per instance) and return its Volume.
         Checked: the instances read equal QIDO-RS's list before and after (else it is read again,
         at most ``attempts`` times), the modality, and no gap in the slice positions."""
-        from .volume import load_series
         folder = Path(folder)
         for attempt in range(attempts):
             before = self.instances(study, series)
@@ -208,8 +207,7 @@ class Pacs:
         folder.mkdir(parents=True, exist_ok=True)
         for d in images:
             d.save_as(str(folder / f"{d.SOPInstanceUID}.dcm"), enforce_file_format=True)
-        vol = load_series(folder)
-        check_complete(vol, f"{self.server}: series {series}")
+        vol = load_series_complete(folder, f"{self.server}: series {series}")
         return vol
 
     # ---- STOW-RS -----------------------------------------------------------------------------
@@ -257,6 +255,19 @@ class Pacs:
 def connect(url: str, ca_bundle: str | None = None, timeout: float = 30.0, retries: int = 3,
             backoff_s: float = 0.5) -> Pacs:
     return Pacs(url, ca_bundle=ca_bundle, timeout=timeout, retries=retries, backoff_s=backoff_s)
+
+
+def load_series_complete(folder, where: str):
+    """``load_series`` of a received series, refusing a partial or irregular one (PacsError)."""
+    from .volume import load_series
+    try:
+        vol = load_series(folder)
+    except InputError as e:
+        if "regular grid" in str(e) or "orientation" in str(e):   # the series geometry checks
+            raise PacsError(f"{where} is partial or irregular: {e}") from None
+        raise
+    check_complete(vol, where)
+    return vol
 
 
 def check_complete(vol, where: str) -> None:
