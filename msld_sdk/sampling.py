@@ -16,13 +16,12 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import InputError
-from .plan import SPACINGS
+from .plan import SOLVERS, SPACINGS
 from .views import check_views
 
 MAX_SEED = 2**64 - 1
-# Solvers a run may ask for (SampleOptions.solver); each backend runs every one listed here.
+# SOLVERS (from plan.py): what a run may ask for (SampleOptions.solver); every backend runs each.
 # "dpmpp2m": DPM-Solver++(2M), deterministic (eta 0 only).
-SOLVERS = ("ddim", "dpmpp2m")
 
 
 @dataclass(frozen=True)
