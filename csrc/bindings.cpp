@@ -73,7 +73,7 @@ void register_cuda(py::module_& m);
 #endif
 
 PYBIND11_MODULE(_native, m) {
-    m.doc() = "msld_sdk native sampler: DDIM schedule and fused update, Philox noise, aggregation";
+    m.doc() = "msld_sdk native sampler: DDIM and DPM-Solver++(2M) schedules and fused updates, Philox noise, aggregation";
     m.attr("API_VERSION") = MSLD_API_VERSION;
 #ifdef MSLD_WITH_CUDA
     m.attr("built_with_cuda") = true;
@@ -108,6 +108,61 @@ PYBIND11_MODULE(_native, m) {
     }, py::arg("alphas_cumprod"), py::arg("steps"), py::arg("spacing") = "trailing",
        "The scalars of every DDIM step as the native loop uses them (msld_ddim_coeffs_for):\n"
        "(timesteps int32, prev_timesteps int32, alpha_t float64, alpha_prev float64), step 0 first.");
+
+    m.def("dpmpp2m_timesteps", [](int T, int steps, const std::string& spacing) {
+        py::array_t<int32_t> out(steps > 0 ? steps : 0);
+        check(msld_dpmpp2m_timesteps(T, steps, parse_spacing(spacing), out.mutable_data()), "dpmpp2m_timesteps");
+        return out;
+    }, py::arg("num_train_timesteps"), py::arg("steps"), py::arg("spacing") = "trailing",
+       "Descending DPM-Solver++ timesteps, as diffusers' DPMSolverMultistepScheduler.set_timesteps.");
+
+    m.def("dpmpp2m_coefficients", [](farray alphas_cumprod, int steps, const std::string& spacing) {
+        const msld_spacing sp = parse_spacing(spacing);
+        const int32_t T = (int32_t)alphas_cumprod.size();
+        const py::ssize_t n = steps > 0 ? steps : 0;
+        py::array_t<int32_t> ts(n), next(n), order(n);
+        py::array_t<double> at(n), xc(n), x0c(n), x0pc(n);
+        if (steps < 1) check(MSLD_ERR_INVALID_ARG, "dpmpp2m_coefficients");
+        for (int32_t i = 0; i < steps; ++i) {
+            msld_dpmpp2m_coeffs c;
+            check(msld_dpmpp2m_coeffs_for(alphas_cumprod.data(), T, steps, sp, i, &c), "dpmpp2m_coefficients");
+            ts.mutable_data()[i] = c.timestep;
+            next.mutable_data()[i] = c.next_timestep;
+            order.mutable_data()[i] = c.order;
+            at.mutable_data()[i] = c.alpha_t;
+            xc.mutable_data()[i] = c.x_coef;
+            x0c.mutable_data()[i] = c.x0_coef;
+            x0pc.mutable_data()[i] = c.x0_prev_coef;
+        }
+        return py::make_tuple(ts, next, order, at, xc, x0c, x0pc);
+    }, py::arg("alphas_cumprod"), py::arg("steps"), py::arg("spacing") = "trailing",
+       "The scalars of every DPM-Solver++(2M) step (msld_dpmpp2m_coeffs_for): (timesteps, next_timesteps,\n"
+       "order int32, alpha_t, x_coef, x0_coef, x0_prev_coef float64), step 0 first.");
+
+    m.def("dpmpp2m_step", [](farray x, farray eps, py::object x0_prev, int order, double alpha_t, double x_coef,
+                             double x0_coef, double x0_prev_coef, float clip) {
+        if (x.size() != eps.size()) throw py::value_error("x and eps differ in size");
+        py::array_t<float> out(x.request().shape);
+        py::array_t<float> x0(x.request().shape);
+        std::memcpy(out.mutable_data(), x.data(), sizeof(float) * x.size());
+        if (!x0_prev.is_none()) {
+            farray p = x0_prev.cast<farray>();
+            if (p.size() != x.size()) throw py::value_error("x0_prev differs in size from x");
+            std::memcpy(x0.mutable_data(), p.data(), sizeof(float) * x.size());
+        } else if (order == 2) {
+            throw py::value_error("an order-2 step needs x0_prev");
+        }
+        msld_dpmpp2m_coeffs c{0, 0, order, alpha_t, x_coef, x0_coef, x0_prev_coef};
+        msld_status s;
+        {
+            py::gil_scoped_release rel;
+            s = msld_dpmpp2m_step(out.mutable_data(), eps.data(), x0.mutable_data(), (size_t)x.size(), &c, clip);
+        }
+        check(s, "dpmpp2m_step");
+        return py::make_tuple(out, x0);
+    }, py::arg("x"), py::arg("eps"), py::arg("x0_prev"), py::arg("order"), py::arg("alpha_t"), py::arg("x_coef"),
+       py::arg("x0_coef"), py::arg("x0_prev_coef"), py::arg("clip") = 0.0f,
+       "One fused DPM-Solver++(2M) update; returns (x_next, x0_pred) (x0_pred: the next step's x0_prev).");
 
     m.def("ddim_step", [](farray x, farray eps, double alpha_t, double alpha_prev, float eta,
                           py::object noise, float clip) {
@@ -168,7 +223,8 @@ PYBIND11_MODULE(_native, m) {
 
     m.def("ddim_sample", [](py::object denoise, farray alphas_cumprod, int steps, const std::string& spacing,
                             float eta, float clip, uint64_t seed, int k, int n_images,
-                            py::array x, py::array eps, py::array t, py::object progress, bool latents_given) {
+                            py::array x, py::array eps, py::array t, py::object progress, bool latents_given,
+                            const std::string& solver) {
         if (k < 1 || n_images < 1) throw py::value_error("k and n_images must be >= 1");
         py::ssize_t batch = (py::ssize_t)k * n_images;
         if (x.size() % batch) throw py::value_error("x size is not a multiple of k * n_images");
@@ -184,6 +240,10 @@ PYBIND11_MODULE(_native, m) {
         p.n_images = n_images;
         p.elems = x.size() / batch;
         p.latents_given = latents_given ? 1 : 0;
+        if (solver == "ddim") p.solver = MSLD_SOLVER_DDIM;
+        else if (solver == "dpmpp2m") p.solver = MSLD_SOLVER_DPMPP2M;
+        else throw py::value_error("solver must be 'ddim' or 'dpmpp2m', got '" + solver + "'");
+        if (p.solver == MSLD_SOLVER_DPMPP2M && eta != 0.0f) throw py::value_error("dpmpp2m runs with eta 0 only");
         float* xp = buffer(x, x.size(), "x");
         float* ep = buffer(eps, x.size(), "eps");
         float* tp = buffer(t, batch, "t");
@@ -202,7 +262,8 @@ PYBIND11_MODULE(_native, m) {
     }, py::arg("denoise"), py::arg("alphas_cumprod"), py::arg("steps"), py::arg("spacing"), py::arg("eta"),
        py::arg("clip"), py::arg("seed"), py::arg("k"), py::arg("n_images"), py::arg("x"), py::arg("eps"),
        py::arg("t"), py::arg("progress") = py::none(), py::arg("latents_given") = false,
-       "Run the whole DDIM loop. `denoise()` is called once per step and must read the bound\n"
+       py::arg("solver") = "ddim",
+       "Run the whole sampling loop (solver 'ddim' or 'dpmpp2m'). `denoise()` is called once per step and must read the bound\n"
        "buffers x (latents) and t (timesteps) and write eps; x holds the final latents.\n"
        "latents_given=True: x already holds the initial latents (no noise is drawn for them).");
 }

@@ -110,6 +110,23 @@ void register_cuda(py::module_& m) {
        py::arg("cuda_stream") = 0,
        "As cuda_ddim_step_noise with the seed read on the device from `seed_ptr` (CUDA graphs).");
 
+    m.def("cuda_dpmpp2m_step", [](std::uintptr_t x, std::uintptr_t eps, std::uintptr_t x0_prev, std::size_t n,
+                                  int32_t order, double alpha_t, double x_coef, double x0_coef, double x0_prev_coef,
+                                  float clip, std::uintptr_t cuda_stream) {
+        msld_dpmpp2m_coeffs c{0, 0, order, alpha_t, x_coef, x0_coef, x0_prev_coef};
+        msld_status s;
+        {
+            py::gil_scoped_release rel;
+            s = msld_cuda_dpmpp2m_step(ptr<float>(x), ptr<const float>(eps), ptr<float>(x0_prev), n, &c, clip,
+                                       stream_of(cuda_stream));
+        }
+        check(s, "cuda_dpmpp2m_step");
+    }, py::arg("x"), py::arg("eps"), py::arg("x0_prev"), py::arg("n"), py::arg("order"), py::arg("alpha_t"),
+       py::arg("x_coef"), py::arg("x0_coef"), py::arg("x0_prev_coef"), py::arg("clip") = 0.0f,
+       py::arg("cuda_stream") = 0,
+       "As dpmpp2m_step(), in place on the float32 device buffers x and x0_prev (n elements each;\n"
+       "x0_prev = 0 for none at order 1): x gets x_next, x0_prev this step's x0.");
+
     m.def("cuda_aggregate", [](std::uintptr_t probs, int32_t k, int64_t n_pix, float threshold, std::uintptr_t masks,
                                std::uintptr_t mean, std::uintptr_t conf, std::uintptr_t consensus,
                                std::uintptr_t cuda_stream) {

@@ -1,4 +1,5 @@
-// ddim_scalars.h - the per-step DDIM scalars, computed on the host from msld_ddim_coeffs.
+// ddim_scalars.h - the per-step DDIM and DPM-Solver++(2M) scalars, computed on the host from
+// msld_ddim_coeffs / msld_dpmpp2m_coeffs.
 //
 // One definition shared by the CPU sampler (sampler_cpu.cpp) and the CUDA entry points
 // (cuda/kernels.cu), so both feed ddim_update() (kernel_math.h) exactly the same floats.
@@ -35,6 +36,25 @@ inline DdimScalars ddim_scalars(const msld_ddim_coeffs* c, float eta, float clip
 // The argument checks msld_ddim_step makes (before it looks at `noise`).
 inline bool ddim_coeffs_valid(const msld_ddim_coeffs* c, float eta) {
     return (eta >= 0.0f) && (c->alpha_t > 0.0) && (c->alpha_t < 1.0) && (c->alpha_prev > 0.0);
+}
+
+// The float32 scalars of one DPM-Solver++(2M) step (the x0 terms as ddim_scalars computes them).
+inline Dpm2mScalars dpm2m_scalars(const msld_dpmpp2m_coeffs* c, float clip) {
+    float at_f = (float)c->alpha_t;
+    Dpm2mScalars s;
+    s.sqrt_beta_t = std::sqrt(1.0f - at_f);
+    s.sqrt_alpha_t = std::sqrt(at_f);
+    s.x_coef = (float)c->x_coef;
+    s.x0_coef = (float)c->x0_coef;
+    s.x0_prev_coef = (float)c->x0_prev_coef;
+    s.clip = clip;
+    s.order = c->order;
+    return s;
+}
+
+inline bool dpm2m_coeffs_valid(const msld_dpmpp2m_coeffs* c) {
+    return (c->alpha_t > 0.0) && (c->alpha_t < 1.0) && (c->order == 1 || c->order == 2) &&
+           std::isfinite(c->x_coef) && std::isfinite(c->x0_coef) && std::isfinite(c->x0_prev_coef);
 }
 
 }  // namespace msld

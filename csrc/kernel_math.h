@@ -164,6 +164,28 @@ MSLD_HD float ddim_update(float x, float eps, float noise, const DdimScalars& s,
     return y;
 }
 
+// ---- DPM-Solver++(2M) update of one element ---------------------------------------------------
+struct Dpm2mScalars {
+    float sqrt_beta_t;   // sigma_t = sqrt(1 - a_t)
+    float sqrt_alpha_t;  // alpha_t = sqrt(a_t)
+    float x_coef;        // sigma_next / sigma_t
+    float x0_coef;
+    float x0_prev_coef;  // used at order 2 only
+    float clip;          // <= 0: off
+    int order;           // 1 or 2
+};
+
+// x_next; *x0_out (never NULL) receives this step's (clipped) x0. x0_prev is read only at order 2,
+// so at order 1 whatever the buffer holds (uninitialised at the first step) cannot leak in.
+MSLD_HD float dpm2m_update(float x, float eps, float x0_prev, const Dpm2mScalars& s, float* x0_out) {
+    float x0 = (x - s.sqrt_beta_t * eps) / s.sqrt_alpha_t;
+    if (s.clip > 0.0f) x0 = x0 < -s.clip ? -s.clip : (x0 > s.clip ? s.clip : x0);
+    *x0_out = x0;
+    float y = s.x_coef * x + s.x0_coef * x0;
+    if (s.order == 2) y = y + s.x0_prev_coef * x0_prev;
+    return y;
+}
+
 // ---- aggregation of one pixel -----------------------------------------------------------------
 MSLD_HD float confidence_from_votes(int votes, int k) {
     float p = (float)votes / (float)k;

@@ -49,6 +49,25 @@ void ddim_update_span(float* __restrict x, const float* __restrict eps, const fl
     }
 }
 
+// The DPM-Solver++(2M) update in one pass (same operations, same order as msld::dpm2m_update).
+template <bool CLIP, bool ORDER2>
+void dpm2m_update_span(float* __restrict x, const float* __restrict eps, float* __restrict x0p, int64_t n,
+                       const msld::Dpm2mScalars& s) {
+    const float sb = s.sqrt_beta_t, sa = s.sqrt_alpha_t, a = s.x_coef, b = s.x0_coef, cp = s.x0_prev_coef,
+                c = s.clip;
+    for (int64_t j = 0; j < n; ++j) {
+        float x0 = (x[j] - sb * eps[j]) / sa;
+        if (CLIP) x0 = x0 < -c ? -c : (x0 > c ? c : x0);
+        float y = a * x[j] + b * x0;
+        if (ORDER2) y = y + cp * x0p[j];
+        if (x0p) x0p[j] = x0;
+        x[j] = y;
+    }
+}
+
+// log(alpha / sigma) of alphas_cumprod value a, in double.
+double dpm_lambda(double a) { return 0.5 * (std::log(a) - std::log1p(-a)); }
+
 }  // namespace
 
 extern "C" {
@@ -112,6 +131,72 @@ msld_status msld_ddim_coeffs_for(const float* ac, int32_t T, int32_t steps, msld
     out->prev_timestep = prev;
     out->alpha_t = ac[t];
     out->alpha_prev = prev >= 0 ? (double)ac[prev] : 1.0;  // set_alpha_to_one
+    return MSLD_OK;
+}
+
+msld_status msld_dpmpp2m_timesteps(int32_t T, int32_t steps, msld_spacing spacing, int32_t* out) {
+    if (!out) return MSLD_ERR_NULL_POINTER;
+    if (spacing != MSLD_SPACING_LEADING) return msld_ddim_timesteps(T, steps, spacing, out);
+    if (T < 1 || steps < 1 || steps >= T) return MSLD_ERR_INVALID_ARG;
+    // diffusers: (np.arange(0, steps + 1) * (T // (steps + 1))).round()[::-1][:-1]
+    const int32_t ratio = T / (steps + 1);
+    for (int32_t i = 0; i < steps; ++i) out[i] = (steps - i) * ratio;
+    return MSLD_OK;
+}
+
+msld_status msld_dpmpp2m_coeffs_for(const float* ac, int32_t T, int32_t steps, msld_spacing spacing,
+                                    int32_t i, msld_dpmpp2m_coeffs* out) {
+    if (!ac || !out) return MSLD_ERR_NULL_POINTER;
+    if (i < 0 || i >= steps) return MSLD_ERR_INVALID_ARG;
+    std::vector<int32_t> ts(std::max(steps, 1));
+    msld_status st = msld_dpmpp2m_timesteps(T, steps, spacing, ts.data());
+    if (st != MSLD_OK) return st;
+    for (int32_t j = std::max(0, i - 1); j <= std::min(i + 1, steps - 1); ++j)
+        if (ts[j] < 0 || ts[j] >= T || !(ac[ts[j]] > 0.0f && ac[ts[j]] < 1.0f)) return MSLD_ERR_INVALID_ARG;
+    const double a = ac[ts[i]];
+    const bool last = i == steps - 1;
+    out->timestep = ts[i];
+    out->next_timestep = last ? -1 : ts[i + 1];
+    out->alpha_t = a;
+    out->order = (i == 0 || last) ? 1 : 2;  // diffusers: lower_order_nums < 1, lower_order_final
+    if (last) {  // to sigma 0: alpha 1, h infinite, x_next = x0
+        out->x_coef = 0.0;
+        out->x0_coef = 1.0;
+        out->x0_prev_coef = 0.0;
+        return MSLD_OK;
+    }
+    const double an = ac[ts[i + 1]];
+    const double h = dpm_lambda(an) - dpm_lambda(a);
+    if (!(h > 0.0)) return MSLD_ERR_INVALID_ARG;  // timesteps must strictly decrease in noise
+    const double phi = std::sqrt(an) * -std::expm1(-h);
+    out->x_coef = std::sqrt(1.0 - an) / std::sqrt(1.0 - a);
+    if (out->order == 1) {
+        out->x0_coef = phi;
+        out->x0_prev_coef = 0.0;
+    } else {
+        const double h0 = dpm_lambda(a) - dpm_lambda((double)ac[ts[i - 1]]);
+        if (!(h0 > 0.0)) return MSLD_ERR_INVALID_ARG;
+        const double half_inv_r = 0.5 * h / h0;  // 1 / (2 r0), r0 = h0 / h
+        out->x0_coef = phi * (1.0 + half_inv_r);
+        out->x0_prev_coef = -phi * half_inv_r;
+    }
+    return MSLD_OK;
+}
+
+msld_status msld_dpmpp2m_step(float* x, const float* eps, float* x0_prev, size_t n,
+                              const msld_dpmpp2m_coeffs* c, float clip) {
+    if (!x || !eps || !c) return MSLD_ERR_NULL_POINTER;
+    if (!msld::dpm2m_coeffs_valid(c)) return MSLD_ERR_INVALID_ARG;
+    if (c->order == 2 && !x0_prev) return MSLD_ERR_NULL_POINTER;
+    const msld::Dpm2mScalars s = msld::dpm2m_scalars(c, clip);
+    parallel_for((int64_t)n, 1 << 20, [&](int64_t b, int64_t e) {
+        float* xp = x0_prev ? x0_prev + b : nullptr;
+        const bool clip_on = s.clip > 0.0f, o2 = s.order == 2;
+        if (clip_on && o2) dpm2m_update_span<true, true>(x + b, eps + b, xp, e - b, s);
+        else if (clip_on) dpm2m_update_span<true, false>(x + b, eps + b, xp, e - b, s);
+        else if (o2) dpm2m_update_span<false, true>(x + b, eps + b, xp, e - b, s);
+        else dpm2m_update_span<false, false>(x + b, eps + b, xp, e - b, s);
+    });
     return MSLD_OK;
 }
 
@@ -195,6 +280,8 @@ msld_status msld_ddim_sample(const msld_sampler_params* p, msld_denoise_fn denoi
     if (p->k < 1 || p->n_images < 1 || p->elems < 1 || p->steps < 1 ||
         p->steps > p->num_train_timesteps || !(p->eta >= 0.0f))
         return MSLD_ERR_INVALID_ARG;
+    if (p->solver != MSLD_SOLVER_DDIM && p->solver != MSLD_SOLVER_DPMPP2M) return MSLD_ERR_INVALID_ARG;
+    if (p->solver == MSLD_SOLVER_DPMPP2M && p->eta != 0.0f) return MSLD_ERR_INVALID_ARG;
     const int64_t per_image = (int64_t)p->k * p->elems;
     const int32_t batch = p->k * p->n_images;
     const int64_t n = (int64_t)batch * p->elems;
@@ -203,6 +290,21 @@ msld_status msld_ddim_sample(const msld_sampler_params* p, msld_denoise_fn denoi
     for (int32_t b = 0; b < (p->latents_given ? 0 : p->n_images); ++b) {
         msld_status st = msld_gaussian(p->seed, 0, p->k, p->elems, 0u, x + b * per_image);
         if (st != MSLD_OK) return st;
+    }
+    if (p->solver == MSLD_SOLVER_DPMPP2M) {
+        std::vector<float> x0_prev((size_t)n);  // the one extra buffer: the previous step's x0
+        for (int32_t i = 0; i < p->steps; ++i) {
+            msld_dpmpp2m_coeffs c;
+            msld_status st = msld_dpmpp2m_coeffs_for(p->alphas_cumprod, p->num_train_timesteps, p->steps,
+                                                     p->spacing, i, &c);
+            if (st != MSLD_OK) return st;
+            std::fill(t, t + batch, (float)c.timestep);
+            if (denoise(duser, x, t, eps, batch) != 0) return MSLD_ERR_CALLBACK;
+            st = msld_dpmpp2m_step(x, eps, i + 1 < p->steps ? x0_prev.data() : nullptr, (size_t)n, &c, p->clip);
+            if (st != MSLD_OK) return st;
+            if (progress && progress(puser, i + 1, p->steps) != 0) return MSLD_ERR_CANCELLED;
+        }
+        return MSLD_OK;
     }
     std::vector<float> noise;
     if (p->eta > 0.0f) noise.resize((size_t)n);

@@ -36,6 +36,8 @@ INT8_KEY = "int8"   # manifest entry of the optional int8 denoiser (added by msl
 # DDIM timestep spacings the native loop knows (msld.h msld_spacing): diffusers' leading and
 # trailing, and linspace_trunc, the MedSegLatDiff reference sampler's rule (imported plans).
 SPACINGS = ("leading", "trailing", "linspace_trunc")
+# Solvers a plan's defaults.solver may name (msld_sdk.sampling runs them; "ddim" when absent).
+SOLVERS = ("ddim", "dpmpp2m")
 REQUIRED_KEYS = ("format", "format_version", "model", "schedule", "input", "latent", "defaults", "blobs")
 
 
@@ -197,7 +199,8 @@ class Plan:
                  f"latent {m['latent']['channels']}x{m['latent']['size']}",
                  f"schedule: T={m['schedule']['num_train_timesteps']} {m['schedule']['spacing']} spacing, "
                  f"{m['schedule']['prediction']}-prediction",
-                 f"defaults: {m['defaults']}"]
+                 f"defaults: {m['defaults']}",
+                 f"solver: {m['defaults'].get('solver', 'ddim')} (default; run(solver=...) / --solver: {', '.join(SOLVERS)})"]
         ddim = m["schedule"].get("ddim")
         if isinstance(ddim, dict):  # a named sampler rule (imported reference plans)
             lines.insert(4, f"ddim: rule {ddim.get('rule')}; timesteps {ddim.get('timesteps')}; previous timestep "
@@ -235,6 +238,12 @@ def _validate_manifest_values(m: dict, p: Path) -> None:
         assert 1 <= d["k"] <= d["max_k"] and 1 <= d["steps"] <= T
         assert type(d.get("views", 1)) is int and 1 <= d.get("views", 1) <= 8, \
             "defaults.views must be an integer from 1 to 8 (msld_sdk.views)"
+        solver = d.get("solver", "ddim")
+        assert solver in SOLVERS, f"defaults.solver must be one of {SOLVERS}, got {solver!r}"
+        assert solver == "ddim" or float(d.get("eta", 0.0)) == 0.0, \
+            f"defaults.solver {solver!r} runs with eta 0 only, but defaults.eta is {d.get('eta')!r}"
+        assert not (solver == "dpmpp2m" and sch["spacing"] == "leading" and d["steps"] >= T), \
+            "defaults.steps must be below num_train_timesteps for dpmpp2m with leading spacing"
     except (AssertionError, KeyError, TypeError, ValueError) as e:
         raise PlanFormatError(f"{p}: manifest has a missing or invalid field ({type(e).__name__}: {e})") from None
 

@@ -19,6 +19,7 @@ class SegmentationResult:
     timings: dict = field(default_factory=dict)  # milliseconds per stage
     roi: tuple | None = None  # (x0, y0, x1, y1) kept when run with roi=...; zeros outside it
     views: int = 1            # hypothesis j was sampled from the image in view j % views (msld_sdk.views)
+    solver: str = "ddim"      # the sampler that made it: "ddim" or "dpmpp2m" (msld_sdk.sampling.SOLVERS)
 
     @property
     def k(self) -> int:
@@ -28,4 +29,4 @@ class SegmentationResult:
         h, w = self.mean.shape
         t = self.timings.get("total_ms")
         tt = f", {t:.1f} ms" if t is not None else ""
-        return f"SegmentationResult(k={self.k}, {h}x{w}, steps={self.steps}, seed={self.seed}{tt})"
+        return f"SegmentationResult(k={self.k}, {h}x{w}, steps={self.steps}{'' if self.solver == 'ddim' else ' ' + self.solver}, seed={self.seed}{tt})"

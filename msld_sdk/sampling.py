@@ -2,7 +2,8 @@
 
 ``SampleOptions`` is one run's settings, checked once per call; ``Schedule`` is a plan's noise
 schedule, built once per plan. ``Schedule.ddim(steps)`` gives every step's timestep, alphas and
-noise stream from the native code (``msld_ddim_coeffs_for``), so the backends, the torch
+noise stream from the native code (``msld_ddim_coeffs_for``), ``Schedule.dpmpp2m(steps)`` every
+DPM-Solver++(2M) step's coefficients (``msld_dpmpp2m_coeffs_for``), so the backends, the torch
 samplers and the tests all read the one rule the native loop runs.
 """
 from __future__ import annotations
@@ -15,12 +16,12 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import InputError
-from .plan import SPACINGS
+from .plan import SOLVERS, SPACINGS
 from .views import check_views
 
 MAX_SEED = 2**64 - 1
-# Solvers a run may ask for (SampleOptions.solver); each backend runs every one listed here.
-SOLVERS = ("ddim",)
+# SOLVERS (from plan.py): what a run may ask for (SampleOptions.solver); every backend runs each.
+# "dpmpp2m": DPM-Solver++(2M), deterministic (eta 0 only).
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class SampleOptions:
     @classmethod
     def resolve(cls, defaults: dict, num_train_timesteps: int, input_size: tuple[int, int], k=None, steps=None,
                 seed=None, eta: float = 0.0, threshold=None, views=None,
-                solver: str = "ddim") -> "SampleOptions":
+                solver=None) -> "SampleOptions":
         """Fill what is None from the plan's ``defaults``, draw a seed if none, and check every
         value (``InputError`` naming the value and the allowed range)."""
         d = defaults
@@ -46,6 +47,7 @@ class SampleOptions:
         k = d["k"] if k is None else k
         steps = d["steps"] if steps is None else steps
         threshold = d.get("threshold", 0.5) if threshold is None else threshold
+        solver = d.get("solver", "ddim") if solver is None else solver
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= d["max_k"]:
             raise InputError(f"k must be an integer from 1 to {d['max_k']} (this plan's limit), got {k!r}")
         T = num_train_timesteps
@@ -55,8 +57,11 @@ class SampleOptions:
             raise InputError(f"eta must be a number in [0, 1], got {eta!r}")
         if isinstance(threshold, bool) or not (isinstance(threshold, numbers.Real) and 0.0 <= threshold < 1.0):
             raise InputError(f"threshold must be in [0, 1), got {threshold!r}")
-        if solver not in SOLVERS:
+        if not isinstance(solver, str) or solver not in SOLVERS:
             raise InputError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        if solver == "dpmpp2m" and eta != 0.0:
+            raise InputError(f"solver 'dpmpp2m' is deterministic and runs with eta 0 only, got eta={eta!r}: "
+                             f"use eta 0 with dpmpp2m, or solver 'ddim' for eta > 0")
         if seed is None:
             seed = secrets.randbits(63)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
@@ -108,6 +113,51 @@ class StepTable:
         return (self.timesteps.tobytes(), self.alpha_t.tobytes(), self.alpha_prev.tobytes())
 
 
+class Dpm2mStep(NamedTuple):
+    """One DPM-Solver++(2M) step's scalars (``msld_dpmpp2m_coeffs``)."""
+
+    index: int
+    timestep: int
+    next_timestep: int   # -1 at the last step (sigma 0)
+    order: int           # 1 or 2
+    alpha_t: float
+    x_coef: float
+    x0_coef: float
+    x0_prev_coef: float
+
+
+@dataclass(frozen=True, eq=False)
+class Dpm2mTable:
+    """Every step of one DPM-Solver++(2M) run, step 0 first, exactly as the native loop uses them:
+    x0 = (x - sqrt(1 - alpha_t) eps) / sqrt(alpha_t) (clipped as the plan says), then
+    x_next = x_coef x + x0_coef x0 (+ x0_prev_coef x0_prev at order 2)."""
+
+    timesteps: np.ndarray       # int32 (steps,), descending
+    next_timesteps: np.ndarray  # int32 (steps,)
+    order: np.ndarray           # int32 (steps,)
+    alpha_t: np.ndarray         # float64 (steps,): float32 alphas as doubles
+    x_coef: np.ndarray          # float64 (steps,)
+    x0_coef: np.ndarray
+    x0_prev_coef: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def __getitem__(self, i: int) -> Dpm2mStep:
+        i = range(len(self))[i]
+        return Dpm2mStep(i, int(self.timesteps[i]), int(self.next_timesteps[i]), int(self.order[i]),
+                         float(self.alpha_t[i]), float(self.x_coef[i]), float(self.x0_coef[i]),
+                         float(self.x0_prev_coef[i]))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def key(self) -> tuple:
+        """A hashable identity of the table (cache keys)."""
+        return ("dpmpp2m", self.timesteps.tobytes(), self.alpha_t.tobytes(), self.x_coef.tobytes(),
+                self.x0_coef.tobytes(), self.x0_prev_coef.tobytes())
+
+
 @dataclass(frozen=True, eq=False)
 class Schedule:
     """A plan's noise schedule (manifest ``schedule``), built once per plan.
@@ -152,3 +202,21 @@ class Schedule:
         ts, prev, at, ap = _native.ddim_coefficients(self.alphas_cumprod, int(steps), self.spacing)
         return StepTable(np.asarray(ts, np.int32), np.asarray(prev, np.int32), np.asarray(at, np.float64),
                          np.asarray(ap, np.float64))
+
+    def dpmpp2m(self, steps: int) -> Dpm2mTable:
+        """The DPM-Solver++(2M) steps of a ``steps``-step run, computed by the native code."""
+        from . import _native
+        if not hasattr(_native, "dpmpp2m_coefficients"):
+            raise RuntimeError("msld_sdk._native predates DPM-Solver++ (no dpmpp2m_coefficients): rebuild the extension")
+        ts, nxt, order, at, xc, x0c, x0pc = _native.dpmpp2m_coefficients(self.alphas_cumprod, int(steps), self.spacing)
+        f = np.float64
+        return Dpm2mTable(np.asarray(ts, np.int32), np.asarray(nxt, np.int32), np.asarray(order, np.int32),
+                          np.asarray(at, f), np.asarray(xc, f), np.asarray(x0c, f), np.asarray(x0pc, f))
+
+    def table(self, solver: str, steps: int):
+        """The step table of ``solver`` (one of ``SOLVERS``): ``ddim`` or ``dpmpp2m``."""
+        if solver == "ddim":
+            return self.ddim(steps)
+        if solver == "dpmpp2m":
+            return self.dpmpp2m(steps)
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")

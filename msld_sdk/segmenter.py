@@ -75,7 +75,7 @@ class Segmenter:
     # ---- public API ------------------------------------------------------------------------
     def run(self, img, k: int | None = None, steps: int | None = None, seed: int | None = None,
             eta: float = 0.0, threshold: float | None = None, roi=None, initial_latents=None,
-            views: int | None = None, allow_modality=False):
+            views: int | None = None, allow_modality=False, solver: str | None = None):
         """Segment one image (array, PIL image or path) or a list of them.
 
         Returns a ``SegmentationResult`` (a list of them for a list input). ``seed`` makes
@@ -93,6 +93,9 @@ class Segmenter:
         quarter turns, then their mirror images; ``msld_sdk.views``) and turned back; 1 turns
         this off. Default: the plan's (``defaults["views"]``, 1 when it has none).
 
+        ``solver``: "ddim" or "dpmpp2m" (DPM-Solver++(2M), eta 0 only); default: the plan's
+        (``defaults["solver"]``, "ddim" when it has none).
+
         ``allow_modality``: a DICOM path whose Modality is not the plan's is refused unless this
         is True or names it (e.g. "MR"); it then runs with a warning (``msld_sdk.input_checks``).
         """
@@ -100,7 +103,8 @@ class Segmenter:
         images = list(img) if batch else [img]
         if batch and not images:
             raise InputError("empty list of images")
-        options = self.options(k=k, steps=steps, seed=seed, eta=eta, threshold=threshold, views=views)
+        options = self.options(k=k, steps=steps, seed=seed, eta=eta, threshold=threshold, views=views,
+                               solver=solver)
         check_image_modalities(self.plan.manifest, images, allow_modality)
         if roi is not None:
             from .roi import run_with_roi
@@ -112,11 +116,12 @@ class Segmenter:
     __call__ = run
 
     def options(self, k: int | None = None, steps: int | None = None, seed: int | None = None, eta: float = 0.0,
-                threshold: float | None = None, views: int | None = None) -> SampleOptions:
+                threshold: float | None = None, views: int | None = None, solver: str | None = None) -> SampleOptions:
         """``run``'s sampling keywords checked against this plan: what is None comes from the plan's
         defaults, and a random seed is drawn when none is given."""
         return SampleOptions.resolve(self.defaults, self.schedule.num_train_timesteps, tuple(self._in["size"]), k=k,
-                                     steps=steps, seed=seed, eta=eta, threshold=threshold, views=views)
+                                     steps=steps, seed=seed, eta=eta, threshold=threshold, views=views,
+                                     solver=solver)
 
     def preprocess(self, img) -> np.ndarray:
         """One image (anything ``run`` accepts) -> the encoder's 1 x C x H x W input."""
@@ -171,7 +176,7 @@ class Segmenter:
         bar = None
         if self.progress:
             from tqdm import tqdm
-            bar = tqdm(total=steps, desc="DDIM", unit="step", leave=False)
+            bar = tqdm(total=steps, desc="DDIM" if options.solver == "ddim" else "DPM++2M", unit="step", leave=False)
 
         def progress(done, total):
             bar.update(done - bar.n)
@@ -203,7 +208,8 @@ class Segmenter:
             post_s += s2 - s
             agg_s += s3 - s2
             results.append(SegmentationResult(masks=masks, mean=mean, confidence=conf, consensus=cons, probs=p,
-                                              seed=seed, steps=steps, eta=eta, views=views))
+                                              seed=seed, steps=steps, eta=eta, views=views,
+                                              solver=options.solver))
         t5 = time.perf_counter()
         loop_s = t3 - t2
         timings = {

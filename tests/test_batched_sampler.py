@@ -45,7 +45,7 @@ def _image(n=1, seed=0, size=128, ch=1):
     return torch.rand(n, ch, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def _native_run(m, image, k, steps, seed, eta=0.0):
+def _native_run(m, image, k, steps, seed, eta=0.0, solver="ddim"):
     """The SDK's native loop (msld_ddim_sample) with the same torch modules as its denoiser, then the
     decoder and msld_aggregate: what the batched loop must reproduce."""
     from msld_export.reference.model import DecoderGraph
@@ -61,7 +61,7 @@ def _native_run(m, image, k, steps, seed, eta=0.0):
         with torch.no_grad():
             eps[...] = m.denoiser(xt, tt, cond_k).numpy()
 
-    _native.ddim_sample(denoise, m.alphas, steps, "linspace_trunc", eta, 1.0, seed, k, n, x, eps, t)
+    _native.ddim_sample(denoise, m.alphas, steps, "linspace_trunc", eta, 1.0, seed, k, n, x, eps, t, solver=solver)
     with torch.no_grad():
         probs = DecoderGraph(m.decoder, m.opts["latent_scaling_factor"])(torch.from_numpy(x)).numpy()
     probs = probs.reshape(n, k, *probs.shape[-2:])
@@ -84,6 +84,24 @@ def test_ddim_update_equals_the_native_kernel(eta, clip):
         s = torch.from_numpy(ddim_scalars(c, eta, clip))
         got = ddim_update(torch.from_numpy(x), torch.from_numpy(e), s, clip, torch.from_numpy(z) if eta > 0 else None)
         np.testing.assert_array_equal(got.numpy(), want)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace_trunc"])
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_dpm2m_update_equals_the_native_kernel(spacing, clip):
+    from msld_export.sampling.batched_sampler import dpm2m_scalars, dpm2m_update
+    from msld_sdk.sampling import Schedule
+    from msld_export.reference.bench_plan import linear_alphas_bar
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(4099, dtype=np.float32) * 3
+    e = rng.standard_normal(4099, dtype=np.float32)
+    xn, x0n, xt, x0t = x, None, torch.from_numpy(x), None
+    for c in Schedule(linear_alphas_bar(1000, 1e-4, 2e-2), spacing).dpmpp2m(8):
+        xn, x0n = _native.dpmpp2m_step(xn, e, x0n, c.order, c.alpha_t, c.x_coef, c.x0_coef, c.x0_prev_coef, clip)
+        s = torch.from_numpy(dpm2m_scalars(c, clip))
+        xt, x0t = dpm2m_update(xt, torch.from_numpy(e), s, clip, c.order, x0t)
+        np.testing.assert_array_equal(xt.numpy(), xn)
+        np.testing.assert_array_equal(x0t.numpy(), x0n)
 
 
 @pytest.mark.parametrize("k", [1, 3, 8])
@@ -115,6 +133,22 @@ def test_cpu_loop_equals_the_native_loop_bit_for_bit(ref_model, eta):
         np.testing.assert_array_equal(r.mean[b].numpy(), mean)
         np.testing.assert_array_equal(r.confidence[b].numpy(), conf)
         np.testing.assert_array_equal(r.consensus[b].numpy(), cons)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_cpu_dpmpp2m_loop_equals_the_native_loop_bit_for_bit(ref_model, steps):
+    from msld_export.sampling.batched_sampler import BatchedSampler
+    s = BatchedSampler.from_reference(ref_model, device="cpu", solver="dpmpp2m")
+    img, seed = _image(2), 2 ** 63 + 12345
+    r = s.sample(img, k=3, steps=steps, seed=seed)
+    lat, probs, agg = _native_run(ref_model, img, 3, steps, seed, solver="dpmpp2m")
+    np.testing.assert_array_equal(r.latents.numpy(), lat)
+    np.testing.assert_array_equal(r.probs.numpy(), probs)
+    for b, (masks, mean, conf, cons) in enumerate(agg):
+        np.testing.assert_array_equal(r.masks[b].numpy(), masks)
+        np.testing.assert_array_equal(r.mean[b].numpy(), mean)
+    with pytest.raises(ValueError, match="eta 0 only"):
+        BatchedSampler.from_reference(ref_model, device="cpu", solver="dpmpp2m", eta=0.5)
 
 
 def test_cpu_loop_equals_the_sdk_on_a_reference_plan(ref_model, lidc_bench_plan):
@@ -295,6 +329,26 @@ def test_cuda_noise_and_update_equal_the_native_cpu(ref_model):
     got = ddim_update(torch.from_numpy(x).cuda(), torch.from_numpy(e).cuda(),
                       torch.from_numpy(ddim_scalars(c, 0.0, 1.0)).cuda(), 1.0)
     np.testing.assert_array_equal(got.cpu().numpy(), _native.ddim_step(x, e, c.alpha_t, c.alpha_prev, 0.0, None, 1.0)[0])
+
+
+@cuda
+def test_cuda_dpmpp2m_equals_the_native_cpu(ref_model, no_tf32):
+    from msld_export.sampling.batched_sampler import BatchedSampler, dpm2m_scalars, dpm2m_update
+    from msld_sdk.sampling import Schedule
+    rng = np.random.default_rng(2)
+    x, e = rng.standard_normal(5000, dtype=np.float32), rng.standard_normal(5000, dtype=np.float32)
+    xn, x0n, xt, x0t = x, None, torch.from_numpy(x).cuda(), None
+    et = torch.from_numpy(e).cuda()
+    for c in Schedule(ref_model.alphas, "linspace_trunc").dpmpp2m(6):
+        xn, x0n = _native.dpmpp2m_step(xn, e, x0n, c.order, c.alpha_t, c.x_coef, c.x0_coef, c.x0_prev_coef, 1.0)
+        xt, x0t = dpm2m_update(xt, et, torch.from_numpy(dpm2m_scalars(c, 1.0)).cuda(), 1.0, c.order, x0t)
+        np.testing.assert_array_equal(xt.cpu().numpy(), xn)
+    cpu = BatchedSampler.from_reference(ref_model, device="cpu", solver="dpmpp2m").sample(_image(2), k=3, steps=4, seed=7)
+    s = BatchedSampler.from_reference(ref_model, device="cuda", solver="dpmpp2m")
+    eager = s.sample(_image(2), k=3, steps=4, seed=7)
+    graph = s.sample(_image(2), k=3, steps=4, seed=7, use_graph=True)
+    torch.testing.assert_close(graph.latents, eager.latents, rtol=0, atol=1e-5)
+    assert float((eager.probs.cpu() - cpu.probs).abs().max()) < 1e-3
 
 
 @cuda

@@ -81,6 +81,10 @@ def test_device_count_is_a_number():
     lambda: _native.cuda_aggregate(FAKE, 0, 4, 0.5, 0, FAKE, FAKE, 0, 0),      # k < 1
     lambda: _native.cuda_aggregate(FAKE, 70000, 4, 0.5, 0, FAKE, FAKE, 0, 0),  # k > 65535
     lambda: _native.cuda_aggregate(FAKE, 2, 4, 0.5, 0, 0, FAKE, 0, 0),         # NULL mean
+    lambda: _native.cuda_dpmpp2m_step(FAKE, FAKE, 0, 8, 2, 0.5, 0.9, 0.2, -0.1),   # order 2 needs x0_prev
+    lambda: _native.cuda_dpmpp2m_step(FAKE, FAKE, FAKE, 8, 3, 0.5, 0.9, 0.2, 0.0),  # order 1 or 2
+    lambda: _native.cuda_dpmpp2m_step(FAKE, FAKE, FAKE, 8, 1, 1.0, 0.9, 0.2, 0.0),  # alpha_t must be < 1
+    lambda: _native.cuda_dpmpp2m_step(0, FAKE, FAKE, 8, 1, 0.5, 0.9, 0.2, 0.0),     # NULL x
 ])
 def test_bad_arguments_raise_value_error(call):
     with pytest.raises(ValueError):
@@ -191,6 +195,37 @@ def test_ddim_step_matches_cpu(alpha_t, alpha_prev, eta, clip, n, offset):
     torch.cuda.synchronize()
     got = xd.cpu().numpy()
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@gpu
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace_trunc"])
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+@pytest.mark.parametrize("n,offset", [(4096, 0), (1001, 0), (4096, 1)])
+def test_dpmpp2m_steps_match_cpu(spacing, clip, n, offset):
+    """A whole DPM-Solver++(2M) trajectory (orders 1, 2, ..., 1; x0_prev carried on the device)
+    against the CPU kernel, bit for bit."""
+    from msld_export.model.config import ModelConfig
+    from msld_export.model.networks import alphas_cumprod
+    from msld_sdk.sampling import Schedule
+    g = torch.Generator().manual_seed(n + offset)
+    x = torch.randn(n, generator=g) * 2
+    eps = torch.randn(n, generator=g)
+
+    def dev(t):  # device copy starting `offset` floats into its buffer (offset 1: unaligned)
+        buf = torch.empty(n + offset, device="cuda")
+        buf[offset:].copy_(t)
+        return buf[offset:]
+
+    xd, ed, pd = dev(x), dev(eps), dev(torch.full((n,), float("nan")))   # x0_prev unread at order 1
+    want, x0 = x.numpy(), None
+    for c in Schedule(alphas_cumprod(ModelConfig()).numpy(), spacing, clip=clip).dpmpp2m(6):
+        want, x0 = _native.dpmpp2m_step(want, eps.numpy(), x0, c.order, c.alpha_t, c.x_coef, c.x0_coef,
+                                        c.x0_prev_coef, clip)
+        _native.cuda_dpmpp2m_step(xd.data_ptr(), ed.data_ptr(), pd.data_ptr(), n, c.order, c.alpha_t, c.x_coef,
+                                  c.x0_coef, c.x0_prev_coef, clip, _stream())
+        torch.cuda.synchronize()
+        np.testing.assert_array_equal(_bits(xd), _bits(want))
+        np.testing.assert_array_equal(_bits(pd), _bits(x0))
 
 
 @gpu

@@ -2,7 +2,7 @@
 //
 // The per-element math is kernel_math.h, shared verbatim with the CPU, and this file is built with
 // --fmad=false, so the noise (Philox4x32-10 + double Box-Muller), the DDIM update and the
-// aggregation give the CPU's bits. The per-step scalars are computed on the host by the same
+// aggregation give the CPU's bits (so does the DPM-Solver++(2M) update). The per-step scalars are computed on the host by the same
 // function the CPU uses (ddim_scalars.h) and passed to the kernels by value.
 //
 // Every entry point only launches kernels on the caller's stream: no synchronisation, no
@@ -188,6 +188,39 @@ msld_status launch_step_noise(float* x, const float* eps, const msld_ddim_coeffs
     return launch_status();
 }
 
+// ---- DPM-Solver++(2M) update (one pass; x0_prev read at order 2, then overwritten) -------------
+template <bool kVec>
+__global__ void dpm2m_step_kernel(float* __restrict__ x, const float* __restrict__ eps,
+                                  float* __restrict__ x0p, int64_t n, msld::Dpm2mScalars s) {
+    int64_t done = 0;
+    if (kVec) {
+        const int64_t n4 = n / 4;
+        float4* x4 = reinterpret_cast<float4*>(x);
+        const float4* e4 = reinterpret_cast<const float4*>(eps);
+        float4* p4 = reinterpret_cast<float4*>(x0p);
+        for (int64_t i = global_thread(); i < n4; i += grid_threads()) {
+            float4 xv = x4[i];
+            const float4 ev = e4[i];
+            float4 pv = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (p4 && s.order == 2) pv = p4[i];
+            float4 q;
+            xv.x = msld::dpm2m_update(xv.x, ev.x, pv.x, s, &q.x);
+            xv.y = msld::dpm2m_update(xv.y, ev.y, pv.y, s, &q.y);
+            xv.z = msld::dpm2m_update(xv.z, ev.z, pv.z, s, &q.z);
+            xv.w = msld::dpm2m_update(xv.w, ev.w, pv.w, s, &q.w);
+            x4[i] = xv;
+            if (p4) p4[i] = q;
+        }
+        done = n4 * 4;
+    }
+    for (int64_t i = done + global_thread(); i < n; i += grid_threads()) {
+        float q;
+        const float pv = (x0p && s.order == 2) ? x0p[i] : 0.0f;
+        x[i] = msld::dpm2m_update(x[i], eps[i], pv, s, &q);
+        if (x0p) x0p[i] = q;
+    }
+}
+
 // ---- aggregation ------------------------------------------------------------------------------
 // One thread per pixel; the k hypotheses are summed in order 0..k-1 in float32, as the CPU does.
 __global__ void aggregate_kernel(const float* __restrict__ probs, int32_t k, int64_t n_pix, float threshold,
@@ -258,6 +291,23 @@ msld_status msld_cuda_ddim_step_noise_dev(float* x_dev, const float* eps_dev, co
     if (!seed_dev) return MSLD_ERR_NULL_POINTER;
     return launch_step_noise(x_dev, eps_dev, c, eta, clip, 0, seed_dev, k, n_images, elems, stream_id,
                              cuda_stream);
+}
+
+msld_status msld_cuda_dpmpp2m_step(float* x_dev, const float* eps_dev, float* x0_prev_dev, size_t n,
+                                   const msld_dpmpp2m_coeffs* c, float clip, void* cuda_stream) {
+    if (!x_dev || !eps_dev || !c) return MSLD_ERR_NULL_POINTER;
+    if (!msld::dpm2m_coeffs_valid(c)) return MSLD_ERR_INVALID_ARG;
+    if (c->order == 2 && !x0_prev_dev) return MSLD_ERR_NULL_POINTER;
+    if (n > (size_t)INT64_MAX) return MSLD_ERR_INVALID_ARG;
+    if (n == 0) return MSLD_OK;
+    const msld::Dpm2mScalars s = msld::dpm2m_scalars(c, clip);
+    const bool vec = aligned16(x_dev) && aligned16(eps_dev) && aligned16(x0_prev_dev);
+    const unsigned grid = grid_for(vec ? ((int64_t)n + 3) / 4 : (int64_t)n);
+    if (vec)
+        dpm2m_step_kernel<true><<<grid, kThreads, 0, as_stream(cuda_stream)>>>(x_dev, eps_dev, x0_prev_dev, (int64_t)n, s);
+    else
+        dpm2m_step_kernel<false><<<grid, kThreads, 0, as_stream(cuda_stream)>>>(x_dev, eps_dev, x0_prev_dev, (int64_t)n, s);
+    return launch_status();
 }
 
 msld_status msld_cuda_aggregate(const float* probs_dev, int32_t k, int64_t n_pix, float threshold,

@@ -24,7 +24,8 @@
 extern "C" {
 #endif
 
-#define MSLD_API_VERSION 2  /* 2: MSLD_SPACING_LINSPACE_TRUNC, msld_sampler_params.latents_given */
+#define MSLD_API_VERSION 3  /* 2: MSLD_SPACING_LINSPACE_TRUNC, msld_sampler_params.latents_given;
+                               3: msld_solver, DPM-Solver++(2M), msld_sampler_params.solver */
 
 typedef enum msld_status {
     MSLD_OK = 0,
@@ -79,6 +80,51 @@ msld_status msld_ddim_coeffs_for(const float* alphas_cumprod, int32_t num_train_
 msld_status msld_ddim_step(float* x, const float* eps, const float* noise, size_t n,
                            const msld_ddim_coeffs* c, float eta, float clip, float* x0_out);
 
+/* Solvers of the sampling loop. DDIM: the update above. DPMPP2M: DPM-Solver++(2M) (Lu et al.
+ * 2022) in its data-prediction form, eta 0 only, as diffusers' DPMSolverMultistepScheduler
+ * (algorithm_type "dpmsolver++", solver_order 2, solver_type "midpoint", final_sigmas_type
+ * "zero": first order at the first and the last step, and the last step lands on sigma 0). */
+typedef enum msld_solver {
+    MSLD_SOLVER_DDIM = 0,
+    MSLD_SOLVER_DPMPP2M = 1
+} msld_solver;
+
+/* One DPM-Solver++(2M) step's scalars (host-side, per step). With sigma = sqrt(1 - a),
+ * alpha = sqrt(a), lambda = log(alpha / sigma), h = lambda_next - lambda_t, r = h_prev / h,
+ * phi = alpha_next (1 - exp(-h)):
+ *   x0     = (x - sigma_t eps) / alpha_t                      (optionally clipped)
+ *   order 1: x_next = sigma_next / sigma_t x + phi x0
+ *   order 2: x_next = sigma_next / sigma_t x + phi (1 + 1/(2r)) x0 - phi / (2r) x0_prev
+ * The last step goes to sigma 0 (x_next = x0). */
+typedef struct msld_dpmpp2m_coeffs {
+    int32_t timestep;       /* t of this step's denoiser call */
+    int32_t next_timestep;  /* the next step's t; -1 at the last step (sigma 0) */
+    int32_t order;          /* 1 or 2 */
+    double alpha_t;         /* alphas_cumprod[t] */
+    double x_coef;          /* sigma_next / sigma_t */
+    double x0_coef;         /* coefficient of this step's x0 */
+    double x0_prev_coef;    /* coefficient of the previous step's x0 (0 at order 1) */
+} msld_dpmpp2m_coeffs;
+
+/* Timesteps of a DPM-Solver++ run, descending: diffusers' DPMSolverMultistepScheduler
+ * set_timesteps (steps_offset 0). TRAILING and LINSPACE_TRUNC are the DDIM timesteps; LEADING
+ * is that scheduler's own rule, (steps - i) * (T / (steps + 1)), so it needs steps < T. */
+msld_status msld_dpmpp2m_timesteps(int32_t num_train_timesteps, int32_t steps, msld_spacing spacing,
+                                   int32_t* timesteps_out);
+
+/* Coefficients of DPM-Solver++(2M) step `i` (0 = first, noisiest). MSLD_ERR_INVALID_ARG also
+ * when two visited timesteps coincide (h = 0). */
+msld_status msld_dpmpp2m_coeffs_for(const float* alphas_cumprod, int32_t num_train_timesteps,
+                                    int32_t steps, msld_spacing spacing, int32_t i,
+                                    msld_dpmpp2m_coeffs* out);
+
+/* Fused DPM-Solver++(2M) update over n elements, in place on x, in one pass: computes x0 (clipped
+ * to [-clip, clip] when clip > 0), writes x_next to x and this step's x0 to x0_prev (the buffer
+ * the next step reads). x0_prev is read only at order 2; it may be NULL at order 1 when the
+ * caller needs no x0 (the last step). */
+msld_status msld_dpmpp2m_step(float* x, const float* eps, float* x0_prev, size_t n,
+                              const msld_dpmpp2m_coeffs* c, float clip);
+
 /* Standard normal noise for hypotheses [hyp_begin, hyp_begin + n_hyp), `elems` each,
  * stream `stream` (0 = initial latent, s + 1 = noise of DDIM step s), seed `seed`. */
 msld_status msld_gaussian(uint64_t seed, int32_t hyp_begin, int32_t n_hyp, int64_t elems,
@@ -113,12 +159,14 @@ typedef struct msld_sampler_params {
     int64_t elems;               /* elements of one latent */
     int32_t latents_given;       /* non-zero: x already holds the initial latents [n_images*k*elems]
                                     and the loop draws none (zero-initialise for v1 behaviour) */
+    int32_t solver;              /* msld_solver (v3; zero: DDIM). DPMPP2M needs eta == 0 */
 } msld_sampler_params;
 
-/* The whole DDIM loop on the CPU. x[n_images*k*elems] receives the final latents; eps is
- * scratch of the same size; t is scratch of n_images*k floats. The loop draws the initial
- * noise itself (unless p->latents_given: then it starts from what x holds) and calls
- * `denoise` once per step with all n_images*k latents in one batch. */
+/* The whole sampling loop on the CPU, with the solver p->solver. x[n_images*k*elems] receives
+ * the final latents; eps is scratch of the same size; t is scratch of n_images*k floats. The
+ * loop draws the initial noise itself (unless p->latents_given: then it starts from what x
+ * holds) and calls `denoise` once per step with all n_images*k latents in one batch.
+ * DPM-Solver++(2M) allocates one more buffer of x's size (the previous step's x0). */
 msld_status msld_ddim_sample(const msld_sampler_params* p, msld_denoise_fn denoise, void* denoise_user,
                              msld_progress_fn progress, void* progress_user,
                              float* x, float* eps, float* t);

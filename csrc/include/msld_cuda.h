@@ -63,6 +63,11 @@ msld_status msld_cuda_ddim_step_noise_dev(float* x_dev, const float* eps_dev, co
                                           int32_t n_images, int64_t elems, uint32_t stream_id,
                                           void* cuda_stream);
 
+/* As msld_dpmpp2m_step, in place on x_dev[n]: this step's x0 goes to x0_prev_dev[n] (read first
+ * at order 2; may be NULL at order 1 when no later step needs it). Scalars from the CPU's code. */
+msld_status msld_cuda_dpmpp2m_step(float* x_dev, const float* eps_dev, float* x0_prev_dev, size_t n,
+                                   const msld_dpmpp2m_coeffs* c, float clip, void* cuda_stream);
+
 /* As msld_aggregate, for one image's k hypotheses probs_dev[k * n_pix]:
  *   masks_dev[k*n_pix] (uint8, may be NULL), mean_dev[n_pix], conf_dev[n_pix],
  *   consensus_dev[n_pix] (uint8, may be NULL). */

@@ -1,7 +1,7 @@
 """The CPU-driven sampling loop, shared by every backend that can run one denoiser call at a time.
 
 ``host_sample`` fills a backend's host buffers (``DenoiserBuffers``) and runs the native loop
-(``_native.ddim_sample``), which calls ``backend.denoise_bound(buf)`` once per step. The ONNX
+(``_native.ddim_sample``, DDIM or DPM-Solver++(2M) as ``options.solver`` says), which calls ``backend.denoise_bound(buf)`` once per step. The ONNX
 Runtime backend samples only this way; the TensorRT backend falls back to it when its device
 loop cannot run.
 """
@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from .. import _native
-from ..sampling import SampleOptions, Schedule
+from ..sampling import SOLVERS, SampleOptions, Schedule
 
 
 class DenoiserBuffers:
@@ -44,8 +44,10 @@ def check_sample_args(cond: np.ndarray, n_images: int, options: SampleOptions, c
     if cond.shape[0] != rows:
         raise ValueError(f"cond holds {cond.shape[0]} rows, expected {rows} "
                          f"({'one per hypothesis' if cond_per_hypothesis else 'one per image'})")
-    if options.solver != "ddim":
-        raise ValueError(f"this backend runs the DDIM solver only, got {options.solver!r}")
+    if options.solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {options.solver!r}")
+    if options.solver != "ddim" and options.eta != 0.0:
+        raise ValueError(f"solver {options.solver!r} runs with eta 0 only, got eta={options.eta}")
 
 
 def host_sample(backend, cond: np.ndarray, n_images: int, options: SampleOptions, schedule: Schedule,
@@ -73,7 +75,8 @@ def host_sample(backend, cond: np.ndarray, n_images: int, options: SampleOptions
 
     _native.ddim_sample(denoise, schedule.alphas_cumprod, options.steps, schedule.spacing, options.eta,
                         schedule.clip, options.seed, k, n_images, buf.x, buf.eps, buf.t,
-                        step_done if progress is not None else None, latents_given=initial_latents is not None)
+                        step_done if progress is not None else None, latents_given=initial_latents is not None,
+                        solver=options.solver)
     if timings is not None:
         timings["denoise_s"] = timings.get("denoise_s", 0.0) + spent[0]
     return buf.x.copy()

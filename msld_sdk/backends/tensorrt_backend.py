@@ -6,7 +6,7 @@ the device-resident loop nor its CUDA-graph capture. On the CPU the tests check 
 engines are built and stored correctly and that the device loop's step sequence, run with the
 CPU twins of the CUDA kernels, gives the CPU loop's latents bit for bit.
 
-``sample`` runs the whole DDIM loop on the GPU (one CUDA graph per configuration once captured)
+``sample`` runs the whole DDIM or DPM-Solver++(2M) loop on the GPU (one CUDA graph per configuration once captured)
 and falls back to the shared CPU-driven loop (``host_loop.host_sample``) where it cannot. How
 the device loop works, and what to run on a GPU before relying on it: docs/tensorrt_loop.md.
 Importing this module needs neither TensorRT nor cuda-python.
@@ -22,7 +22,7 @@ from .. import _native
 from . import trt_compat
 from ..errors import BackendUnavailableError
 from ..plan import GRAPH_PARTS, Plan
-from ..sampling import SampleOptions, Schedule, StepTable
+from ..sampling import Dpm2mStep, Dpm2mTable, SampleOptions, Schedule, StepTable
 from .host_loop import DenoiserBuffers, check_sample_args, host_sample
 
 log = logging.getLogger("msld_sdk")
@@ -183,6 +183,7 @@ class _LoopState:
         self.context, user_memory = _loop_context(den.engine, flavour)
         lat, cnd = int(np.prod(shape)) * 4, int(np.prod(cond_shape)) * 4
         self.x, self.eps = (self._malloc(lat) for _ in range(2))
+        self.x0_prev = 0   # DPM-Solver++(2M)'s previous x0: allocated on its first use (x0_prev_buffer)
         self.cond, self.cond_img = (self._malloc(cnd) for _ in range(2))
         self.t = self._malloc(self.batch * self.t_dtype.itemsize)
         self.seed = self._malloc(8)
@@ -201,6 +202,12 @@ class _LoopState:
         for name in ("x", "t", "cond", "eps"):
             if not self.context.set_tensor_address(name, getattr(self, name)):
                 raise RuntimeError(f"denoiser engine refused the address of {name}")
+
+    def x0_prev_buffer(self) -> int:
+        """The one extra latent-sized buffer DPM-Solver++(2M) needs (allocated once, outside capture)."""
+        if not self.x0_prev:
+            self.x0_prev = self._malloc(self.batch * self.elems * 4)
+        return self.x0_prev
 
     def _malloc(self, nbytes: int) -> int:
         p = int(_cuda_call(self.cudart.cudaMalloc(max(int(nbytes), 1)), "cudaMalloc"))
@@ -325,7 +332,7 @@ class TensorRTBackend:
             self.last_loop_mode = "host"
             return host_sample(self, cond, n_images, options, schedule, initial_latents, cond_per_hypothesis,
                                progress, timings)
-        steps = schedule.ddim(options.steps)
+        steps = schedule.table(options.solver, options.steps)
         out = np.empty((n_images * k,) + tuple(self.latent_shape), np.float32)
         for start in range(0, n_images, group):
             m = min(group, n_images - start)
@@ -351,6 +358,8 @@ class TensorRTBackend:
             if st is None:
                 st = self._loops[(n * k, cond.shape[1:])] = _LoopState(self, n * k, self.latent_shape, cond.shape[1:])
             table = st.table(steps, stream)
+            if isinstance(steps, Dpm2mTable):
+                st.x0_prev_buffer()
             # this call's inputs: seed word, cond (up once, then k copies per image on the device),
             # initial latents (Philox stream 0, hypotheses 0..k-1 for every image)
             seed_host = np.array([seed], np.uint64)  # pageable H2D copies are staged before the call returns
@@ -393,7 +402,8 @@ class TensorRTBackend:
     def _enqueue_steps(self, st: _LoopState, table: int, steps: StepTable, k: int, n: int, eta: float,
                        clip: float) -> None:
         """Enqueue every step on the stream (no host copy, no sync): t <- row i of the table,
-        denoiser, fused DDIM update in place on x (eta noise generated in the kernel)."""
+        denoiser, fused DDIM update in place on x (eta noise generated in the kernel), or the fused
+        DPM-Solver++(2M) update (``steps`` a ``Dpm2mTable``; the previous x0 kept in ``st.x0_prev``)."""
         cudart, stream = self.cudart, self.loop_stream
         s = int(stream)
         d2d = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
@@ -402,7 +412,10 @@ class TensorRTBackend:
             _cuda_call(cudart.cudaMemcpyAsync(st.t, table + c.index * row, row, d2d, stream), "t copy")
             if not st.context.execute_async_v3(s):
                 raise RuntimeError(f"TensorRT execute_async_v3 failed for the denoiser (step {c.index})")
-            if eta > 0.0:
+            if isinstance(c, Dpm2mStep):
+                _native.cuda_dpmpp2m_step(st.x, st.eps, st.x0_prev, st.batch * st.elems, c.order, c.alpha_t, c.x_coef,
+                                          c.x0_coef, c.x0_prev_coef, clip, s)
+            elif eta > 0.0:
                 _native.cuda_ddim_step_noise_dev(st.x, st.eps, c.alpha_t, c.alpha_prev, eta, clip, st.seed, k, n,
                                                  st.elems, c.noise_stream, s)
             else:

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import BatchError, MissingExtraError, MsldError, UsageError
-from ..plan import PRECISIONS
+from ..plan import PRECISIONS, SOLVERS
 from .clinical import add_clinical_args, check_segment_options, clinical_route
 from .options import Formatter, add_overwrite_arg, positive_int, run_command, unit_float
 from .pacs import add_listen_parser, add_pacs_args, cmd_listen, pacs_route
@@ -44,12 +44,16 @@ def _add_threshold_arg(p: argparse.ArgumentParser) -> None:
                    help="probability above which a pixel is in a mask (default: the plan's, 0.5 for the shipped ones)")
 
 
-def _add_run_args(p: argparse.ArgumentParser, threshold: bool = True) -> None:
+def _add_run_args(p: argparse.ArgumentParser, threshold: bool = True, solver: bool = True) -> None:
     p.add_argument("--plan", default=None, help="plan file or shipped model name (default: the embedded lidc model)")
     p.add_argument("-k", "--k", type=positive_int, default=None, help="number of hypotheses (default: the plan's)")
-    p.add_argument("--steps", type=positive_int, default=None, help="DDIM steps (default: the plan's)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the plan's)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible hypotheses (default: random, printed)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic given the seed, 1 = DDPM-like")
+    if solver:
+        p.add_argument("--solver", choices=SOLVERS, default=None,
+                       help="sampler: ddim, or dpmpp2m (DPM-Solver++(2M), a multistep solver for fewer steps; "
+                            "eta 0 only; default: the plan's, ddim for the shipped ones)")
     if threshold:
         _add_threshold_arg(p)
     _add_views_arg(p)
@@ -90,6 +94,7 @@ def cmd_segment(a) -> int:
             image = kind == "image"
             try:
                 w = segment_and_write(seg, path, d, k=a.k, steps=a.steps, seed=seed, eta=a.eta, views=a.views,
+                                      solver=a.solver,
                                       threshold=a.threshold, roi=a.roi if a.roi is not None else a.center,
                                       slices=None if image else a.slices, volume=not image,
                                       npz=None if image else "geometry", nifti="if_installed",
@@ -204,7 +209,7 @@ def cmd_bench(a) -> int:
     rows = []
     for k in a.k:
         for steps in a.steps:
-            row = bench.bench_sdk(seg, img, k, steps, a.repeats, seed=a.seed)
+            row = bench.bench_sdk(seg, img, k, steps, a.repeats, seed=a.seed, solver=a.solver)
             row["denoiser_gflops_per_s"] = bench.denoiser_gflops(seg.plan, k) / (row["denoise_ms_per_step"] * 1e-3)
             rows.append(row)
             if not a.quiet:
@@ -228,7 +233,8 @@ def cmd_bench(a) -> int:
             # noise): its timings, and how far its consensus mask is from this precision's
             other = "int8" if a.precision == "fp32" else "fp32"
             seg_o = Segmenter(a.plan, backend="onnxruntime", threads=a.threads, precision=other)
-            row_o = bench.bench_sdk(seg_o, img, main_row["k"], main_row["steps"], a.repeats, seed=a.seed)
+            row_o = bench.bench_sdk(seg_o, img, main_row["k"], main_row["steps"], a.repeats, seed=a.seed,
+                                    solver=a.solver)
             rws, segs = {a.precision: main_row, other: row_o}, {a.precision: seg, other: seg_o}
             report["int8_run"] = {
                 "fp32": rws["fp32"], "int8": rws["int8"], "speedup": rws["fp32"]["median_ms"] / rws["int8"]["median_ms"],
@@ -324,7 +330,7 @@ def cmd_eval(a) -> int:
                for i in range(len(data)))
     bar = tqdm(total=len(data), desc=f"eval {kind}/{split}", unit="img", disable=a.quiet)
     rep = evaluate(seg, samples, k=a.k if a.k is not None else seg.defaults["k"], steps=a.steps, seed=a.seed,
-                   views=a.views, threshold=a.threshold, progress=lambda n: bar.update(n - bar.n))
+                   views=a.views, solver=a.solver, threshold=a.threshold, progress=lambda n: bar.update(n - bar.n))
     bar.close()
     rep.update(plan=seg.plan.path, plan_graphs_sha256=seg.plan.graphs_sha256, data=str(a.data), kind=kind, split=split, precision=a.precision,
                per_nodule=bool(a.per_nodule), cvc_fold=a.cvc_fold,
@@ -363,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     add_clinical_args(p)
     add_pacs_args(p)
-    add_listen_parser(sub, common, lambda q: _add_run_args(q, threshold=False))   # the node has no threshold
+    add_listen_parser(sub, common, lambda q: _add_run_args(q, threshold=False, solver=False))   # the node has no threshold
     sub.choices["listen"].formatter_class = Formatter
 
     p = command("info", help="print a plan's manifest")
@@ -390,7 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "PyTorch-eager and ONNX-Runtime per-hypothesis runs (needs the [export] extra)")
     p.add_argument("--plan", default=None, help="plan file or shipped model name (default: lidc)")
     p.add_argument("-k", "--k", type=positive_int, nargs="+", default=[8], help="hypotheses, one or more")
-    p.add_argument("--steps", type=positive_int, nargs="+", default=[20], help="DDIM steps, one or more")
+    p.add_argument("--steps", type=positive_int, nargs="+", default=[20], help="sampling steps, one or more")
+    p.add_argument("--solver", choices=SOLVERS, default=None,
+                   help="sampler of the timed runs: ddim, or dpmpp2m (DPM-Solver++(2M), a multistep solver for fewer steps; eta 0 only; "
+                        "default: the plan's, ddim for the shipped ones)")
     p.add_argument("--repeats", type=positive_int, default=10, help="timed runs per setting")
     p.add_argument("--baselines", action="store_true", help="also time the research-code and per-hypothesis "
                    "ONNX Runtime ways on the same weights, k, steps and seed (first --k/--steps)")
@@ -422,7 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "model name); folder: every image of DATA/images with its mask in DATA/masks")
     p.add_argument("--split", default="val", choices=["train", "val"], help="which part of the data set")
     p.add_argument("-k", "--k", type=positive_int, default=None, help="hypotheses per image (default: the plan's)")
-    p.add_argument("--steps", type=positive_int, default=None, help="DDIM steps (default: the plan's)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the plan's)")
+    p.add_argument("--solver", choices=SOLVERS, default=None,
+                   help="sampler: ddim, or dpmpp2m (DPM-Solver++(2M), a multistep solver for fewer steps; "
+                        "eta 0 only; default: the plan's, ddim for the shipped ones)")
     p.add_argument("--seed", type=int, default=0,
                    help="image i is sampled with a seed derived from (seed, i), so images do not share noise")
     _add_threshold_arg(p)

@@ -53,6 +53,9 @@ def cmd_segment_dicomweb(a) -> int:
     from ..segmenter import Segmenter
     if a.center is not None and len(a.center) not in (2, 3):
         raise SystemExit("msld segment: --center takes X Y, or X Y Z for a series")
+    if getattr(a, "solver", None) not in (None, "ddim"):
+        raise SystemExit("msld segment: --solver dpmpp2m is not available with --dicomweb yet; "
+                         "set it as the plan's default (set_defaults --solver) or drop --solver")
     pacs = connect(a.dicomweb, ca_bundle=a.ca_bundle, timeout=a.timeout, retries=a.retries)
     seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, progress=not a.quiet, precision=a.precision)
     roi = a.roi if a.roi is not None else a.center

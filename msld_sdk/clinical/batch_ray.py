@@ -58,11 +58,11 @@ def process_item(seg, item: dict, out: Path, params: dict) -> dict:
             r = segment_and_write(seg, item["path"], f.path, k=params["k"], steps=params["steps"], seed=seed,
                                   eta=params["eta"], views=params.get("views"), roi=params["roi"],
                                   slices=params["slices"], npz="arrays", nifti="required",
-                                  threshold=params.get("threshold"),
+                                  threshold=params.get("threshold"), solver=params.get("solver"),
                                   dicom_seg=f.path / "seg.dcm" if params.get("dicom_seg") and Path(item["path"]).is_dir()
                                   else None).result      # a DICOM series: seg.dcm + seg_mean.dcm
             _write_json(f.path / DONE, {"index": item["index"], "path": item["path"], "seed": seed, "k": r.k,
-                                        "steps": r.steps, "seconds": round(time.perf_counter() - t0, 3),
+                                        "steps": r.steps, "solver": r.solver, "seconds": round(time.perf_counter() - t0, 3),
                                         "pid": os.getpid(), "finished": time.time()})
         return {"index": item["index"], "name": item["name"], "status": "done", "error": ""}
     except Exception as e:  # a bad item is recorded and the job goes on
@@ -105,7 +105,7 @@ def _check_job(out: Path, params: dict) -> None:
 def run_items(inputs, out, plan=None, k=None, steps=None, seed: int = 0, eta: float = 0.0, roi=None, slices=None,
               views: int | None = None, threshold: float | None = None, ray_address: str | None = None, actors: int = 2,
               threads: int | None = 1, backend: str = "auto", precision: str = "fp32", use_ray: bool = True, on_item=None,
-              progress: bool = False, dicom_seg: bool = False) -> dict:
+              progress: bool = False, dicom_seg: bool = False, solver: str | None = None) -> dict:
     """Segment ``inputs`` into ``out`` (see the module docstring); returns the summary."""
     from ..segmenter import resolve_plan_path
     out = Path(out)
@@ -119,6 +119,8 @@ def run_items(inputs, out, plan=None, k=None, steps=None, seed: int = 0, eta: fl
         params["views"] = int(views)
     if threshold is not None:
         params["threshold"] = float(threshold)
+    if solver is not None:  # only when given, so that jobs written before solvers existed still resume
+        params["solver"] = str(solver)
     _check_job(out, params)
     items = make_items(inputs)
     pending = [it for it in items if not (out / it["name"] / DONE).exists()]

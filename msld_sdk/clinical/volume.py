@@ -63,6 +63,7 @@ class VolumeResult:
     steps: int
     eta: float
     timings: dict = field(default_factory=dict)
+    solver: str = "ddim"
 
     @property
     def k(self) -> int:
@@ -256,12 +257,12 @@ def crop_pixels(info: dict, spacing_yx) -> tuple[int, int]:
 
 
 def segment_volume(seg, vol: Volume, roi=None, slices=None, k=None, steps=None, seed=None, eta=0.0,
-                   threshold=None, views=None, allow_modality=False) -> VolumeResult:
+                   threshold=None, views=None, allow_modality=False, solver=None) -> VolumeResult:
     """Segment slices ``slices`` of ``vol`` in the region ``roi`` (see the module docstring).
     A DICOM series of another modality than the plan's is refused unless ``allow_modality``
     (True, or the codes to accept) covers it (``msld_sdk.input_checks.check_modality``)."""
     info = training_input(seg.plan.manifest)
-    options = seg.options(k=k, steps=steps, seed=seed, eta=eta, threshold=threshold, views=views)
+    options = seg.options(k=k, steps=steps, seed=seed, eta=eta, threshold=threshold, views=views, solver=solver)
     Z, H, W = vol.hu.shape
     roi2, (z0, z1) = _region(roi, slices, Z)
     stack = vol.hu[z0:z1].transpose(1, 2, 0)                   # H x W x n: cropped in one go
@@ -279,7 +280,7 @@ def segment_volume(seg, vol: Volume, roi=None, slices=None, k=None, steps=None, 
     out = VolumeResult(masks=np.zeros((kk, Z, H, W), bool), mean=np.zeros((Z, H, W), np.float32),
                        confidence=np.zeros((Z, H, W), np.float32), consensus=np.zeros((Z, H, W), bool),
                        slices=(z0, z1), roi=None, seed=results[0].seed, steps=results[0].steps,
-                       eta=results[0].eta, timings=results[0].timings)
+                       eta=results[0].eta, timings=results[0].timings, solver=results[0].solver)
     for z, r in zip(range(z0, z1), results):
         r = paste(r, win, region, (H, W))
         out.masks[:, z], out.mean[z], out.confidence[z], out.consensus[z] = r.masks, r.mean, r.confidence, r.consensus

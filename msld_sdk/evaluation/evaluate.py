@@ -62,12 +62,13 @@ def image_seed(seed: int, index: int) -> int:
 
 
 def evaluate(segmenter, samples: Iterable[Sample], k: int, steps: int | None, seed: int = 0,
-             progress=None, views: int | None = None, threshold: float | None = None) -> dict:
+             progress=None, views: int | None = None, threshold: float | None = None,
+             solver: str | None = None) -> dict:
     """Metrics over ``samples`` (see the module docstring). ``progress(n_done)`` is called per image.
     The input checks' warnings (e.g. colour photos given to a greyscale CT plan) are logged once
     and listed in the report's ``input_warnings``."""
     with collect_warnings() as warned:
-        out = _evaluate(segmenter, samples, k, steps, seed, progress, views, threshold)
+        out = _evaluate(segmenter, samples, k, steps, seed, progress, views, threshold, solver)
     if warned:
         per_image = out.pop("per_image")
         out["input_warnings"] = list(warned)
@@ -75,17 +76,20 @@ def evaluate(segmenter, samples: Iterable[Sample], k: int, steps: int | None, se
     return out
 
 
-def _evaluate(segmenter, samples, k, steps, seed, progress, views, threshold) -> dict:
+def _evaluate(segmenter, samples, k, steps, seed, progress, views, threshold, solver=None) -> dict:
     acc, acc_major = _Acc(), _Acc()
     per_image = []
     bins = None
     n = 0
     used_views = views or 1
+    used_solver = solver or segmenter.defaults.get("solver", "ddim")
     t0 = time.perf_counter()
     for s in samples:
         r = segmenter.run([s.image], k=k, steps=steps, seed=image_seed(seed, n),
                           **({} if views is None else {"views": views}),
-                          **({} if threshold is None else {"threshold": threshold}))[0]
+                          **({} if threshold is None else {"threshold": threshold}),
+                          **({} if solver is None else {"solver": solver}))[0]
+        used_solver = getattr(r, "solver", "ddim")
         used_views = getattr(r, "views", 1)
         ann = s.annotations.astype(bool)
         ref = reference_mask(ann)
@@ -111,7 +115,7 @@ def _evaluate(segmenter, samples, k, steps, seed, progress, views, threshold) ->
         if progress:
             progress(n)
     out = {"n_images": n, "k": k, "steps": steps or segmenter.defaults["steps"], "seed": seed,
-           "views": used_views, **({} if threshold is None else {"threshold": threshold}),
+           "views": used_views, "solver": used_solver, **({} if threshold is None else {"threshold": threshold}),
            "seed_scheme": SEED_SCHEME,
            "metrics": acc.means(), "ece": metrics.ece_from_bins(*bins) if bins is not None else None,
            "seconds": time.perf_counter() - t0}
@@ -123,7 +127,8 @@ def _evaluate(segmenter, samples, k, steps, seed, progress, views, threshold) ->
 
 def format_report(rep: dict) -> str:
     m = rep["metrics"]
-    lines = [f"images {rep['n_images']}  k={rep['k']}  steps={rep['steps']}  views={rep.get('views', 1)}  "
+    lines = [f"images {rep['n_images']}  k={rep['k']}  steps={rep['steps']}  solver={rep.get('solver', 'ddim')}  "
+             f"views={rep.get('views', 1)}  "
              f"seed={rep['seed']}  "
              f"({rep['seconds']:.0f} s)",
              f"Dice  consensus {m['dice_consensus']:.4f}  mean-mask {m['dice_mean_mask']:.4f}  "

@@ -67,12 +67,14 @@ def gemm_gflops(threads: int, n: int = 1024, repeats: int = 30) -> float:
     return 2 * n ** 3 / (min(ms) * 1e-3) / 1e9  # the best run: the machine's ceiling, not its noise
 
 
-def bench_sdk(seg, img, k: int, steps: int, repeats: int, seed: int = 0, warmup: int = 1) -> dict:
-    """Median/p90 latency and mean stage times of ``seg.run(img, k, steps, seed)``."""
+def bench_sdk(seg, img, k: int, steps: int, repeats: int, seed: int = 0, warmup: int = 1,
+              solver: str | None = None) -> dict:
+    """Median/p90 latency and mean stage times of ``seg.run(img, k, steps, seed, solver)``
+    (``solver`` None: the plan's default)."""
     results = []
 
     def call():
-        results.append(seg.run(img, k=k, steps=steps, seed=seed))
+        results.append(seg.run(img, k=k, steps=steps, seed=seed, **({} if solver is None else {"solver": solver})))
 
     for _ in range(warmup):
         call()
@@ -86,7 +88,7 @@ def bench_sdk(seg, img, k: int, steps: int, repeats: int, seed: int = 0, warmup:
     ort_ms = stages["encode_ms"] + stages["denoise_ms"] + stages["decode_ms"]
     med = statistics.median(totals)
     return {
-        "k": k, "steps": steps, "repeats": repeats,
+        "k": k, "steps": steps, "solver": results[0].solver if results else solver, "repeats": repeats,
         "median_ms": med, "p90_ms": percentile(totals, 90), "min_ms": min(totals),
         "hypotheses_per_s": k / (med * 1e-3),
         "stages_ms": stages,

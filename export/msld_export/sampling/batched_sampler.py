@@ -3,8 +3,8 @@
 ``BatchedSampler`` runs what ``msld_ddim_sample`` runs, on the device that holds the networks (CUDA,
 or the CPU for tests): encode once and repeat the condition k times, the SDK's Philox noise
 (native CUDA kernel where available, else the native CPU generator), per step one denoiser call
-for all n_images * k latents and the DDIM update on the plan's step table
-(``msld_sdk.sampling.Schedule.ddim``), then decode and aggregate with ``msld_aggregate``'s
+for all n_images * k latents and the DDIM or DPM-Solver++(2M) update (``solver``) on the plan's
+step table (``msld_sdk.sampling.Schedule.ddim`` / ``.dpmpp2m``), then decode and aggregate with ``msld_aggregate``'s
 arithmetic. ``use_graph=True`` (CUDA) captures the sequence once per configuration and replays it.
 
 ``dtype`` ("fp32", "fp16", "bf16") is the networks' dtype; the latents, the update, the timesteps,
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from msld_sdk import _native
-from msld_sdk.sampling import DdimStep, Schedule
+from msld_sdk.sampling import SOLVERS, DdimStep, Dpm2mStep, Schedule
 
 from .gpu_sampler import GpuSample, native_has_cuda, seed_word
 
@@ -88,6 +88,29 @@ def ddim_update(x: torch.Tensor, eps: torch.Tensor, s: torch.Tensor, clip: float
     if noise is not None:
         y = y + noise * sd
     return y
+
+
+def dpm2m_scalars(c: Dpm2mStep, clip: float) -> np.ndarray:
+    """float32 [sqrt(1-a_t), sqrt(a_t), x_coef, x0_coef, x0_prev_coef, clip] of ``msld::dpm2m_scalars``
+    (csrc/ddim_scalars.h): the x0 terms as ``ddim_scalars``, the native coefficients rounded."""
+    f = np.float32
+    at_f = f(c.alpha_t)
+    return np.array([np.sqrt(f(f(1.0) - at_f)), np.sqrt(at_f), f(c.x_coef), f(c.x0_coef), f(c.x0_prev_coef),
+                     f(clip)], dtype=np.float32)
+
+
+def dpm2m_update(x: torch.Tensor, eps: torch.Tensor, s: torch.Tensor, clip: float, order: int,
+                 x0_prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_next, x0) of ``msld::dpm2m_update`` for float32 tensors; ``s``: one row of ``dpm2m_scalars``
+    on x's device. Same operations in the same order as the native kernels (bit-identical in fp32)."""
+    sb, sa, a, b, cp = s[0], s[1], s[2], s[3], s[4]
+    x0 = (x - eps * sb) / sa
+    if clip > 0.0:
+        x0 = x0.clamp(-clip, clip)
+    y = x * a + x0 * b
+    if order == 2:
+        y = y + x0_prev * cp
+    return y, x0
 
 
 def aggregate_constants(k: int, device) -> tuple:
@@ -166,7 +189,8 @@ class _Graph:
 
 
 class BatchedSampler:
-    """DDIM sampling of k hypotheses per image with all steps on one device (see the module's doc).
+    """DDIM or DPM-Solver++(2M) (``solver``) sampling of k hypotheses per image with all steps on one
+    device (see the module's doc).
 
     ``encoder``: normalised image (B, C, H, W) -> condition (B, Lc, h, w); ``denoiser``: (x, t, cond)
     -> eps, t float32 timesteps; ``decoder``: latent -> probability (B, 1, H, W). With
@@ -178,7 +202,8 @@ class BatchedSampler:
     def __init__(self, encoder: nn.Module, denoiser: nn.Module, decoder: nn.Module, alphas_cumprod, *,
                  device="cuda", dtype="fp32", decoder_dtype=None, channels_last: bool = False,
                  spacing: str = "linspace_trunc", clip: float = 1.0, eta: float = 0.0, threshold: float = 0.5,
-                 noise: str = "auto", latent_channels: int | None = None, copy_modules: bool = True):
+                 noise: str = "auto", latent_channels: int | None = None, copy_modules: bool = True,
+                 solver: str = "ddim"):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -201,6 +226,11 @@ class BatchedSampler:
         self.encoder, self.denoiser = prep(encoder, self.dtype), prep(denoiser, self.dtype)
         self.decoder = prep(decoder, self.decoder_dtype)
         self.alphas = np.ascontiguousarray(np.asarray(alphas_cumprod, dtype=np.float32))
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        if solver != "ddim" and float(eta) != 0.0:
+            raise ValueError(f"solver {solver!r} runs with eta 0 only, got eta={eta}")
+        self.solver = solver
         self.spacing, self.clip, self.eta, self.threshold = spacing, float(clip), float(eta), float(threshold)
         self._graphs: dict[tuple, _Graph] = {}
         self._coeffs: dict[tuple, tuple] = {}
@@ -245,7 +275,7 @@ class BatchedSampler:
                 self._draw(bufs["noise"], seed, None, k, image.shape[0])
                 return self._loop(image, k, steps, bufs)
             with torch.cuda.device(self.device):
-                key = (tuple(image.shape), k, steps, self.eta, self.clip, self.threshold)
+                key = (tuple(image.shape), k, steps, self.eta, self.clip, self.threshold, self.solver)
                 g = self._graphs.get(key)
                 if g is None:
                     g = self._graphs[key] = self._capture(image, k, steps)
@@ -274,11 +304,14 @@ class BatchedSampler:
     # -- internals ---------------------------------------------------------------------------
 
     def _schedule(self, steps: int) -> tuple:
-        key = (steps, self.eta, self.clip)
+        key = (steps, self.eta, self.clip, self.solver)
         hit = self._coeffs.get(key)
         if hit is None:
-            plan = Schedule(self.alphas, self.spacing).ddim(steps)
-            rows = np.stack([ddim_scalars(c, self.eta, self.clip) for c in plan])
+            plan = Schedule(self.alphas, self.spacing).table(self.solver, steps)
+            if self.solver == "dpmpp2m":
+                rows = np.stack([dpm2m_scalars(c, self.clip) for c in plan])
+            else:
+                rows = np.stack([ddim_scalars(c, self.eta, self.clip) for c in plan])
             coef = torch.from_numpy(rows).to(self.device)
             hit = self._coeffs[key] = (plan, coef)
         return hit
@@ -331,12 +364,16 @@ class BatchedSampler:
         cond = self._condition(image, k) if bufs.get("cond") is None else bufs.pop("cond")
         noise = bufs["noise"]
         x = noise[0].clone()
+        x0_prev = None
         for i in range(steps):
             eps = self.denoiser(x.to(self.dtype).contiguous(memory_format=fmt), bufs["t"][i], cond)
             eps = eps.float().contiguous()
             if eps.shape != x.shape:
                 raise RuntimeError(f"denoiser returned {tuple(eps.shape)}, expected {tuple(x.shape)}")
-            x = ddim_update(x, eps, coef[i], self.clip, noise[i + 1] if self.eta > 0.0 else None)
+            if self.solver == "dpmpp2m":
+                x, x0_prev = dpm2m_update(x, eps, coef[i], self.clip, plan[i].order, x0_prev)
+            else:
+                x = ddim_update(x, eps, coef[i], self.clip, noise[i + 1] if self.eta > 0.0 else None)
         probs = self.decoder(x.to(self.decoder_dtype).contiguous(memory_format=fmt)).float().contiguous()
         hw = probs.shape[-2:]
         if probs[0].numel() != hw[0] * hw[1]:
