@@ -9,6 +9,7 @@ import pytest
 from msld_sdk import BackendUnavailableError, PrecisionUnavailableError, Segmenter
 from msld_sdk.cli import main
 from msld_sdk.tools.cpu_features import ISA_FLAGS, KERNEL_ENV, describe, int8_kernel_path
+from msld_sdk.segmenter import shipped_plan_path
 from msld_sdk.evaluation.metrics import hypothesis_spread
 from msld_sdk.plan import Plan
 
@@ -110,6 +111,44 @@ def test_int8_plans_without_7bit_weights_keep_the_cpu_rule(int8_plan_8bit, rng, 
     monkeypatch.setenv(KERNEL_ENV, "exact")
     np.testing.assert_array_equal(Segmenter(int8_plan_8bit, precision="int8").run(img, k=2, steps=3, seed=1).probs,
                                   seg.run(img, k=2, steps=3, seed=1).probs)
+
+
+@pytest.mark.parametrize("name", ["lidc", "polyp"])
+def test_shipped_int8_graphs_cannot_saturate_16_bit_pair_sums(name):
+    """From the shipped int8 graph itself: every quantized convolution or matrix product that
+    multiplies an activation by a weight takes uint8 activations (0..255) and int8 weights with
+    |w| <= 64, so two adjacent products sum to at most 2 x 255 x 64 = 32640 <= 32767 and
+    VPMADDUBSW (CPUs without VNNI) cannot saturate.  Products of two activations run on u8u8
+    kernels, which widen to 16 bits first and cannot saturate either."""
+    import onnx
+    from msld_export.plan_writing.quantize_int8 import pair_sum_bounds
+    plan = Plan.open(shipped_plan_path(name))
+    e = plan.manifest["int8"]
+    graph_bytes = plan.blob(e["denoiser"])
+    bounds = pair_sum_bounds(graph_bytes)
+    g = onnx.load_from_string(graph_bytes).graph
+    int8_weights = {i.name for i in g.initializer if i.data_type == onnx.TensorProto.INT8}
+    dq_of_weight = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in int8_weights}
+    with_int8_weights = [n.name for n in g.node if n.op_type in ("Conv", "MatMul", "Gemm")
+                         and any(i in dq_of_weight for i in n.input)]
+    assert sorted(b["node"] for b in bounds) == sorted(with_int8_weights) and len(bounds) > 10  # every one checked
+    assert {b["activation_max"] for b in bounds} == {255}                 # uint8 activations
+    assert max(b["weight_max_abs"] for b in bounds) <= 64                 # 7-bit weights
+    assert max(b["pair_sum_max"] for b in bounds) == e["pair_sum_max"] <= 32767
+    assert e["reduce_range"] is True                                       # the mark the SDK reads
+    assert int8_kernel_path(saturation_safe=True).session_config == {} or int8_kernel_path().name == "default"
+
+
+@pytest.mark.parametrize("name", ["lidc", "polyp"])
+def test_shipped_int8_plans_give_the_same_results_on_the_fast_and_the_exact_kernels(name, monkeypatch, rng):
+    img = rng.random((48, 48), dtype=np.float32)
+    if name == "polyp":
+        img = rng.random((48, 48, 3), dtype=np.float32)
+    out = {}
+    for mode in ("fast", "exact"):
+        monkeypatch.setenv(KERNEL_ENV, mode)
+        out[mode] = Segmenter(name, backend="onnxruntime", precision="int8").run(img, k=2, steps=3, seed=4).probs
+    np.testing.assert_array_equal(out["fast"], out["exact"])
 
 
 def _conv_model(w: np.ndarray) -> bytes:
