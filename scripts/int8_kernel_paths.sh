@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# int8 evaluated on this CPU's own kernel path and on the exact u8u8 path that a CPU without
-# VNNI runs (MSLD_INT8_KERNEL=exact), same plan, seed and images; then whether the figures agree.
+# int8 evaluated on this CPU's own kernel path and on the exact u8u8 path (MSLD_INT8_KERNEL=exact:
+# what a CPU without VNNI runs for a plan without 7-bit int8 weights), same plan, seed and images;
+# then whether the figures agree.
 #   bash scripts/int8_kernel_paths.sh polyp OUT_DIR            # full validation split
 #   LIMIT=300 bash scripts/int8_kernel_paths.sh lidc OUT_DIR
 set -euo pipefail

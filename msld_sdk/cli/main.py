@@ -215,7 +215,7 @@ def cmd_bench(a) -> int:
             if not a.quiet:
                 print(f"  k={k:>2} steps={steps:>3}: median {row['median_ms']:.1f} ms", file=sys.stderr)
     report = {"plan": seg.plan.path, "backend": seg.backend.name, "image": image_path,
-              "machine": bench.machine_info(threads), "python": platform.python_version(),
+              "machine": bench.machine_info(threads, seg.plan), "python": platform.python_version(),
               "gemm_fp32_gflops_per_s": bench.gemm_gflops(threads), "rows": rows,
               "peak_rss_mb": bench.peak_rss_mb()}
     for r in rows:
@@ -272,8 +272,9 @@ def cmd_bench(a) -> int:
         q = report["int8_denoiser"]
         print(f"denoiser call at batch {q['batch']}: fp32 {q['fp32_ms']:.2f} ms, int8 {q['int8_ms']:.2f} ms "
               f"= {q['speedup']:.2f}x (max |eps diff| {q['eps_max_abs_diff']:.3f})")
+        print(f"  int8 kernel path: {q['int8_kernel']} ({q['int8_kernel_reason']})")
         if "int8_u8u8_ms" in q:
-            print(f"  int8 on the exact u8u8 kernels (what a CPU without VNNI runs): {q['int8_u8u8_ms']:.2f} ms "
+            print(f"  int8 on the exact u8u8 kernels (a CPU without VNNI, plan without 7-bit weights): {q['int8_u8u8_ms']:.2f} ms "
                   f"= {q['speedup_u8u8']:.2f}x; same eps as this CPU's path: {q['u8u8_equals_own_path']}")
     if "int8_run" in report:
         r = report["int8_run"]

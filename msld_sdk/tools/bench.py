@@ -104,14 +104,16 @@ def compare_denoiser_precisions(plan, batch: int, cond: np.ndarray, threads: int
                                 seed: int = 0) -> dict:
     """Median ms of one denoiser call at ``batch`` for fp32 and the plan's int8 graph, on the same
     bound inputs (latents ~ N(0,1), t = 500, the image's condition), calls interleaved so that
-    machine noise hits both alike.  On an x86 CPU whose own int8 path is not the exact u8u8 one,
-    that path is timed too (``int8_u8u8_ms``): it is what a CPU without VNNI runs."""
+    machine noise hits both alike.  On an x86 CPU whose own int8 path for this plan is not the exact
+    u8u8 one, that path is timed too (``int8_u8u8_ms``) and its eps compared bit for bit with the
+    own path's: it is what a CPU without VNNI runs for a plan without 7-bit weights."""
     from ..backends.onnxruntime_backend import OnnxRuntimeBackend
-    from .cpu_features import int8_kernel_path
+    from ..plan import INT8_KEY
+    from .cpu_features import int8_kernel_path, saturation_safe
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, *plan.latent_shape), dtype=np.float32)
     variants = {"fp32": ("fp32", None), "int8": ("int8", None)}
-    if int8_kernel_path().name == "u8s8-vnni":
+    if int8_kernel_path(saturation_safe=saturation_safe(plan.manifest.get(INT8_KEY))).name in ("u8s8-vnni", "u8s8-7bit"):
         variants["int8_u8u8"] = ("int8", "exact")
     runs = {}
     for name, (prec, mode) in variants.items():
@@ -130,7 +132,7 @@ def compare_denoiser_precisions(plan, batch: int, cond: np.ndarray, threads: int
     eps = {p: buf.eps.copy() for p, (b, buf) in runs.items()}
     med = {p: statistics.median(v) for p, v in times.items()}
     out = {"batch": batch, "fp32_ms": med["fp32"], "int8_ms": med["int8"], "speedup": med["fp32"] / med["int8"],
-           "int8_kernel": runs["int8"][0].int8_kernel.name,
+           "int8_kernel": runs["int8"][0].int8_kernel.name, "int8_kernel_reason": runs["int8"][0].int8_kernel.reason,
            "eps_max_abs_diff": float(np.abs(eps["fp32"] - eps["int8"]).max()), "repeats": repeats}
     if "int8_u8u8" in med:
         out.update(int8_u8u8_ms=med["int8_u8u8"], speedup_u8u8=med["fp32"] / med["int8_u8u8"],
@@ -142,16 +144,19 @@ def denoiser_gflops(plan, batch: int) -> float:
     return graph_flops(plan.blob("denoiser"), batch) / 1e9
 
 
-def machine_info(threads: int) -> dict:
+def machine_info(threads: int, plan=None) -> dict:
     """The machine a figure was measured on: CPU model, the ISA flags that decide fp32 and int8
-    speed, and the int8 kernel path, so that figures from different CPUs are never compared blind."""
+    speed, and the int8 kernel path (for ``plan``'s int8 graph when given: 7-bit graphs take the
+    fast path everywhere), so that figures from different CPUs are never compared blind."""
     import onnxruntime as ort
 
-    from .cpu_features import cpu_info, describe, int8_kernel_path
+    from ..plan import INT8_KEY
+    from .cpu_features import cpu_info, describe, int8_kernel_path, saturation_safe
     cpu = cpu_info()
+    path = int8_kernel_path(cpu, saturation_safe=saturation_safe(plan.manifest.get(INT8_KEY)) if plan else False)
     return {"cpu_count": os.cpu_count(), "threads": threads, "cpu": cpu["model"], "arch": cpu["arch"],
-            "isa": cpu["isa"], "cpu_summary": describe(cpu), "int8_kernel": int8_kernel_path(cpu).name,
-            "onnxruntime": ort.__version__}
+            "isa": cpu["isa"], "cpu_summary": describe(cpu), "int8_kernel": path.name,
+            "int8_kernel_reason": path.reason, "onnxruntime": ort.__version__}
 
 
 def format_table(rows: list[dict]) -> str:

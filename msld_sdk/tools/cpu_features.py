@@ -1,18 +1,17 @@
 """The CPU's model and the instruction sets that decide int8 speed and int8 correctness.
 
 ONNX Runtime's int8 convolutions multiply uint8 activations by int8 weights (u8s8).  With
-VNNI (AVX512-VNNI, AVX-VNNI, or AMX) the products are summed in 32 bits (VPDPBUSD): exact.
-Without VNNI, on AVX2 and AVX-512 alone, the kernels use VPMADDUBSW, which adds each *pair* of
-products into a saturating 16-bit integer: a pair can reach 2 x 255 x 127 = 64770 and is cut to
-32767, so the same int8 plan gives other answers on those CPUs (ONNX Runtime's quantization
-documentation describes this).  ONNX Runtime's session setting ``session.x64quantprecision``
-turns the int8 weights into uint8 at load and runs its u8u8 kernels, which do not saturate; the
-integer sums are then the same as with VNNI, so int8 results do not depend on the CPU
-(``tests/test_int8.py`` checks that bit for bit on the CPU it runs on).  It costs speed, so the SDK
-asks for it only where the u8s8 kernels would saturate.
+VNNI (AVX512-VNNI, AVX-VNNI, AMX) the products are summed in 32 bits (VPDPBUSD): exact.
+Without VNNI the kernels use VPMADDUBSW, which adds each *pair* of products into a saturating
+16-bit integer: 2 x 255 x 127 = 64770 is cut to 32767.  A plan whose int8 graph has 7-bit
+weights (manifest ``int8.reduce_range: true``, |w| <= 64) cannot reach that: 2 x 255 x 64 =
+32640, so the fast u8s8 kernels are exact on every x86 CPU and are chosen everywhere.  For an
+int8 graph without that mark, a CPU without VNNI gets ONNX Runtime's exact u8u8 kernels
+(``session.x64quantprecision=1``), which are slow.
 
-``MSLD_INT8_KERNEL=exact`` forces the u8u8 kernels on any x86 CPU (to compare or reproduce the
-path an AVX2-only machine takes); the default ``auto`` decides from the CPU as described.
+``MSLD_INT8_KERNEL``: ``auto`` (default, as above), ``exact`` (u8u8 on any x86 CPU) or ``fast``
+(ONNX Runtime's own u8s8 kernels on any CPU, whatever they do): tests use the last two to
+compare a CPU's paths bit for bit.
 """
 from __future__ import annotations
 
@@ -75,25 +74,46 @@ class Int8KernelPath:
     slower_than_fp32: bool = False
 
 
-def int8_kernel_path(info: dict | None = None, mode: str | None = None) -> Int8KernelPath:
-    """The int8 kernel path for this CPU (``mode``: "auto" or "exact"; default from $MSLD_INT8_KERNEL)."""
+def saturation_safe(int8_entry: dict | None) -> bool:
+    """Whether a plan's manifest ``int8`` entry marks its graph as unable to saturate 16-bit pair
+    sums (7-bit weights, ``reduce_range: true``, written by msld_export.plan_writing.quantize_int8)."""
+    return bool(int8_entry) and int8_entry.get("reduce_range") is True
+
+
+def int8_kernel_path(info: dict | None = None, mode: str | None = None,
+                     saturation_safe: bool = False) -> Int8KernelPath:
+    """The int8 kernel path for this CPU (``mode``: "auto", "exact" or "fast"; default from
+    $MSLD_INT8_KERNEL) and a plan whose int8 graph is ``saturation_safe`` or not."""
     info = info or cpu_info()
     mode = (mode or os.environ.get(KERNEL_ENV) or "auto").lower()
-    if mode not in ("auto", "exact"):
-        raise UsageError(f"{KERNEL_ENV} must be 'auto' or 'exact', got {mode!r}")
+    if mode not in ("auto", "exact", "fast"):
+        raise UsageError(f"{KERNEL_ENV} must be 'auto', 'exact' or 'fast', got {mode!r}")
     if not _is_x86(info["arch"]):
         return Int8KernelPath("default", f"{info['arch']} CPU: ONNX Runtime's x86 u8s8 saturation does not apply")
     if mode == "exact":
         return Int8KernelPath("u8u8-exact", f"{KERNEL_ENV}=exact: ONNX Runtime's u8u8 kernels "
                               "(session.x64quantprecision=1) as on a CPU without VNNI", dict(EXACT_CONFIG),
                               slower_than_fp32=True)
+    vnni = [ISA_FLAGS[f] for f in VNNI_FLAGS if (info["isa"] or {}).get(f)]
+    if vnni:
+        return Int8KernelPath("u8s8-vnni", f"CPU has {vnni[0]}: ONNX Runtime's u8s8 kernels sum in 32 bits (exact)")
+    if mode == "fast":
+        return Int8KernelPath("u8s8-16bit", f"{KERNEL_ENV}=fast: ONNX Runtime's u8s8 kernels, which on this CPU "
+                              "add pairs of products in saturating 16 bits (VPMADDUBSW)"
+                              + ("" if saturation_safe else "; this plan's int8 weights can saturate them"))
+    if saturation_safe:
+        why = "the CPU's instruction sets cannot be read" if info["isa"] is None else "CPU has no VNNI"
+        return Int8KernelPath("u8s8-7bit", f"{why}, but this plan's int8 graph has 7-bit weights (manifest "
+                              "int8.reduce_range: true, |w| <= 64): a pair of uint8 x int8 products is at most "
+                              "2 x 255 x 64 = 32640 <= 32767, so ONNX Runtime's fast u8s8 kernels (VPMADDUBSW) "
+                              "cannot saturate and are exact")
     if info["isa"] is None:
         return Int8KernelPath("u8u8-exact", "the CPU's instruction sets cannot be read: ONNX Runtime's exact u8u8 "
                               "kernels (session.x64quantprecision=1), safe on every x86 CPU", dict(EXACT_CONFIG))
-    vnni = [ISA_FLAGS[f] for f in VNNI_FLAGS if info["isa"].get(f)]
-    if vnni:
-        return Int8KernelPath("u8s8-vnni", f"CPU has {vnni[0]}: ONNX Runtime's u8s8 kernels sum in 32 bits (exact)")
     return Int8KernelPath("u8u8-exact", "CPU has no VNNI: ONNX Runtime's u8s8 kernels would saturate 16-bit pair sums "
-                          "(VPMADDUBSW), so session.x64quantprecision=1 selects its exact u8u8 kernels; they were "
-                          "measured no faster than fp32 (0.86-0.98x), so fp32 is the better choice on this CPU",
+                          "(VPMADDUBSW) with this plan's 8-bit int8 weights, so session.x64quantprecision=1 selects "
+                          "its exact u8u8 kernels; they were measured no faster than fp32 on an AVX-512 CPU (0.86-0.98x; "
+                          "1.24-1.44x on an AVX2 one), so fp32 may be the better choice here; re-quantizing the plan "
+                          "with msld_export.plan_writing.quantize_int8 gives 7-bit weights, which run the fast u8s8 "
+                          "kernels exactly",
                           dict(EXACT_CONFIG), slower_than_fp32=True)

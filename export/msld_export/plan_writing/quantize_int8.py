@@ -6,13 +6,13 @@
 Calibration uses the denoiser's real inputs: the fp32 plan samples k=2 hypotheses for N
 *training* images (never validation images) at its default number of steps, and every
 (x, t, cond) it feeds the denoiser is recorded.  Only Conv and MatMul are quantized (QDQ,
-per-channel int8 weights, uint8 activations, MinMax ranges): quantizing GroupNorm/SiLU/Add
-as well was no faster on this CPU and ten times less accurate (benchmarks/README.md).  The
-output convolution stays fp32: it writes the prediction directly, and keeping it halved the RMS
-eps error on held-out training inputs (LIDC 0.085 -> 0.041, polyp 0.050 -> 0.035;
-``python -m benchmarks.int8_recipes``) at no measurable cost in speed.
-The fp32 graphs are untouched; the plan gains ``graphs/denoiser_int8.onnx`` and a manifest
-entry ``int8`` saying how it was made and how far it is from fp32 on the calibration inputs.
+per-channel 7-bit weights in int8 (``reduce_range``: |w| <= 64, so the 16-bit pair sums of
+CPUs without VNNI cannot saturate), uint8 activations, MinMax ranges); the output convolution
+stays fp32.  The recipe and its alternatives: ``python -m benchmarks.int8_recipes`` and
+benchmarks/README.md.  The fp32 graphs are untouched; the plan gains
+``graphs/denoiser_int8.onnx`` and a manifest entry ``int8`` saying how it was made, its largest
+16-bit pair sum (``reduce_range: true`` when that cannot saturate) and how far it is from fp32
+on the calibration inputs.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from msld_sdk.plan import INT8_KEY, Plan, add_blobs
 
 BLOB = "denoiser_int8"
 OPS = ["Conv", "MatMul"]
+INT16_MAX = 32767
 
 
 def record_denoiser_inputs(plan_path, images: list[np.ndarray], k: int = 2, steps: int | None = None,
@@ -65,9 +66,10 @@ def output_conv(onnx_bytes: bytes) -> str:
 
 
 def quantize_denoiser(fp32_onnx: bytes, feeds: list[dict], method=CalibrationMethod.MinMax,
-                      keep_fp32: list[str] | None = None) -> bytes:
-    """The shipped recipe by default; ``method`` and ``keep_fp32`` (node names left fp32,
-    default: the output convolution) let benchmarks/int8_recipes.py compare alternatives."""
+                      keep_fp32: list[str] | None = None, reduce_range: bool = True) -> bytes:
+    """The shipped recipe by default; ``method``, ``keep_fp32`` (node names left fp32, default:
+    the output convolution) and ``reduce_range`` (7-bit weights; False: the full int8 range, as
+    plans made before 2026-12-03) let benchmarks/int8_recipes.py compare alternatives."""
     if keep_fp32 is None:
         keep_fp32 = [output_conv(fp32_onnx)]
     with tempfile.TemporaryDirectory() as d:
@@ -75,9 +77,55 @@ def quantize_denoiser(fp32_onnx: bytes, feeds: list[dict], method=CalibrationMet
         src.write_bytes(fp32_onnx)
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(out), _Reader(feeds), quant_format=QuantFormat.QDQ, op_types_to_quantize=OPS,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=method, nodes_to_exclude=keep_fp32)
         return out.read_bytes()
+
+
+def pair_sum_bounds(int8_onnx: bytes) -> list[dict]:
+    """For every quantized Conv/MatMul/Gemm of a QDQ graph whose inputs are an 8-bit activation
+    and an int8 weight initializer (the u8s8 kernels' case): the largest |activation| the
+    activation's type allows (uint8: 255, int8: 128), the largest |weight| stored, and the
+    largest sum of two adjacent products, 2 x a x w, which VPMADDUBSW keeps in a saturating
+    int16 on CPUs without VNNI.  Products of two activations (u8u8 kernels) are not listed:
+    those kernels widen to 16 bits before multiplying and never saturate."""
+    import onnx
+    from onnx import numpy_helper
+    g = onnx.load_from_string(int8_onnx).graph
+    init = {i.name: i for i in g.initializer}
+    made_by = {o: n for n in g.node for o in n.output}
+
+    def quantized(name):   # (kind, integer dtype, values or None) of a DequantizeLinear's input
+        dq = made_by.get(name)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            return None
+        src = dq.input[0]
+        if src in init:
+            return "weight", numpy_helper.to_array(init[src])
+        ql = made_by.get(src)
+        if ql is not None and ql.op_type == "QuantizeLinear" and len(ql.input) > 2 and ql.input[2] in init:
+            return "activation", numpy_helper.to_array(init[ql.input[2]])   # its zero point gives the type
+        raise ValueError(f"{dq.name}: cannot tell where the quantized input {src!r} comes from")
+
+    out = []
+    for n in g.node:
+        if n.op_type not in ("Conv", "MatMul", "Gemm"):
+            continue
+        ins = [quantized(i) for i in n.input[:2]]
+        if None in ins:
+            continue                                                   # left fp32
+        kinds = sorted(k for k, _ in ins)
+        if kinds != ["activation", "weight"]:
+            continue                                                   # activation x activation: u8u8
+        act = next(v for k, v in ins if k == "activation")
+        w = next(v for k, v in ins if k == "weight")
+        if w.dtype != np.int8:
+            raise ValueError(f"{n.name}: weights of type {w.dtype}, expected int8")
+        a_max = 255 if act.dtype == np.uint8 else 128
+        w_max = int(np.abs(w.astype(np.int64)).max())
+        out.append({"node": n.name, "op": n.op_type, "activation_max": a_max, "weight_max_abs": w_max,
+                    "pair_sum_max": 2 * a_max * w_max})
+    return out
 
 
 def int8_session(onnx_bytes: bytes, threads: int | None = None) -> ort.InferenceSession:
@@ -119,18 +167,24 @@ def random_images(plan: Plan, n: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def add_int8_denoiser(plan_path, images: list[np.ndarray], source: dict, k: int = 2, seed: int = 0,
-                      steps: int | None = None) -> dict:
+                      steps: int | None = None, reduce_range: bool = True) -> dict:
     """Quantize the plan's denoiser with ``images`` as calibration and store it in the plan
-    (calibration runs at ``steps``, default the plan's default step count)."""
+    (calibration runs at ``steps``, default the plan's default step count; ``reduce_range=False``
+    makes the full-range 8-bit weights of plans made before 2026-12-03, for tests)."""
     plan = Plan.open(plan_path)
     steps = int(steps or plan.defaults["steps"])
     feeds = record_denoiser_inputs(plan_path, images, k=k, steps=steps, seed=seed)
     fp32 = plan.blob("denoiser")
-    int8 = quantize_denoiser(fp32, feeds)
+    int8 = quantize_denoiser(fp32, feeds, reduce_range=reduce_range)
+    pair_max = max(b["pair_sum_max"] for b in pair_sum_bounds(int8))
     entry = {
         "denoiser": BLOB,
-        "method": "onnxruntime.quantization.quantize_static: QDQ, per-channel int8 weights, uint8 activations, "
+        "method": "onnxruntime.quantization.quantize_static: QDQ, per-channel int8 weights"
+                  + (" with reduce_range (7 bits, |w| <= 64)" if reduce_range else "") + ", uint8 activations, "
                   f"MinMax calibration, ops {OPS}, output convolution kept fp32",
+        # read by msld_sdk.tools.cpu_features: true lets CPUs without VNNI use the fast u8s8 kernels
+        "reduce_range": pair_max <= INT16_MAX,
+        "pair_sum_max": pair_max,
         "onnxruntime": ort.__version__,
         "calibration": {**source, "images": len(images), "k": k, "steps": steps, "feeds": len(feeds)},
         "eps_max_rel_err_on_calibration": eps_error(fp32, int8, feeds),
