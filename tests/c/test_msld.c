@@ -102,7 +102,7 @@ int main(void) {
     float ac[1000];
     double prod = 1.0;
     for (int i = 0; i < 1000; ++i) { prod *= 1.0 - (1e-4 + (0.02 - 1e-4) * i / 999.0); ac[i] = (float)prod; }
-    msld_sampler_params p = {1000, ac, 10, MSLD_SPACING_TRAILING, 0.0f, 0.0f, 123, 3, 2, 16, 0};
+    msld_sampler_params p = {1000, ac, 10, MSLD_SPACING_TRAILING, 0.0f, 0.0f, 123, 3, 2, 16, 0, MSLD_SOLVER_DDIM};
     float lx[6 * 16], le[6 * 16], lt[6];
     toy_state st = {0, 0};
     CHECK(msld_ddim_sample(&p, toy_denoise, &st, NULL, NULL, lx, le, lt) == MSLD_OK, "loop ok");
@@ -118,6 +118,18 @@ int main(void) {
               st.calls == 2, "progress callback cancels");
     p.eta = 1.0f;
     CHECK(msld_ddim_sample(&p, toy_denoise, &st, NULL, NULL, lx, le, lt) == MSLD_OK, "loop with eta=1 ok");
+    /* DPM-Solver++(2M) through the same loop: one denoiser call per step, eta > 0 refused */
+    p.solver = MSLD_SOLVER_DPMPP2M;
+    CHECK(msld_ddim_sample(&p, toy_denoise, &st, NULL, NULL, lx, le, lt) == MSLD_ERR_INVALID_ARG,
+          "dpmpp2m refuses eta > 0");
+    p.eta = 0.0f;
+    st.calls = 0;
+    CHECK(msld_ddim_sample(&p, toy_denoise, &st, NULL, NULL, lx, le, lt) == MSLD_OK && st.calls == 10,
+          "dpmpp2m loop ok, one denoiser call per step");
+    finite = 1;
+    for (int i = 0; i < 6 * 16; ++i) finite &= isfinite(lx[i]);
+    CHECK(finite, "finite dpmpp2m latents");
+    p.solver = MSLD_SOLVER_DDIM;
     /* given initial latents: the loop starts from x instead of drawing */
     p.eta = 0.0f;
     float gx[6 * 16], gx2[6 * 16];
