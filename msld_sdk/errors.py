@@ -32,6 +32,11 @@ class InputError(MsldError, ValueError):
     """An image or an argument given to ``Segmenter.run`` cannot be used."""
 
 
+class SeriesGeometryError(InputError):
+    """A DICOM series whose slices do not form a regular grid (missing, duplicate or uneven
+    positions, mixed orientations): a partial or irregular series."""
+
+
 class PrecisionUnavailableError(MsldError, ValueError):
     """The requested precision (e.g. int8) is not in this plan or not supported by the backend."""
 

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import numpy as np
 
-from ..errors import InputError, PacsError
+from ..errors import InputError, PacsError, SeriesGeometryError
 from ..extras import require
 
 log = logging.getLogger("msld_sdk")
@@ -258,32 +257,13 @@ def connect(url: str, ca_bundle: str | None = None, timeout: float = 30.0, retri
 
 
 def load_series_complete(folder, where: str):
-    """``load_series`` of a received series, refusing a partial or irregular one (PacsError)."""
+    """``load_series`` of a received series; one whose slices miss, repeat or break the grid
+    (the series geometry check) is refused as partial or irregular (PacsError)."""
     from .volume import load_series
     try:
-        vol = load_series(folder)
-    except InputError as e:
-        if "regular grid" in str(e) or "orientation" in str(e):   # the series geometry checks
-            raise PacsError(f"{where} is partial or irregular: {e}") from None
-        raise
-    check_complete(vol, where)
-    return vol
-
-
-def check_complete(vol, where: str) -> None:
-    """Refuse a series with a gap in its slice positions (instances missing: a partial series)."""
-    ds = vol.datasets
-    if len(ds) < 2 or not all("ImagePositionPatient" in d for d in ds):
-        return
-    iop = np.asarray(ds[0].get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), float)
-    n = np.cross(iop[:3], iop[3:])
-    z = np.array([float(np.dot(np.asarray(d.ImagePositionPatient, float), n)) for d in ds])
-    steps = np.diff(z)
-    med = float(np.median(steps))
-    if med <= 0 or (steps > 1.5 * med).any() or (steps < 0.5 * med).any():
-        i = int(np.argmax(np.abs(steps - med)))
-        raise PacsError(f"{where} is partial or irregular: slice positions {z[i]:.2f} -> {z[i + 1]:.2f} mm against "
-                        f"a {med:.2f} mm step (instances missing?); send the whole series again")
+        return load_series(folder)
+    except SeriesGeometryError as e:
+        raise PacsError(f"{where} is partial or irregular: {e}") from None
 
 
 # ---- deterministic SEG identity ---------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, SeriesGeometryError
 from ..extras import require
 from ..input_checks import check_modality
 from ..roi import crop, normalise_crop, paste, training_input, windows
@@ -176,7 +176,7 @@ def load_series(folder_or_files, series_uid: str | None = None, accept_irregular
     problems = geometry_problems(slices, normal)
     if problems and not accept_irregular:
         more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
-        raise InputError(f"{where}: the slices do not form a regular grid: {'; '.join(problems[:5])}{more}. Fix the "
+        raise SeriesGeometryError(f"{where}: the slices do not form a regular grid: {'; '.join(problems[:5])}{more}. Fix the "
                          "series (remove duplicates, add the missing slices), or pass accept_irregular=True (CLI: "
                          "--accept-irregular-slices) to segment every slice at its true position (result.npz "
                          "and DICOM SEG keep the positions; no NIfTI, whose affine cannot hold them)")
