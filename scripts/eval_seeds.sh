@@ -14,6 +14,8 @@
 #   TAG=name                    results go to benchmarks/results/eval_seeds_TAG
 #                               (default: NAME, plus _KIND, _kK, _per_nodule and _viewsV when given)
 #   LIMIT=N                     first N validation items only
+#   SOLVERS="ddim dpmpp2m"      samplers (default: ddim); files of a solver other than ddim are
+#                               named SOLVER_stepsN_seedS_P.json
 # Results already on disk are kept (resumable). The evaluation protocol of the model card
 # (held-out video sequences, one slice per nodule, k=16 for LIDC): scripts/eval_protocol.sh.
 set -euo pipefail
@@ -33,7 +35,7 @@ from msld_sdk.plan import Plan
 from msld_sdk.segmenter import resolve_plan_path
 plan = Plan.open(resolve_plan_path(sys.argv[2]))
 want, views = plan.graphs_sha256, int(sys.argv[3] or plan.defaults.get("views", 1))
-for f in sorted(pathlib.Path(sys.argv[1]).glob("steps*_seed*_*.json")):
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*steps*_seed*_*.json")):
     rep = json.loads(f.read_text())
     got = rep.get("plan_graphs_sha256")
     if got is None:
@@ -43,15 +45,17 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("steps*_seed*_*.json")):
     if rep.get("views", 1) != views:
         sys.exit(f"{f} was made with views={rep.get('views', 1)}, this run uses views={views}: give TAG=another_name")
 PY
+for sv in ${SOLVERS:-ddim}; do
 for st in $STEPS; do
   for s in "$@"; do
     for p in ${PRECISIONS:-fp32 int8}; do
-      f="$OUT/steps${st}_seed${s}_$p.json"
+      f="$OUT/$([ "$sv" = ddim ] || echo "${sv}_")steps${st}_seed${s}_$p.json"
       [ -f "$f" ] && continue
       python -m msld_sdk.cli eval --plan "$PLAN" --kind "${KIND:-$NAME}" --split val -q --seed "$s" --steps "$st" \
-          --precision "$p" ${K:+--k "$K"} ${VIEWS:+--views "$VIEWS"} ${PER_NODULE:+--per-nodule} ${LIMIT:+--limit "$LIMIT"} \
+          --solver "$sv" --precision "$p" ${K:+--k "$K"} ${VIEWS:+--views "$VIEWS"} ${PER_NODULE:+--per-nodule} ${LIMIT:+--limit "$LIMIT"} \
           ${THREADS:+--threads "$THREADS"} --json "$f" > /dev/null
     done
   done
+done
 done
 python -m benchmarks.eval_summary "$OUT" | tee "$OUT/summary.txt"
