@@ -59,7 +59,9 @@ setup(
         "volume": ["nibabel"],
         "ray": ["ray[data]"],
         "fuzz": ["atheris", "hypothesis"],
-        "eval": ["scipy"],  # HM-IoU's Hungarian matching (data with several annotators) in msld eval
+        # scipy: HM-IoU's Hungarian matching (data with several annotators) in msld eval / tune;
+        # matplotlib: msld tune's plot (without it the table and JSON are still written)
+        "eval": ["scipy", "matplotlib"],
         "test": ["pytest", "pytest-benchmark", "scipy", "torchmetrics", "matplotlib", "hypothesis", "pydicom",
                  "highdicom", "dicomweb-client", "pynetdicom", "nibabel", "ray[data]",
                  "torch==2.13.0", "onnx", "onnxscript", "safetensors", "diffusers", "pyyaml", "tensorrt-rtx-cu13"],

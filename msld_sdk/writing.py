@@ -28,6 +28,7 @@ TMP_PREFIX = ".msld-tmp-"
 # what msld writes into an output folder (msld segment, its series route, Ray items and jobs)
 OUTPUT_FILE_NAMES = re.compile(r"mask_\d+\.png|mean\.png|consensus\.png|confidence\.png|overlay\.png|result\.npz|"
                                r"(mean|confidence|consensus|masks)\.nii\.gz|seg\.dcm|seg_mean\.dcm|(done|error|job|summary)\.json|"
+                               r"tune\.(txt|json|png)|"   # msld tune
                                + re.escape(TMP_PREFIX) + r".*")
 
 

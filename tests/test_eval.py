@@ -132,7 +132,7 @@ def test_eval_summary_pairs_by_seed(tmp_path):
         write(10, seed, "fp32", base + 0.02)
         write(10, seed, "int8", base + 0.01)
     runs = load(tmp_path)
-    assert runs[(10, "int8")][1]["marked/dice_consensus"] == pytest.approx(0.305)
+    assert runs[("ddim", 10, "int8")][1]["marked/dice_consensus"] == pytest.approx(0.305)
     text = "\n".join(summarise(runs))
     assert "fp32 minus fp32 at 20 steps" in text
     lines = text.splitlines()
@@ -140,3 +140,30 @@ def test_eval_summary_pairs_by_seed(tmp_path):
     int8_10 = lines[lines.index("int8 10 steps, seeds 0 1:") + 1]
     assert "+0.0200 +0.0200 mean +0.0200" in fp32_10      # vs fp32 at 20 steps
     assert "-0.0100 -0.0100 mean -0.0100" in int8_10      # vs fp32 at 10 steps
+
+
+def test_eval_summary_compares_other_solvers_with_the_ddim_reference(tmp_path):
+    """benchmarks/eval_summary.py: a dpmpp2m file is grouped under its solver, its fp32 compared
+    with DDIM fp32 at the reference steps and its int8 with its own fp32, each with the verdict of
+    msld_sdk.evaluation.seed_spread (|mean diff| <= the compared-with setting's seed sd)."""
+    import json
+    from benchmarks.eval_summary import load, summarise
+
+    def write(name, dice):
+        (tmp_path / name).write_text(json.dumps({"metrics": {"dice_consensus": dice}, "ece": 0.01}))
+
+    for seed, base in [(0, 0.50), (1, 0.60), (2, 0.70)]:     # reference sd over seeds: 0.1
+        write(f"steps20_seed{seed}_fp32.json", base)
+        write(f"dpmpp2m_steps5_seed{seed}_fp32.json", base + 0.05)   # |diff| 0.05 <= 0.1: within
+        write(f"dpmpp2m_steps3_seed{seed}_fp32.json", base + 0.15)   # 0.15 > 0.1: not within
+        write(f"dpmpp2m_steps5_seed{seed}_int8.json", base + 0.05 + [0.0, 0.2, 0.0][seed])
+    runs = load(tmp_path)
+    assert sorted(runs) == [("ddim", 20, "fp32"), ("dpmpp2m", 3, "fp32"), ("dpmpp2m", 5, "fp32"),
+                            ("dpmpp2m", 5, "int8")]
+    lines = summarise(runs)
+    dice = {l: lines[lines.index(l) + 1] for l in lines if l.endswith(":") and "steps" in l}
+    assert "within" not in dice["fp32 20 steps, seeds 0 1 2:"]          # the reference itself
+    assert "mean +0.0500 | within its sd 0.1000: yes" in dice["dpmpp2m fp32 5 steps, seeds 0 1 2:"]
+    assert "mean +0.1500 | within its sd 0.1000: NO" in dice["dpmpp2m fp32 3 steps, seeds 0 1 2:"]
+    # int8 against dpmpp2m fp32 at 5 steps (sd 0.1): mean difference 0.2 / 3 = 0.0667
+    assert "+0.0000 +0.2000 +0.0000 mean +0.0667 | within its sd 0.1000: yes" in dice["dpmpp2m int8 5 steps, seeds 0 1 2:"]

@@ -39,6 +39,25 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all available)")
 
 
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    """The labelled data of ``msld eval`` and ``msld tune``."""
+    p.add_argument("--plan", default=None, help="plan file or shipped model name (default: lidc)")
+    p.add_argument("--data", default=None,
+                   help="data root holding lidc/, kvasir-seg/, cvc-clinicdb/ (default: $MSLD_DATA, else "
+                        "../shared/data beside a clone), or a folder with images/ and masks/ (matched by file name)")
+    p.add_argument("--kind", choices=["lidc", "polyp", "kvasir", "cvc", "folder"], default=None,
+                   help="data set (default: folder when DATA has images/ and masks/, else from the plan's "
+                        "model name); folder: every image of DATA/images with its mask in DATA/masks")
+    p.add_argument("--split", default="val", choices=["train", "val"], help="which part of the data set")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N items of the split only "
+                   "(default: all)")
+    p.add_argument("--cvc-fold", default=None, metavar="F/N",
+                   help="CVC-ClinicDB (kinds cvc, polyp): validate on the F-th of N sequence-safe blocks "
+                        "(cross-validation; default: the shipped models' split, the last 15 %%)")
+    p.add_argument("--per-nodule", action="store_true",
+                   help="LIDC: one slice per nodule, its middle one (a nodule's slices are near-duplicates)")
+
+
 def _add_threshold_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=unit_float, default=None,
                    help="probability above which a pixel is in a mask (default: the plan's, 0.5 for the shipped ones)")
@@ -302,19 +321,12 @@ def cmd_bench(a) -> int:
     return 0
 
 
-def cmd_eval(a) -> int:
-    from tqdm import tqdm
-
+def _eval_data(a, seg):
+    """The labelled split of ``msld eval`` / ``msld tune``: (kind, split as recorded, SegData);
+    ``a.data`` is filled with the data root used."""
     from ..evaluation import metrics
-    from ..tools.cpu_features import describe
     from ..evaluation.datasets import FOLDER, data_kind_for, default_data_root, is_folder_pair, load_split, middle_slice_per_nodule
-    from ..evaluation.evaluate import Sample, evaluate, format_report, to_json
-    from ..segmenter import Segmenter
 
-    if a.json:
-        from ..writing import check_output_file
-        check_output_file(a.json, [a.plan, a.data], a.overwrite, what="--json")
-    seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, precision=a.precision)
     a.data = a.data or str(default_data_root())
     try:
         kind = a.kind or (FOLDER if is_folder_pair(a.data) else data_kind_for(seg.plan.manifest["model"]["name"]))
@@ -324,13 +336,27 @@ def cmd_eval(a) -> int:
             data = middle_slice_per_nodule(data)
     except (FileNotFoundError, ValueError) as e:
         raise MsldError(str(e)) from e
-    split = "all" if kind == FOLDER else a.split   # a folder is evaluated whole
+    if len(data) == 0:
+        raise MsldError(f"no images in {kind}/{a.split} under {a.data}")
     if data.num_annotators > 1:
         metrics.linear_sum_assignment()   # HM-IoU needs scipy: say so before any image is run
-    samples = (Sample(data.images[i].transpose(1, 2, 0).astype(np.float32) / 255.0, data.masks[i] > 0, data.ids[i])
-               for i in range(len(data)))
+    return kind, "all" if kind == FOLDER else a.split, data   # a folder is evaluated whole
+
+
+def cmd_eval(a) -> int:
+    from tqdm import tqdm
+
+    from ..tools.cpu_features import describe
+    from ..evaluation.evaluate import evaluate, format_report, samples_of, to_json
+    from ..segmenter import Segmenter
+
+    if a.json:
+        from ..writing import check_output_file
+        check_output_file(a.json, [a.plan, a.data], a.overwrite, what="--json")
+    seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, precision=a.precision)
+    kind, split, data = _eval_data(a, seg)
     bar = tqdm(total=len(data), desc=f"eval {kind}/{split}", unit="img", disable=a.quiet)
-    rep = evaluate(seg, samples, k=a.k if a.k is not None else seg.defaults["k"], steps=a.steps, seed=a.seed,
+    rep = evaluate(seg, samples_of(data), k=a.k if a.k is not None else seg.defaults["k"], steps=a.steps, seed=a.seed,
                    views=a.views, solver=a.solver, threshold=a.threshold, progress=lambda n: bar.update(n - bar.n))
     bar.close()
     rep.update(plan=seg.plan.path, plan_graphs_sha256=seg.plan.graphs_sha256, data=str(a.data), kind=kind, split=split, precision=a.precision,
@@ -342,6 +368,63 @@ def cmd_eval(a) -> int:
         from ..writing import write_text
         write_text(a.json, to_json(rep))
         print(f"wrote {a.json}")
+    return 0
+
+
+def cmd_tune(a) -> int:
+    from tqdm import tqdm
+
+    from ..errors import InputError
+    from ..evaluation import tune
+    from ..evaluation.datasets import default_data_root
+    from ..evaluation.evaluate import samples_of
+    from ..segmenter import Segmenter, resolve_plan_path
+    from ..tools.bench import machine_info
+    from ..writing import OutputFolder, check_output_folder
+
+    settings = tune.parse_settings(a.settings)   # every argument checked before any work
+    reference = tune.parse_reference(a.reference, settings)
+    seeds = tune.parse_seeds(a.seeds)
+    plan = resolve_plan_path(a.plan)
+    a.data = a.data or str(default_data_root())
+    out = check_output_folder(a.out, [plan, a.data], a.overwrite, what="--out")
+    seg = Segmenter(plan, backend=a.backend, threads=a.threads, precision=a.precision)
+    k = a.k if a.k is not None else seg.defaults["k"]
+    for s in settings:
+        try:
+            seg.options(k=k, steps=s.steps, solver=s.solver, seed=0)
+        except InputError as e:
+            raise UsageError(f"--settings {s}: {e}") from e
+    kind, split, data = _eval_data(a, seg)
+    metrics = tune.watched_metrics(a.metrics, data.num_annotators)
+    bar = tqdm(total=len(settings) * len(seeds) * len(data), desc=f"tune {kind}/{split}", unit="img", disable=a.quiet)
+    runs = tune.run_grid(seg, lambda: samples_of(data), settings, seeds, k, progress=lambda n: bar.update(n - bar.n))
+    bar.close()
+    rows = tune.table_rows(runs, reference, metrics)
+    choice = tune.cheapest(rows)
+    threads = getattr(seg.backend, "threads", a.threads or 0)
+    report = {"plan": seg.plan.path, "plan_graphs_sha256": seg.plan.graphs_sha256, "data": str(a.data), "kind": kind,
+              "split": split, "per_nodule": bool(a.per_nodule), "cvc_fold": a.cvc_fold, "n_images": len(data), "k": k,
+              "views": runs[0]["views"], "seeds": seeds, "settings": [str(s) for s in settings],
+              "reference": str(reference), "metrics": metrics, "rule": tune.RULE, "denoiser_calls": tune.CALLS,
+              "backend": seg.backend.name, "precision": a.precision, "machine": machine_info(threads, seg.plan),
+              "rows": rows, "choice": choice and {k_: choice[k_] for k_ in ("setting", "solver", "steps")},
+              "runs": runs}
+    head = (f"msld tune: {seg.plan.path} (graphs sha256 {seg.plan.graphs_sha256[:12]}) on {kind}/{split}, "
+            f"{len(data)} images, k={k}, seeds {' '.join(map(str, seeds))}, {seg.backend.name} {a.precision}, "
+            f"{report['machine']['cpu_summary']}")
+    table = tune.format_table(rows, metrics, head)
+    print(table)
+    if a.write and choice is not None:
+        m = tune.write_choice(seg.plan.path, report)
+        report["written"] = {"plan": seg.plan.path, "defaults": m["defaults"]}
+    with OutputFolder(out) as folder:
+        written = tune.write_outputs(folder.path, report, table)
+    print(f"wrote {', '.join(str(out / n) for n in written)}")
+    if a.write:
+        if choice is None:
+            tune.write_choice(seg.plan.path, report)   # refuses: nothing holds
+        print(f"{seg.plan.path}: defaults now {report['written']['defaults']}")
     return 0
 
 
@@ -423,14 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("eval", help="Dice/IoU (and GED, HM-IoU, ECE for multi-annotator data) of a plan on a labelled "
                 "split or on a folder with images/ and masks/")
-    p.add_argument("--plan", default=None, help="plan file or shipped model name (default: lidc)")
-    p.add_argument("--data", default=None,
-                   help="data root holding lidc/, kvasir-seg/, cvc-clinicdb/ (default: $MSLD_DATA, else "
-                        "../shared/data beside a clone), or a folder with images/ and masks/ (matched by file name)")
-    p.add_argument("--kind", choices=["lidc", "polyp", "kvasir", "cvc", "folder"], default=None,
-                   help="data set (default: folder when DATA has images/ and masks/, else from the plan's "
-                        "model name); folder: every image of DATA/images with its mask in DATA/masks")
-    p.add_argument("--split", default="val", choices=["train", "val"], help="which part of the data set")
+    _add_data_args(p)
     p.add_argument("-k", "--k", type=positive_int, default=None, help="hypotheses per image (default: the plan's)")
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the plan's)")
     p.add_argument("--solver", choices=SOLVERS, default=None,
@@ -439,18 +515,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="image i is sampled with a seed derived from (seed, i), so images do not share noise")
     _add_threshold_arg(p)
-    p.add_argument("--limit", type=positive_int, default=None, help="first N items of the split only "
-                   "(default: all)")
-    p.add_argument("--cvc-fold", default=None, metavar="F/N",
-                   help="CVC-ClinicDB (kinds cvc, polyp): validate on the F-th of N sequence-safe blocks "
-                        "(cross-validation; default: the shipped models' split, the last 15 %%)")
     _add_views_arg(p)
-    p.add_argument("--per-nodule", action="store_true",
-                   help="LIDC: one slice per nodule, its middle one (a nodule's slices are near-duplicates)")
     _add_backend_args(p)
     p.add_argument("--json", "-o", "--out", dest="json", default=None, metavar="FILE",
                    help="write the report as JSON to FILE (default: none)")
     add_overwrite_arg(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    from ..evaluation.tune import DEFAULT_SEEDS, DEFAULT_SETTINGS
+    p = command("tune", help="run a plan over solvers x steps at several seeds on labelled data and name the "
+                "cheapest setting whose figures stay within the reference's seed spread; --write makes it the "
+                "plan's default")
+    _add_data_args(p)
+    p.add_argument("--settings", default=DEFAULT_SETTINGS, metavar="'SOLVER:STEPS,... ...'",
+                   help="solvers x step counts to run, e.g. 'ddim:20,10 dpmpp2m:6,4'")
+    p.add_argument("--reference", default=None, metavar="SOLVER:STEPS",
+                   help="the setting the others must stay within the seed spread of (one of --settings; "
+                        "default: ddim at its largest step count)")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), metavar="SEED",
+                   help="seeds, at least two (the rule needs the reference's spread over seeds; default: 0 1 2)")
+    p.add_argument("-k", "--k", type=positive_int, default=None, help="hypotheses per image (default: the plan's)")
+    p.add_argument("--metrics", default=None, metavar="M[,M...]",
+                   help="metrics that must stay within the spread (default: ged,hm_iou for data with several "
+                        "annotators, else dice_consensus,ece)")
+    _add_backend_args(p)
+    p.add_argument("-o", "--out", default="msld_tune", help="folder for tune.txt (the table), tune.json (every "
+                   "figure, the machine, the plan checksum) and tune.png (the plot, needs matplotlib); replaced whole")
+    add_overwrite_arg(p)
+    p.add_argument("--write", action="store_true", help="record the chosen solver and steps in the plan's defaults, "
+                   "with the evidence in its provenance (refused when no setting holds; default: off)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     sub.add_parser("export", help="checkpoint -> plan (needs the [export] extra); `msld export --help` for options",
@@ -468,7 +561,7 @@ def _main(argv: list) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
     return {"segment": cmd_segment, "info": cmd_info, "build": cmd_build, "bench": cmd_bench,
-            "eval": cmd_eval, "listen": cmd_listen}[a.cmd](a)
+            "eval": cmd_eval, "tune": cmd_tune, "listen": cmd_listen}[a.cmd](a)
 
 
 def main(argv=None) -> int:

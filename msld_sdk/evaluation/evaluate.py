@@ -48,6 +48,12 @@ class _Acc:
         return {k: len(v) for k, v in self.values.items()}
 
 
+def samples_of(data):
+    """The ``Sample``s of a ``SegData`` split (uint8 C x H x W images, masks > 0), one at a time."""
+    for i in range(len(data)):
+        yield Sample(data.images[i].transpose(1, 2, 0).astype(np.float32) / 255.0, data.masks[i] > 0, data.ids[i])
+
+
 def reference_mask(annotations: np.ndarray) -> np.ndarray:
     """50 % consensus: marked by at least half of the annotators (the only one if A = 1)."""
     return annotations.sum(0) * 2 >= annotations.shape[0] if annotations.shape[0] > 1 else annotations[0]

@@ -3,49 +3,19 @@
     python -m msld_export.plan_writing.set_defaults msld_sdk/models/polyp.plan --steps 5 \\
         --why "benchmarks/results/eval_seeds_polyp/summary.txt"
 
-The graphs (and an int8 denoiser, with its calibration record) are kept byte for byte; the
-manifest's ``defaults`` and ``model.default_*`` change, and ``provenance.defaults_changed``
-records the old values, the new ones and the evidence.  Used by ``scripts/ship_model.sh``,
-because a checkpoint's config carries the training-time defaults.
+The command line of ``msld_sdk.plan_defaults.set_defaults`` (re-exported here), which keeps the
+graphs byte for byte and records the change in ``provenance.defaults_changed``. Used by
+``scripts/ship_model.sh``, because a checkpoint's config carries the training-time defaults;
+``msld tune --write`` uses the same function.
 """
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 
-from msld_sdk.plan import SOLVERS, Plan, add_blobs
-from msld_sdk.views import check_views
+from msld_sdk.plan import SOLVERS
+from msld_sdk.plan_defaults import set_defaults
 
-
-def set_defaults(plan_path, steps: int | None = None, k: int | None = None, why: str = "",
-                 views: int | None = None, solver: str | None = None) -> dict:
-    plan = Plan.open(plan_path)
-    m = plan.manifest
-    defaults, model = dict(m["defaults"]), dict(m["model"])
-    old = {"steps": defaults["steps"], "k": defaults["k"], "views": defaults.get("views", 1)}
-    if solver is not None or "solver" in defaults:
-        old["solver"] = defaults.get("solver", "ddim")
-    if solver is not None:
-        if solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-        defaults["solver"] = solver
-    if steps is not None:
-        defaults["steps"] = model["default_steps"] = int(steps)
-    if k is not None:
-        defaults["k"] = model["default_k"] = int(k)
-    if views is not None:
-        defaults["views"] = check_views(views, plan.image_size)
-    new = {"steps": defaults["steps"], "k": defaults["k"], "views": defaults.get("views", 1)}
-    if "solver" in old:
-        new["solver"] = defaults["solver"]
-    if new == old:
-        return m
-    prov = dict(m.get("provenance", {}))
-    prov["defaults_changed"] = {"from": old, "to": new, "why": why,
-                                "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    out = add_blobs(plan_path, {}, {"defaults": defaults, "model": model, "provenance": prov})
-    Plan.open(plan_path)  # the rewritten plan must open and validate
-    return out
+__all__ = ["set_defaults", "main"]
 
 
 def main(argv=None) -> int:

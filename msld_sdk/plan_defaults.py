@@ -1,0 +1,49 @@
+"""Change a plan's default k, number of steps, solver or test-time views without re-exporting it.
+
+The graphs (and an int8 denoiser, with its calibration record) are kept byte for byte; the
+manifest's ``defaults`` and ``model.default_*`` change, and ``provenance.defaults_changed``
+records the old values, the new ones and the evidence (``why``, and ``evidence``: e.g. the
+table of ``msld tune``). The plan is rewritten atomically (``plan.write_plan``). Command line:
+``python -m msld_export.plan_writing.set_defaults`` (``scripts/ship_model.sh``) or ``msld tune --write``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+
+from .errors import UsageError
+from .plan import SOLVERS, Plan, add_blobs
+from .views import check_views
+
+
+def set_defaults(plan_path, steps: int | None = None, k: int | None = None, why: str = "",
+                 views: int | None = None, solver: str | None = None, evidence: dict | None = None) -> dict:
+    """Rewrite ``plan_path`` with the given defaults (None: kept); returns the new manifest (the old
+    one, untouched, when nothing changes)."""
+    plan = Plan.open(plan_path)
+    m = plan.manifest
+    defaults, model = dict(m["defaults"]), dict(m["model"])
+    old = {"steps": defaults["steps"], "k": defaults["k"], "views": defaults.get("views", 1)}
+    if solver is not None or "solver" in defaults:
+        old["solver"] = defaults.get("solver", "ddim")
+    if solver is not None:
+        if solver not in SOLVERS:
+            raise UsageError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        defaults["solver"] = solver
+    if steps is not None:
+        defaults["steps"] = model["default_steps"] = int(steps)
+    if k is not None:
+        defaults["k"] = model["default_k"] = int(k)
+    if views is not None:
+        defaults["views"] = check_views(views, plan.image_size)
+    new = {"steps": defaults["steps"], "k": defaults["k"], "views": defaults.get("views", 1)}
+    if "solver" in old:
+        new["solver"] = defaults["solver"]
+    if new == old:
+        return m
+    prov = dict(m.get("provenance", {}))
+    prov["defaults_changed"] = {"from": old, "to": new, "why": why,
+                                "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                                **({"evidence": evidence} if evidence is not None else {})}
+    out = add_blobs(plan_path, {}, {"defaults": defaults, "model": model, "provenance": prov})
+    Plan.open(plan_path)  # the rewritten plan must open and validate
+    return out
