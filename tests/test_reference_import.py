@@ -73,9 +73,11 @@ def test_graphs_reproduce_the_reference(imported):
     eps = s["denoiser"].run(None, {"x": e["probe_x"], "t": e["probe_t"].astype(np.float32),
                                    "cond": np.repeat(e["cond"], k, axis=0)})[0]
     dec = s["decoder"].run(None, {"z": e["probe_x"]})[0]
-    errs = {"cond": _rel(cond, e["cond"]), "eps": _rel(eps, e["probe_eps"]),
-            "decoded": _rel(dec, np.clip(e["probe_decoded"] * 0.5 + 0.5, 0.0, 1.0))}
-    print(case.name, "graph relative errors", errs)
+    pairs = {"cond": (cond, e["cond"]), "eps": (eps, e["probe_eps"]),
+             "decoded": (dec, np.clip(e["probe_decoded"] * 0.5 + 0.5, 0.0, 1.0))}
+    errs = {n: _rel(g, r) for n, (g, r) in pairs.items()}
+    print(case.name, "graph relative errors", errs, "abs max / mean",
+          {n: f"{np.abs(g - r).max():.2e} / {np.abs(g - r).mean():.2e}" for n, (g, r) in pairs.items()})
     assert max(errs.values()) <= 1e-4, errs
 
 
@@ -165,6 +167,11 @@ def test_whole_runs_reproduce_the_reference_masks(imported, steps):
     d = np.abs(got - want)
     print(case.name, steps, f"whole run vs reference masks: max abs {d.max():.2e}, mean abs {d.mean():.2e}, "
           f"99.9th pct {np.quantile(d, 0.999):.2e}")
+    if f"masks01_{steps}_float64" in e:   # scripts/reference_parity.py: the reference's own rounding floor
+        r64, d64 = e[f"masks01_{steps}_float64"][:, 0], np.abs(got - e[f"masks01_{steps}_float64"][:, 0])
+        print(case.name, steps, f"whole run vs reference in float64: max abs {d64.max():.2e}, mean abs "
+              f"{d64.mean():.2e}; reference float32 vs float64: max abs {np.abs(want - r64).max():.2e}, "
+              f"mean abs {np.abs(want - r64).mean():.2e}")
     assert d.mean() <= 1e-4 and d.max() <= 2e-3
 
 
