@@ -57,6 +57,7 @@ def cases():
         ("lidc_int8", "lidc", {"precision": "int8"}, lidc, dict(k=2, steps=3, seed=3)),
         ("polyp", "polyp", {}, _photo(), dict(k=3, steps=4, seed=21)),
         ("polyp_int8_eta", "polyp", {"precision": "int8"}, _photo(), dict(k=2, steps=3, seed=8, eta=0.3)),
+        ("lidc_dpmpp2m", "lidc", {}, lidc, dict(k=3, steps=5, seed=13, solver="dpmpp2m")),
     ]
 
 
@@ -69,6 +70,7 @@ def machine_facts() -> dict:
 
 def run_case(plan, seg_kwargs, images, run_kwargs) -> list:
     from msld_sdk import Segmenter
+    run_kwargs = {"solver": "ddim", **run_kwargs}   # pinned: a plan's default solver may change
     out = Segmenter(plan, backend="onnxruntime", threads=2, **seg_kwargs).run(images, **run_kwargs)
     return out if isinstance(out, list) else [out]
 
