@@ -3,7 +3,7 @@
 The graphs (and an int8 denoiser, with its calibration record) are kept byte for byte; the
 manifest's ``defaults`` and ``model.default_*`` change, and ``provenance.defaults_changed``
 records the old values, the new ones and the evidence (``why``, and ``evidence``: e.g. the
-table of ``msld tune``). The plan is rewritten atomically (``plan.write_plan``). Command line:
+table of ``msld tune``); earlier records move to ``provenance.defaults_history``. The plan is rewritten atomically (``plan.write_plan``). Command line:
 ``python -m msld_export.plan_writing.set_defaults`` (``scripts/ship_model.sh``) or ``msld tune --write``.
 """
 from __future__ import annotations
@@ -41,6 +41,8 @@ def set_defaults(plan_path, steps: int | None = None, k: int | None = None, why:
     if new == old:
         return m
     prov = dict(m.get("provenance", {}))
+    if "defaults_changed" in prov:   # the earlier change is kept, newest last
+        prov["defaults_history"] = [*prov.get("defaults_history", []), prov["defaults_changed"]]
     prov["defaults_changed"] = {"from": old, "to": new, "why": why,
                                 "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                                 **({"evidence": evidence} if evidence is not None else {})}

@@ -133,6 +133,9 @@ def test_set_defaults_keeps_the_graphs(tiny_plan, tmp_path):
     assert after["blobs"] == before["blobs"]
     assert after["provenance"]["defaults_changed"]["from"]["steps"] == before["defaults"]["steps"]
     assert Segmenter(p).run(np.zeros((32, 32), np.float32), k=2, seed=0).steps == 3
+    set_defaults(p, steps=2, why="second")   # a later change keeps the earlier record
+    prov = Plan.open(p).manifest["provenance"]
+    assert [r["why"] for r in prov["defaults_history"]] == ["test"] and prov["defaults_changed"]["to"]["steps"] == 2
     # the model's checksum (what msld eval records, eval_seeds.sh compares) ignores metadata ...
     assert Plan.open(p).graphs_sha256 == Plan.open(tiny_plan).graphs_sha256
     # ... and follows the graphs
