@@ -34,7 +34,7 @@ def test_every_baseline_gives_the_sdk_probabilities(tiny_plan, image01):
     assert np.abs(sdk[0] - sdk[1]).max() > 1e-3
 
 
-def test_bench_baselines_json_has_the_tracked_keys(tiny_plan, image01, tmp_path):
+def test_bench_baselines_json_has_the_tracked_keys(tiny_plan, image01, tmp_path, capsys):
     img = tmp_path / "img.npy"
     np.save(img, image01)
     out = tmp_path / "bench.json"
@@ -47,3 +47,7 @@ def test_bench_baselines_json_has_the_tracked_keys(tiny_plan, image01, tmp_path)
         assert r[key] > 0, key
     assert r["baselines_checked_same_result"] is True
     assert r["speedup_vs_ort_per_hypothesis"] == pytest.approx(r["ort_per_hypothesis_ms"] / r["sdk_ms"])
+    # the reference's default loop is a baseline of reference-family plans only (tests/test_bench_plan.py)
+    assert r["reference_default"]["measured"] is False and "speedup_vs_reference_default" not in r
+    assert "reference default (DDIM 50 steps, one hypothesis at a time): applies only to reference-family plans" \
+        in capsys.readouterr().out

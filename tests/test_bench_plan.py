@@ -67,16 +67,30 @@ def test_bench_with_baselines_int8_and_memory_on_a_reference_plan(lidc_bench_pla
     img = tmp_path / "img.npy"
     np.save(img, np.random.default_rng(0).random((128, 128), dtype=np.float32))
     out = tmp_path / "bench.json"
+    # the acceptance command's shape (int8, dpmpp2m): the baselines are still checked against the
+    # SDK in fp32 with DDIM; the reference default at 4 steps instead of 50 (an override, reported)
     assert main(["bench", "--plan", str(path), "--image", str(img), "--k", "2", "--steps", "3", "--repeats", "1",
-                 "--baseline-repeats", "1", "--int8-repeats", "2", "--threads", "1", "--baselines",
+                 "--solver", "dpmpp2m", "--precision", "int8", "--reference-default-steps", "4",
+                 "--baseline-repeats", "2", "--int8-repeats", "2", "--threads", "1", "--baselines",
                  "--rss-k", "1", "3", "-q", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["baselines_checked_same_result"] is True
+    assert r["baselines_checked_against"] == {"precision": "fp32", "solver": "ddim", "steps": 3, "seed": 0,
+                                              "backend": "onnxruntime"}
     for key in ("sdk_ms", "torch_eager_per_hypothesis_ms", "ort_per_hypothesis_ms"):
         assert r[key] > 0, key
+    rd = r["reference_default"]
+    assert rd["measured"] is True and rd["checked_same_result"] is True
+    assert (rd["solver"], rd["steps"], rd["eta"], rd["k"], rd["hypotheses_per_call"]) == ("ddim", 4, 0.0, 2, 1)
+    assert rd["steps_overridden"] is True and rd["checked_against"]["steps"] == 4
+    assert rd["sdk_settings"] == {"k": 2, "steps": 3, "solver": "dpmpp2m", "precision": "int8"}
+    assert len(rd["all_ms"]) == len(rd["sdk_interleaved_all_ms"]) == 2 == rd["repeats"]
+    assert r["speedup_vs_reference_default"] == pytest.approx(rd["median_ms"] / rd["sdk_interleaved_ms"])
     ag = r["int8_run"]["int8_vs_fp32"]
     assert 0.0 <= ag["consensus_pixel_agreement"] <= 1.0 and ag["k"] == 2
     assert r["int8_run"]["speedup"] > 0 and r["int8_denoiser"]["repeats"] == 2
     rss = {x["k"]: x["peak_rss_mb"] for x in r["peak_rss_by_k"]}
     assert set(rss) == {1, 3} and rss[3] >= rss[1] > 0
-    assert "consensus masks agree on" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "consensus masks agree on" in printed
+    assert "reference default (DDIM 4 steps (overridden; the reference's default is 50)" in printed

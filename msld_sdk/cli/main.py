@@ -210,7 +210,6 @@ def cmd_import(a, rest) -> int:
 
 def cmd_bench(a) -> int:
     import platform
-    import statistics
 
     from ..tools import bench
     from ..image_input import load_image
@@ -241,7 +240,8 @@ def cmd_bench(a) -> int:
         r["denoiser_fraction_of_gemm"] = r["denoiser_gflops_per_s"] / report["gemm_fp32_gflops_per_s"]
     main_row = rows[0]
     report.update(k=main_row["k"], steps=main_row["steps"], sdk_ms=main_row["median_ms"],
-                  overhead_fraction=main_row["overhead_fraction"], precision=a.precision)
+                  overhead_fraction=main_row["overhead_fraction"], precision=a.precision, solver=main_row["solver"])
+    seg_fp32 = seg if a.precision == "fp32" else None   # what the baselines are checked against
     if seg.plan.manifest.get("int8") and seg.backend.name == "onnxruntime":
         # the plan offers an int8 denoiser: time one call of each precision, interleaved, at the main k
         cond = seg.backend.encode(seg.preprocess(img))
@@ -255,6 +255,7 @@ def cmd_bench(a) -> int:
             row_o = bench.bench_sdk(seg_o, img, main_row["k"], main_row["steps"], a.repeats, seed=a.seed,
                                     solver=a.solver)
             rws, segs = {a.precision: main_row, other: row_o}, {a.precision: seg, other: seg_o}
+            seg_fp32 = segs["fp32"]
             report["int8_run"] = {
                 "fp32": rws["fp32"], "int8": rws["int8"], "speedup": rws["fp32"]["median_ms"] / rws["int8"]["median_ms"],
                 "denoise_speedup": rws["fp32"]["stages_ms"]["denoise_ms"] / rws["int8"]["stages_ms"]["denoise_ms"],
@@ -266,23 +267,12 @@ def cmd_bench(a) -> int:
                                                          a.precision, a.threads, seg.backend.name, a.seed)
                                    for k in a.rss_k]
     if a.baselines:
-        measure_baselines = importlib.import_module("msld_export.sampling.baselines").measure_baselines
-
-        k, steps = main_row["k"], main_row["steps"]
-        img_b = bench.plan_sized_image(seg.plan, img)   # the baselines take the plan's size and channels
-        sdk_probs = seg.run(img_b, k=k, steps=steps, seed=a.seed).probs
-        base = measure_baselines(seg.plan, img_b[:, :, 0] if img_b.shape[2] == 1 else img_b, sdk_probs, k, steps,
-                                 a.seed, a.baseline_repeats, threads)
-        # the SDK measured again right after the baselines, so that the ratios come from one run
-        sdk_again = statistics.median(bench.time_calls(lambda: seg.run(img, k=k, steps=steps, seed=a.seed),
-                                                       a.repeats))
-        report.update(base)
-        report["sdk_ms"] = min(main_row["median_ms"], sdk_again)
-        report["speedup_vs_torch_eager_per_hypothesis"] = report["torch_eager_per_hypothesis_ms"] / report["sdk_ms"]
-        report["speedup_vs_ort_per_hypothesis"] = report["ort_per_hypothesis_ms"] / report["sdk_ms"]
-        report["speedup_vs_ort_per_hypothesis_sdk_settings"] = (report["ort_per_hypothesis_sdk_settings_ms"]
-                                                                / report["sdk_ms"])
-    print(f"CPU: {report['machine']['cpu_summary']}; int8 kernels: {report['machine']['int8_kernel']}")
+        _bench_baselines(a, report, seg, seg_fp32 or Segmenter(a.plan, backend=a.backend, threads=a.threads),
+                         img, main_row)
+    report["load_average_at_end"] = bench.load_average()
+    load = [x[0] for x in (report["machine"]["load_average"], report["load_average_at_end"]) if x]
+    print(f"CPU: {report['machine']['cpu_summary']}; int8 kernels: {report['machine']['int8_kernel']}"
+          + (f"; 1-minute load average {load[0]:.1f} at the start, {load[-1]:.1f} at the end" if load else ""))
     print(bench.format_table(rows))
     print(f"fp32 GEMM (ONNX Runtime MatMul, {threads} threads): {report['gemm_fp32_gflops_per_s']:.0f} GFLOP/s; "
           f"denoiser at k={main_row['k']}: {main_row['denoiser_gflops_per_s']:.0f} GFLOP/s "
@@ -306,7 +296,8 @@ def cmd_bench(a) -> int:
         print(f"peak RSS, one run in a fresh process, k={r['k']} steps={r['steps']} {r['precision']}: "
               f"{r['peak_rss_mb']:.0f} MB ({r['peak_rss_mb_after_load']:.0f} MB after loading the plan)")
     if a.baselines:
-        print(f"k={report['k']} steps={report['steps']}: SDK {report['sdk_ms']:.1f} ms | "
+        print(f"k={report['k']} steps={report['steps']} (SDK: {report['solver']}, {report['precision']}; "
+              f"baselines: DDIM): SDK {report['sdk_ms']:.1f} ms | "
               f"(a) PyTorch eager per hypothesis {report['torch_eager_per_hypothesis_ms']:.1f} ms "
               f"= {report['speedup_vs_torch_eager_per_hypothesis']:.2f}x | "
               f"(b) ONNX Runtime per hypothesis {report['ort_per_hypothesis_ms']:.1f} ms "
@@ -314,11 +305,67 @@ def cmd_bench(a) -> int:
               f"{report['ort_per_hypothesis_sdk_settings_ms']:.1f} ms "
               f"= {report['speedup_vs_ort_per_hypothesis_sdk_settings']:.2f}x) | "
               f"overhead {100 * report['overhead_fraction']:.2f}%")
+        print(_reference_default_line(report))
     if a.json:
         from ..writing import write_text
         write_text(a.json, json.dumps(report, indent=1))
         print(f"wrote {a.json}")
     return 0
+
+
+def _bench_baselines(a, report: dict, seg, seg_fp32, img, main_row: dict) -> None:
+    """``msld bench --baselines``: the baselines at the main row's k and steps and, for a
+    reference-family plan, the reference's default loop; every baseline is checked first against
+    the SDK in fp32 with DDIM (what the baselines compute) on the same seed."""
+    import statistics
+
+    from ..tools import bench
+    bl = importlib.import_module("msld_export.sampling.baselines")
+    k, steps = main_row["k"], main_row["steps"]
+    img_b = bench.plan_sized_image(seg.plan, img)   # the baselines take the plan's size and channels
+    img_b = img_b[:, :, 0] if img_b.shape[2] == 1 else img_b
+
+    def sdk_call():   # the SDK at the user's settings
+        seg.run(img, k=k, steps=steps, seed=a.seed, solver=a.solver)
+
+    def checked_against(n: int) -> np.ndarray:
+        return seg_fp32.run(img_b, k=k, steps=n, seed=a.seed, solver="ddim").probs
+
+    ref_default = None
+    if bl.is_reference_plan(seg.plan):
+        n = a.reference_default_steps or bl.REFERENCE_DEFAULT["steps"]
+        ref_default = (n, checked_against(n), sdk_call)
+    base = bl.measure_baselines(seg.plan, img_b, checked_against(steps), k, steps, a.seed, a.baseline_repeats,
+                                report["machine"]["threads"], reference_default=ref_default)
+    # the SDK measured again right after the baselines, so that the ratios come from one run
+    sdk_again = statistics.median(bench.time_calls(sdk_call, a.repeats))
+    report.update(base)
+    report["baselines_checked_against"] = {"precision": "fp32", "solver": "ddim", "steps": steps, "seed": a.seed,
+                                           "backend": seg_fp32.backend.name}
+    report["sdk_ms"] = min(main_row["median_ms"], sdk_again)
+    report["speedup_vs_torch_eager_per_hypothesis"] = report["torch_eager_per_hypothesis_ms"] / report["sdk_ms"]
+    report["speedup_vs_ort_per_hypothesis"] = report["ort_per_hypothesis_ms"] / report["sdk_ms"]
+    report["speedup_vs_ort_per_hypothesis_sdk_settings"] = (report["ort_per_hypothesis_sdk_settings_ms"]
+                                                            / report["sdk_ms"])
+    if ref_default is None:
+        report["reference_default"] = {"measured": False, "reason": "applies only to reference-family plans "
+                                       f"(model {seg.plan.manifest['model'].get('name')!r})"}
+    else:
+        rd = report["reference_default"]
+        rd.update(measured=True, checked_against={**report["baselines_checked_against"], "steps": rd["steps"]},
+                  sdk_settings={"k": k, "steps": steps, "solver": main_row["solver"], "precision": a.precision})
+        report["speedup_vs_reference_default"] = rd["speedup"]
+
+
+def _reference_default_line(report: dict) -> str:
+    rd = report["reference_default"]
+    if not rd["measured"]:
+        return f"reference default (DDIM 50 steps, one hypothesis at a time): {rd['reason']}"
+    s = rd["sdk_settings"]
+    n = f"{rd['steps']} steps" + (" (overridden; the reference's default is 50)" if rd["steps_overridden"] else "")
+    return (f"reference default (DDIM {n}, eta 0, one hypothesis at a time, k={rd['k']}; same masks as the SDK's "
+            f"fp32 DDIM run): {rd['median_ms']:.1f} ms | SDK ({s['solver']}, {s['steps']} steps, {s['precision']}), "
+            f"timed between its runs: {rd['sdk_interleaved_ms']:.1f} ms = {rd['speedup']:.2f}x")
 
 
 def _eval_data(a, seg):
@@ -477,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     p = command("bench", help="latency benchmark (median, p90, stage shares, GFLOP/s); --baselines adds "
-                "PyTorch-eager and ONNX-Runtime per-hypothesis runs (needs the [export] extra)")
+                "PyTorch-eager and ONNX-Runtime per-hypothesis runs, and the reference's default loop for "
+                "reference-family plans (needs the [export] extra)")
     p.add_argument("--plan", default=None, help="plan file or shipped model name (default: lidc)")
     p.add_argument("-k", "--k", type=positive_int, nargs="+", default=[8], help="hypotheses, one or more")
     p.add_argument("--steps", type=positive_int, nargs="+", default=[20], help="sampling steps, one or more")
@@ -486,8 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the plan's, ddim for the shipped ones)")
     p.add_argument("--repeats", type=positive_int, default=10, help="timed runs per setting")
     p.add_argument("--baselines", action="store_true", help="also time the research-code and per-hypothesis "
-                   "ONNX Runtime ways on the same weights, k, steps and seed (first --k/--steps)")
+                   "ONNX Runtime ways on the same weights, k, steps and seed (first --k/--steps; DDIM, checked "
+                   "against the SDK in fp32); for reference-family plans also the reference's default (DDIM 50 "
+                   "steps, one hypothesis at a time, k hypotheses), timed between SDK runs at your settings")
     p.add_argument("--baseline-repeats", type=positive_int, default=3, help="timed runs per baseline")
+    p.add_argument("--reference-default-steps", type=positive_int, default=None, metavar="N",
+                   help="steps of the reference-default baseline of reference-family plans (default: 50, the "
+                        "reference's own; another value is recorded in the report as an override, for tests)")
     p.add_argument("--int8-repeats", type=positive_int, default=30, help="interleaved denoiser calls per precision "
                    "when the plan has an int8 denoiser")
     p.add_argument("--no-int8-run", action="store_true", help="with an int8 plan, skip the whole runs of the other "

@@ -156,7 +156,16 @@ def machine_info(threads: int, plan=None) -> dict:
     path = int8_kernel_path(cpu, saturation_safe=saturation_safe(plan.manifest.get(INT8_KEY)) if plan else False)
     return {"cpu_count": os.cpu_count(), "threads": threads, "cpu": cpu["model"], "arch": cpu["arch"],
             "isa": cpu["isa"], "cpu_summary": describe(cpu), "int8_kernel": path.name,
-            "int8_kernel_reason": path.reason, "onnxruntime": ort.__version__}
+            "int8_kernel_reason": path.reason, "onnxruntime": ort.__version__, "load_average": load_average()}
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15-minute load averages (None where the OS has none): how busy a shared machine
+    was while a figure was measured."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def format_table(rows: list[dict]) -> str:

@@ -4,9 +4,10 @@
     every hypothesis, diffusers' DDIMScheduler for the update (for plans of the MedSegLatDiff
     reference architecture, ``msld import`` / ``bench_plan``: the reference's own modules and its
     DDIM rule, timesteps ``linspace_trunc`` and x0 clipping, in torch);
-(b) ONNX Runtime on the plan's graphs, called once per hypothesis (batch 1), numpy update.
+(b) ONNX Runtime on the plan's graphs, called once per hypothesis (batch 1), numpy update;
+and, for reference-architecture plans, the reference's own default: (a) at DDIM 50 steps.
 
-Both draw the same initial noise as the SDK (hypothesis i from the same seed), so with eta=0
+All draw the same initial noise as the SDK (hypothesis i from the same seed), so with eta=0
 they compute the same masks; ``check_same_result`` asserts it before anything is timed.
 """
 from __future__ import annotations
@@ -33,6 +34,9 @@ PACKAGE = Path(__file__).resolve().parents[1]   # msld_export/
 # shipped with the package; a clone's runs/ (the package is export/msld_export in a clone)
 CHECKPOINT_DIRS = (PACKAGE / "checkpoints", PACKAGE.parents[1] / "runs")
 REFERENCE_MODEL = "medseglatdiff-reference"   # model.name of plans of the reference architecture
+# the reference's own default sampler (3983e93: DDIMSampler, n_infer_steps 50, eta 0), each
+# hypothesis sampled on its own (sample(num_sample=1) per hypothesis)
+REFERENCE_DEFAULT = {"solver": "ddim", "steps": 50, "eta": 0.0, "hypotheses_per_call": 1}
 CHECKPOINT_DIRS_ENV = "MSLD_CHECKPOINT_DIRS"   # more folders (os.pathsep-separated) for an imported plan's checkpoint
 
 
@@ -80,12 +84,17 @@ def _reference_torch_for_plan(plan: Plan) -> ReferenceTorch:
     return ReferenceTorch(*mods, m["latent_scaling_factor"])
 
 
+def is_reference_plan(plan: Plan) -> bool:
+    """A plan of the reference architecture (``msld import`` or ``bench_plan``)."""
+    return plan.manifest["model"].get("name") == REFERENCE_MODEL
+
+
 def torch_model_for_plan(plan: Plan):
     """The PyTorch model whose weights the plan's graphs hold, proven by comparing outputs:
     a ``MedSegLatDiff`` for this package's own plans, a ``ReferenceTorch`` for plans of the
     reference architecture."""
     prov = plan.manifest.get("provenance", {})
-    if plan.manifest["model"].get("name") == REFERENCE_MODEL:
+    if is_reference_plan(plan):
         model = _reference_torch_for_plan(plan)
     elif prov.get("trained"):
         model, _ = load_checkpoint(_find_checkpoint(plan, prov.get("checkpoint"), prov.get("checkpoint_sha256"),
@@ -218,9 +227,12 @@ def check_same_result(sdk_probs: np.ndarray, *others: np.ndarray, tol: float = 1
 
 
 def measure_baselines(plan: Plan, img01: np.ndarray, sdk_probs: np.ndarray, k: int, steps: int, seed: int,
-                      repeats: int, threads: int) -> dict:
+                      repeats: int, threads: int, reference_default=None) -> dict:
     """Median ms of (a) and (b) on the same image, k, steps and seed as the SDK run whose
-    probabilities are ``sdk_probs``; both are first checked to give the same result."""
+    probabilities are ``sdk_probs``; both are first checked to give the same result.
+
+    ``reference_default``: for a reference-architecture plan, ``(steps, sdk_probs_at_those_steps,
+    sdk_call)``: the reference's default loop is timed too (``time_reference_default``)."""
     from msld_sdk.tools.bench import time_calls
 
     torch.set_num_threads(threads)
@@ -229,11 +241,41 @@ def measure_baselines(plan: Plan, img01: np.ndarray, sdk_probs: np.ndarray, k: i
     ort_b_tuned = OrtPerHypothesis(plan, threads, sdk_settings=True)
     check_same_result(sdk_probs, torch_eager_per_hypothesis(model, plan, img01, k, steps, seed),
                       ort_b(img01, k, steps, seed), ort_b_tuned(img01, k, steps, seed))
-    ta = time_calls(lambda: torch_eager_per_hypothesis(model, plan, img01, k, steps, seed), repeats)
-    tb = time_calls(lambda: ort_b(img01, k, steps, seed), repeats)
-    tb1 = time_calls(lambda: ort_b_tuned(img01, k, steps, seed), repeats)
-    return {"torch_eager_per_hypothesis_ms": float(np.median(ta)), "ort_per_hypothesis_ms": float(np.median(tb)),
-            "ort_per_hypothesis_sdk_settings_ms": float(np.median(tb1)),
-            "torch_eager_per_hypothesis_all_ms": ta, "ort_per_hypothesis_all_ms": tb,
-            "ort_per_hypothesis_sdk_settings_all_ms": tb1,
-            "baselines_checked_same_result": True, "torch": torch.__version__}
+    # the check runs above were each way's warm-up (at the paper's scale one run takes minutes)
+    ta = time_calls(lambda: torch_eager_per_hypothesis(model, plan, img01, k, steps, seed), repeats, warmup=0)
+    tb = time_calls(lambda: ort_b(img01, k, steps, seed), repeats, warmup=0)
+    tb1 = time_calls(lambda: ort_b_tuned(img01, k, steps, seed), repeats, warmup=0)
+    out = {"torch_eager_per_hypothesis_ms": float(np.median(ta)), "ort_per_hypothesis_ms": float(np.median(tb)),
+           "ort_per_hypothesis_sdk_settings_ms": float(np.median(tb1)),
+           "torch_eager_per_hypothesis_all_ms": ta, "ort_per_hypothesis_all_ms": tb,
+           "ort_per_hypothesis_sdk_settings_all_ms": tb1,
+           "baselines_checked_same_result": True, "torch": torch.__version__}
+    if reference_default is not None:
+        out["reference_default"] = time_reference_default(model, plan, img01, k, seed, repeats, *reference_default)
+    return out
+
+
+def time_reference_default(model: ReferenceTorch, plan: Plan, img01: np.ndarray, k: int, seed: int, repeats: int,
+                           steps: int, sdk_probs: np.ndarray, sdk_call) -> dict:
+    """The reference's own default on the plan's weights: (a) at DDIM ``steps`` (``REFERENCE_DEFAULT``'s
+    50 unless a test overrides it), eta 0, one hypothesis at a time, k hypotheses. Checked first
+    against ``sdk_probs`` (the SDK at DDIM ``steps``, same seed) by ``check_same_result``; then
+    timed ``repeats`` times interleaved with ``sdk_call`` (the SDK at the user's settings), so that
+    machine noise hits both alike and their ratio comes from one run."""
+    from msld_sdk.tools.bench import time_calls
+
+    def run():
+        return _reference_eager_per_hypothesis(model, plan, img01, k, steps, seed)
+
+    check_same_result(sdk_probs, run())   # the check run is also the warm-up
+    ref, sdk = [], []
+    for _ in range(repeats):
+        ref += time_calls(run, 1, warmup=0)
+        sdk += time_calls(sdk_call, 1, warmup=0)
+    ref_ms, sdk_ms = float(np.median(ref)), float(np.median(sdk))
+    return {**REFERENCE_DEFAULT, "steps": steps, "k": k, "seed": seed,
+            "steps_overridden": steps != REFERENCE_DEFAULT["steps"],
+            "way": "the reference's modules in PyTorch eager float32, one hypothesis at a time, the image "
+                   "embedder re-run per hypothesis, its DDIM rule (linspace_trunc timesteps, x0 clipping)",
+            "checked_same_result": True, "median_ms": ref_ms, "all_ms": ref, "repeats": repeats,
+            "sdk_interleaved_ms": sdk_ms, "sdk_interleaved_all_ms": sdk, "speedup": ref_ms / sdk_ms}
