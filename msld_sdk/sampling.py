@@ -47,6 +47,7 @@ class SampleOptions:
         k = d["k"] if k is None else k
         steps = d["steps"] if steps is None else steps
         threshold = d.get("threshold", 0.5) if threshold is None else threshold
+        solver_from_plan = solver is None
         solver = d.get("solver", "ddim") if solver is None else solver
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= d["max_k"]:
             raise InputError(f"k must be an integer from 1 to {d['max_k']} (this plan's limit), got {k!r}")
@@ -60,8 +61,10 @@ class SampleOptions:
         if not isinstance(solver, str) or solver not in SOLVERS:
             raise InputError(f"solver must be one of {SOLVERS}, got {solver!r}")
         if solver == "dpmpp2m" and eta != 0.0:
-            raise InputError(f"solver 'dpmpp2m' is deterministic and runs with eta 0 only, got eta={eta!r}: "
-                             f"use eta 0 with dpmpp2m, or solver 'ddim' for eta > 0")
+            given = "this plan's default solver is" if solver_from_plan else "solver"
+            raise InputError(f"{given} 'dpmpp2m', which is deterministic and runs with eta 0 only, got eta={eta!r}: "
+                             f"use eta 0, or ask for DDIM with eta > 0 (solver='ddim' / --solver ddim, and "
+                             f"steps: DDIM needs more than dpmpp2m, e.g. 20)")
         if seed is None:
             seed = secrets.randbits(63)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:

@@ -36,6 +36,10 @@ def test_plan_default_solver_set_validated_and_shown(tiny_plan, tmp_path, capsys
     assert m["defaults"]["solver"] == "dpmpp2m"
     assert m["provenance"]["defaults_changed"]["to"]["solver"] == "dpmpp2m"
     assert Segmenter(p).run(np.zeros((32, 32), np.float32), k=1, steps=2, seed=0).solver == "dpmpp2m"
+    # eta > 0 on such a plan: refused, naming the plan's default and the way to DDIM; DDIM asked for runs
+    with pytest.raises(InputError, match="this plan's default solver is 'dpmpp2m'.*solver='ddim'"):
+        Segmenter(p).run(np.zeros((32, 32), np.float32), k=1, steps=2, seed=0, eta=0.5)
+    assert Segmenter(p).run(np.zeros((32, 32), np.float32), k=1, steps=2, seed=0, eta=0.5, solver="ddim").solver == "ddim"
     assert msld(["info", str(p)]) == 0
     assert "solver: dpmpp2m" in capsys.readouterr().out
     bad = json.loads(json.dumps(m))
