@@ -10,9 +10,7 @@ PLAN: a reference-family plan (`msld import`, `python -m msld_export.reference.b
 """
 import argparse
 import json
-import os
 import statistics
-import time
 
 import onnxruntime as ort
 import torch
@@ -21,6 +19,7 @@ from msld_export.sampling.baselines import is_reference_plan, torch_model_for_pl
 from msld_sdk.backends.onnxruntime_backend import session_options
 from msld_sdk.plan import Plan
 from msld_sdk.segmenter import resolve_plan_path
+from msld_sdk.tools.bench import load_average, time_interleaved
 
 
 def main(argv=None) -> int:
@@ -40,28 +39,21 @@ def main(argv=None) -> int:
     x, cond = torch.randn(1, C, L, L, generator=g), torch.randn(1, m["condition"]["channels"], L, L, generator=g)
     t = torch.tensor([500.0])
     out = {"plan": plan.path, "torch": torch.__version__, "onnxruntime": ort.__version__,
-           "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "load_average_start": os.getloadavg()}
+           "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "load_average_start": load_average()}
     for threads in a.threads:
         torch.set_num_threads(threads)
         s = ort.InferenceSession(plan.blob("denoiser"), session_options(threads), providers=["CPUExecutionProvider"])
         feeds = {"x": x.numpy(), "t": t.numpy(), "cond": cond.numpy()}
         calls = {"torch": lambda: denoiser(x, t, cond), "ort": lambda: s.run(None, feeds)}
-        ts = {n: [] for n in calls}
         with torch.no_grad():
-            for f in calls.values():
-                f()
-            for _ in range(a.repeats):
-                for n, f in calls.items():
-                    t0 = time.perf_counter()
-                    f()
-                    ts[n].append((time.perf_counter() - t0) * 1e3)
+            ts = time_interleaved(calls, a.repeats)
         med = {n: statistics.median(v) for n, v in ts.items()}
         out[f"threads_{threads}"] = {"torch_ms": med["torch"], "ort_ms": med["ort"],
                                      "torch_over_ort": med["torch"] / med["ort"],
                                      "torch_all_ms": ts["torch"], "ort_all_ms": ts["ort"]}
         print(f"{threads} thread(s): PyTorch eager {med['torch']:.1f} ms, ONNX Runtime {med['ort']:.1f} ms "
               f"= {med['torch'] / med['ort']:.2f}x", flush=True)
-    out["load_average_end"] = os.getloadavg()
+    out["load_average_end"] = load_average()
     print(f"load average (1, 5, 15 min) {out['load_average_start']} at the start, {out['load_average_end']} at the end")
     if a.json:
         with open(a.json, "w") as f:

@@ -7,15 +7,15 @@ Each repeat runs every setting once on the same image and seed (one warm-up run 
 prints the median per setting and its ratio to the first setting.
 """
 import argparse
+import functools
 import json
 import statistics
-import time
 
 import numpy as np
 
 from msld_sdk import Segmenter
 from msld_sdk.evaluation.tune import parse_settings
-from msld_sdk.tools.bench import machine_info
+from msld_sdk.tools.bench import machine_info, time_interleaved
 
 
 def main(argv=None) -> int:
@@ -34,18 +34,8 @@ def main(argv=None) -> int:
     size, channels = seg.plan.image_size, seg.plan.channels
     img = np.random.default_rng(0).random((*size, channels) if channels > 1 else size, dtype=np.float32)
 
-    def run(setting):
-        solver, steps = setting.solver, setting.steps
-        t = time.perf_counter()
-        seg.run(img, k=k, steps=steps, solver=solver, seed=0)
-        return (time.perf_counter() - t) * 1e3
-
-    for s in settings:
-        run(s)                                      # warm-up
-    times = {s: [] for s in settings}
-    for _ in range(a.repeats):
-        for s in settings:
-            times[s].append(run(s))
+    times = time_interleaved({s: functools.partial(seg.run, img, k=k, steps=s.steps, solver=s.solver, seed=0)
+                              for s in settings}, a.repeats)
     first = statistics.median(times[settings[0]])
     rows = [{"solver": s.solver, "steps": s.steps, "median_ms": statistics.median(t), "runs_ms": t,
              "speedup_vs_first": first / statistics.median(t)} for s, t in times.items()]

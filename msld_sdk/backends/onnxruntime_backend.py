@@ -14,8 +14,8 @@ import threading
 import numpy as np
 import onnxruntime as ort
 
-from ..tools.cpu_features import int8_kernel_path, saturation_safe
-from ..plan import INT8_KEY, Plan
+from ..tools.cpu_features import plan_int8_kernel_path
+from ..plan import Plan
 from ..sampling import SampleOptions, Schedule
 from .host_loop import DenoiserBuffers, host_sample
 
@@ -64,8 +64,7 @@ class OnnxRuntimeBackend:
         self.precision = precision
         self.int8_kernel = None
         if precision == "int8":   # the plan's int8 graph may be marked unable to saturate (7-bit weights)
-            self.int8_kernel = int8_kernel_path(mode=int8_kernel_mode,
-                                                saturation_safe=saturation_safe(plan.manifest.get(INT8_KEY)))
+            self.int8_kernel = plan_int8_kernel_path(plan, mode=int8_kernel_mode)
         denoiser_opts = opts
         if self.int8_kernel is not None:
             (log.warning if self.int8_kernel.slower_than_fp32 else log.info)(

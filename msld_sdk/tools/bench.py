@@ -5,6 +5,7 @@ Everything here runs without torch. The research-code baselines that need torch 
 """
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import statistics
@@ -32,6 +33,18 @@ def time_calls(fn, repeats: int, warmup: int = 1) -> list[float]:
         t0 = time.perf_counter()
         fn()
         out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def time_interleaved(calls: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Milliseconds of each of ``calls`` ({name: fn}), ``warmup`` untimed calls each first, then
+    ``repeats`` rounds calling each once in turn, so that machine noise hits all of them alike."""
+    for fn in calls.values():
+        time_calls(fn, 0, warmup)
+    out = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            out[name] += time_calls(fn, 1, warmup=0)
     return out
 
 
@@ -108,27 +121,20 @@ def compare_denoiser_precisions(plan, batch: int, cond: np.ndarray, threads: int
     u8u8 one, that path is timed too (``int8_u8u8_ms``) and its eps compared bit for bit with the
     own path's: it is what a CPU without VNNI runs for a plan without 7-bit weights."""
     from ..backends.onnxruntime_backend import OnnxRuntimeBackend
-    from ..plan import INT8_KEY
-    from .cpu_features import int8_kernel_path, saturation_safe
+    from .cpu_features import plan_int8_kernel_path
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, *plan.latent_shape), dtype=np.float32)
     variants = {"fp32": ("fp32", None), "int8": ("int8", None)}
-    if int8_kernel_path(saturation_safe=saturation_safe(plan.manifest.get(INT8_KEY))).name in ("u8s8-vnni", "u8s8-7bit"):
+    if plan_int8_kernel_path(plan).name in ("u8s8-vnni", "u8s8-7bit"):
         variants["int8_u8u8"] = ("int8", "exact")
     runs = {}
     for name, (prec, mode) in variants.items():
         b = OnnxRuntimeBackend(plan, threads=threads, precision=prec, int8_kernel_mode=mode)
         buf = b.buffers(batch)
         buf.x[...], buf.t[...], buf.cond[...] = x, 500.0, cond[:1]
-        for _ in range(3):
-            b.denoise_bound(buf)
         runs[name] = (b, buf)
-    times = {p: [] for p in runs}
-    for _ in range(repeats):
-        for p, (b, buf) in runs.items():
-            t0 = time.perf_counter()
-            b.denoise_bound(buf)
-            times[p].append((time.perf_counter() - t0) * 1e3)
+    times = time_interleaved({p: functools.partial(b.denoise_bound, buf) for p, (b, buf) in runs.items()},
+                             repeats, warmup=3)
     eps = {p: buf.eps.copy() for p, (b, buf) in runs.items()}
     med = {p: statistics.median(v) for p, v in times.items()}
     out = {"batch": batch, "fp32_ms": med["fp32"], "int8_ms": med["int8"], "speedup": med["fp32"] / med["int8"],
@@ -150,10 +156,9 @@ def machine_info(threads: int, plan=None) -> dict:
     fast path everywhere), so that figures from different CPUs are never compared blind."""
     import onnxruntime as ort
 
-    from ..plan import INT8_KEY
-    from .cpu_features import cpu_info, describe, int8_kernel_path, saturation_safe
+    from .cpu_features import cpu_info, describe, int8_kernel_path, plan_int8_kernel_path
     cpu = cpu_info()
-    path = int8_kernel_path(cpu, saturation_safe=saturation_safe(plan.manifest.get(INT8_KEY)) if plan else False)
+    path = plan_int8_kernel_path(plan, cpu) if plan else int8_kernel_path(cpu)
     return {"cpu_count": os.cpu_count(), "threads": threads, "cpu": cpu["model"], "arch": cpu["arch"],
             "isa": cpu["isa"], "cpu_summary": describe(cpu), "int8_kernel": path.name,
             "int8_kernel_reason": path.reason, "onnxruntime": ort.__version__, "load_average": load_average()}

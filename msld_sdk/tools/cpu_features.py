@@ -80,6 +80,12 @@ def saturation_safe(int8_entry: dict | None) -> bool:
     return bool(int8_entry) and int8_entry.get("reduce_range") is True
 
 
+def plan_int8_kernel_path(plan, info: dict | None = None, mode: str | None = None) -> "Int8KernelPath":
+    """``int8_kernel_path`` for ``plan``'s int8 graph (its manifest says whether it can saturate)."""
+    from ..plan import INT8_KEY
+    return int8_kernel_path(info, mode, saturation_safe=saturation_safe(plan.manifest.get(INT8_KEY)))
+
+
 def int8_kernel_path(info: dict | None = None, mode: str | None = None,
                      saturation_safe: bool = False) -> Int8KernelPath:
     """The int8 kernel path for this CPU (``mode``: "auto", "exact" or "fast"; default from

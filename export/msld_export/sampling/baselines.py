@@ -262,16 +262,14 @@ def time_reference_default(model: ReferenceTorch, plan: Plan, img01: np.ndarray,
     against ``sdk_probs`` (the SDK at DDIM ``steps``, same seed) by ``check_same_result``; then
     timed ``repeats`` times interleaved with ``sdk_call`` (the SDK at the user's settings), so that
     machine noise hits both alike and their ratio comes from one run."""
-    from msld_sdk.tools.bench import time_calls
+    from msld_sdk.tools.bench import time_interleaved
 
     def run():
         return _reference_eager_per_hypothesis(model, plan, img01, k, steps, seed)
 
     check_same_result(sdk_probs, run())   # the check run is also the warm-up
-    ref, sdk = [], []
-    for _ in range(repeats):
-        ref += time_calls(run, 1, warmup=0)
-        sdk += time_calls(sdk_call, 1, warmup=0)
+    t = time_interleaved({"ref": run, "sdk": sdk_call}, repeats, warmup=0)
+    ref, sdk = t["ref"], t["sdk"]
     ref_ms, sdk_ms = float(np.median(ref)), float(np.median(sdk))
     return {**REFERENCE_DEFAULT, "steps": steps, "k": k, "seed": seed,
             "steps_overridden": steps != REFERENCE_DEFAULT["steps"],
