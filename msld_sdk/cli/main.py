@@ -462,15 +462,18 @@ def cmd_tune(a) -> int:
             f"{report['machine']['cpu_summary']}")
     table = tune.format_table(rows, metrics, head)
     print(table)
-    if a.write and choice is not None:
-        m = tune.write_choice(seg.plan.path, report)
-        report["written"] = {"plan": seg.plan.path, "defaults": m["defaults"]}
+    refused = None
+    if a.write:
+        try:
+            report["written"] = {"plan": seg.plan.path, "defaults": tune.write_choice(seg.plan.path, report)["defaults"]}
+        except MsldError as e:   # nothing holds: the table, JSON and plot are still written, then the refusal
+            refused = e
     with OutputFolder(out) as folder:
         written = tune.write_outputs(folder.path, report, table)
     print(f"wrote {', '.join(str(out / n) for n in written)}")
+    if refused is not None:
+        raise refused
     if a.write:
-        if choice is None:
-            tune.write_choice(seg.plan.path, report)   # refuses: nothing holds
         print(f"{seg.plan.path}: defaults now {report['written']['defaults']}")
     return 0
 
