@@ -127,6 +127,13 @@ def lidc_hu(n_crops: int = 3) -> np.ndarray:
     return hu
 
 
+# RFC 9110 7.6.1 hop-by-hop headers (and the length, set anew): a proxy must not forward them. Forwarding
+# Orthanc's Keep-Alive on this HTTP/1.0 proxy made the client reuse a socket the proxy had closed, so a
+# request now and then died before reaching it (an attempt the proxy never counted).
+HOP_BY_HOP = ("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+              "transfer-encoding", "upgrade", "content-length")
+
+
 class Flaky503:
     """An HTTP proxy to ``target`` answering 503 to the first ``fail`` requests whose method is in
     ``methods`` (fail < 0: all of them); counts what it saw. 127.0.0.1 only."""
@@ -150,12 +157,11 @@ class Flaky503:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                hdrs = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "transfer-encoding",
-                                                                                  "content-length", "connection")}
+                hdrs = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP + ("host",)}
                 r = requests.request(self.command, outer.target + self.path, headers=hdrs, data=body, timeout=30)
                 self.send_response(r.status_code, r.reason)
                 for k, v in r.headers.items():
-                    if k.lower() not in ("transfer-encoding", "content-length", "connection", "content-encoding"):
+                    if k.lower() not in HOP_BY_HOP + ("content-encoding",):
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(r.content)))
                 self.end_headers()
