@@ -1,0 +1,259 @@
+"""int8 denoiser recipes timed against fp32 on this CPU (issue #23: >= 1.5x without VNNI).
+
+    python -m benchmarks.int8_selective lidc|polyp [--rounds 3] [--profile] --json FILE   # $MSLD_DATA, train split
+
+Each recipe is the shipped one (quantize_int8.py) with one change: ``static`` replaces the fp32
+graph's GroupNorm ``Reshape(y, Shape(x))`` targets by constants first (H, W are fixed), which
+drops the 16 dequantized copies ONNX Runtime made only for those ``Shape`` nodes; ``static_qop``
+QOperator format, ``static_pertensor`` per-tensor weights, ``static_allconv`` the output
+convolution int8 too, ``static_u8u8`` the exact u8u8 kernels, ``static_excl_*`` convolutions left
+fp32 (``nodes_to_exclude``, listed in EXCLUDE).  Measured in one process, calls interleaved: one
+denoiser call at batch 8 (median per round), the RMS eps error on held-out training inputs (as
+int8_recipes.py), an int8 decoder made the same way, whole runs (k=8, one validation image, the
+plan's default solver and steps) and, with ``--profile``, ONNX Runtime's time per op type.
+Results: benchmarks/README.md, "int8 recipes on an AVX2 CPU without VNNI (2026-12-03)".
+"""
+import argparse
+import collections
+import functools
+import json
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from msld_export.plan_writing import quantize_int8 as q
+from msld_export.training.data import default_data_root
+from msld_sdk import Segmenter
+from msld_sdk.backends.onnxruntime_backend import session_options
+from msld_sdk.plan import INT8_KEY, Plan, add_blobs
+from msld_sdk.segmenter import resolve_plan_path
+from msld_sdk.tools.bench import machine_info, time_interleaved
+from msld_sdk.tools.cpu_features import EXACT_CONFIG, int8_kernel_path
+
+SAFE = int8_kernel_path(saturation_safe=True).session_config
+EXCLUDE = {
+    "static_excl_1x1": ["node_conv2d_6", "node_conv2d_10", "node_conv2d_12", "node_conv2d_17", "node_conv2d_21",
+                        "node_conv2d_25"],
+    "static_excl_fullres32": ["node_conv2d", "node_conv2d_1", "node_conv2d_2", "node_conv2d_24"],
+    "static_excl_attn": ["node_conv2d_11", "node_conv2d_12"],
+    "static_excl_fullres_all": ["node_conv2d", "node_conv2d_1", "node_conv2d_2", "node_conv2d_22", "node_conv2d_23",
+                                "node_conv2d_24", "node_conv2d_25"],
+}
+
+
+def static_reshapes(fp32: bytes) -> bytes:
+    """Each ``Shape`` node's output replaced by a constant (its value at batch 1, batch dim 0 =
+    copy): exact for graphs whose other dims are fixed, as the plans' are."""
+    m = onnx.load_from_string(fp32)
+    shapes = [n for n in m.graph.node if n.op_type == "Shape"]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m)
+    for n in shapes:
+        probe.graph.output.append(helper.make_tensor_value_info(n.output[0], onnx.TensorProto.INT64, None))
+    s = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {i.name: np.zeros([1 if isinstance(d, str) or d is None else d for d in i.shape], np.float32)
+             for i in s.get_inputs()}
+    values = dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
+    for n in shapes:
+        v = values[n.output[0]].astype(np.int64)
+        v[0] = 0
+        const = helper.make_node("Constant", [], [n.output[0]], name=n.name + "_static",
+                                 value=numpy_helper.from_array(v, n.output[0] + "_value"))
+        i = list(m.graph.node).index(n)
+        m.graph.node.remove(n)
+        m.graph.node.insert(i, const)
+    return m.SerializeToString()
+
+
+def quantize(fp32: bytes, feeds, exclude, fmt=QuantFormat.QDQ, per_channel=True) -> bytes:
+    with tempfile.TemporaryDirectory() as d:
+        src, pre, out = Path(d, "fp32.onnx"), Path(d, "pre.onnx"), Path(d, "int8.onnx")
+        src.write_bytes(fp32)
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(out), q._Reader(feeds), quant_format=fmt, op_types_to_quantize=q.OPS,
+                        per_channel=per_channel, reduce_range=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                        nodes_to_exclude=list(exclude))
+        return out.read_bytes()
+
+
+def session(onnx_bytes: bytes, config=None) -> ort.InferenceSession:
+    return ort.InferenceSession(onnx_bytes, session_options(None, config), providers=["CPUExecutionProvider"])
+
+
+def rms_error(ref: ort.InferenceSession, s: ort.InferenceSession, held) -> float:
+    num = den = 0.0
+    for f in held:
+        r = ref.run(None, f)[0]
+        num += float(np.mean((s.run(None, f)[0] - r) ** 2))
+        den += float(np.mean(r ** 2))
+    return float(np.sqrt(num / den))
+
+
+def interleaved_ratios(sessions: dict, feeds: dict, rounds: int, repeats: int) -> dict:
+    """{name: {"ms": [median per round], "ratio": [fp32 / it per round]}}; "fp32" must be a key."""
+    calls = {n: functools.partial(s.run, None, feeds) for n, s in sessions.items()}
+    out = {n: {"ms": [], "ratio": []} for n in sessions}
+    for _ in range(rounds):
+        med = {n: statistics.median(v) for n, v in time_interleaved(calls, repeats, warmup=3).items()}
+        for n in sessions:
+            out[n]["ms"].append(round(med[n], 2))
+            out[n]["ratio"].append(round(med["fp32"] / med[n], 3))
+    return out
+
+
+def op_profile(graphs: dict, feeds: dict, repeats: int) -> dict:
+    """ONNX Runtime's profile of the ``graphs`` ({name: (bytes, config)}), run interleaved: per run
+    the summed kernel time of each op type, its median over runs, and the wall-time percentiles of
+    the (profiled) runs: int8 calls on this shared machine are bimodal, fp32 ones much less."""
+    sessions = {}
+    with tempfile.TemporaryDirectory() as d:
+        for n, (b, cfg) in graphs.items():
+            o = session_options(None, cfg)
+            o.enable_profiling, o.profile_file_prefix = True, str(Path(d, n))
+            sessions[n] = ort.InferenceSession(b, o, providers=["CPUExecutionProvider"])
+        for _ in range(repeats + 3):
+            for s in sessions.values():
+                s.run(None, feeds)
+        out = {}
+        for n, s in sessions.items():
+            events = json.loads(Path(s.end_profiling()).read_text())
+            runs = [e for e in events if e.get("name") == "model_run"][3:]
+            kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+            per_op = collections.defaultdict(list)
+            for r in runs:
+                c = collections.Counter()
+                for e in kernels:
+                    if r["ts"] <= e["ts"] <= r["ts"] + r["dur"]:
+                        c[e["args"]["op_name"]] += e["dur"] / 1e3
+                for op in set(c) | set(per_op):
+                    per_op[op].append(c.get(op, 0.0))
+            wall = [r["dur"] / 1e3 for r in runs]
+            out[n] = {"run_ms_percentiles_10_25_50_75_90": [round(float(np.percentile(wall, p)), 1)
+                                                            for p in (10, 25, 50, 75, 90)],
+                      "run_ms_min": round(min(wall), 1),
+                      "op_ms_median": {op: round(statistics.median(v), 2)
+                                       for op, v in sorted(per_op.items(), key=lambda kv: -statistics.median(kv[1]))
+                                       if statistics.median(v) >= 0.1}}
+    return out
+
+
+def record_decoder_inputs(plan_path, images, k=2, seed=0):
+    seg = Segmenter(plan_path, backend="onnxruntime")
+    zs, decode = [], seg.backend.decode
+
+    def recording(z):
+        zs.append(z.copy())
+        return decode(z)
+
+    seg.backend.decode = recording
+    for s in range(0, len(images), 8):
+        seg.run(images[s:s + 8], k=k, seed=seed + s)
+    return np.concatenate(zs)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("kind", choices=["lidc", "polyp"])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=30, help="interleaved denoiser calls per round")
+    ap.add_argument("--runs", type=int, default=10, help="interleaved whole runs")
+    ap.add_argument("--profile", action="store_true", help="also profile fp32, shipped and static by op type")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    path = resolve_plan_path(a.kind)
+    plan = Plan.open(path)
+    root = default_data_root()
+    fp32 = plan.blob("denoiser")
+    last = q.output_conv(fp32)
+    images, _ = q.calibration_images(a.kind, root, plan.image_size[0], 16)          # as the shipped CLI
+    feeds = q.record_denoiser_inputs(path, images, k=2, steps=int(plan.defaults["steps"]))
+    held_imgs, _ = q.calibration_images(a.kind, root, plan.image_size[0], 48)
+    held = q.record_denoiser_inputs(path, held_imgs[1::6], k=2, seed=100)           # as int8_recipes.py
+    static = static_reshapes(fp32)
+    ref = session(fp32)
+    static_exact = all(np.array_equal(ref.run(None, f)[0], session(static).run(None, f)[0]) for f in held[:2])
+    graphs = {"shipped": (plan.blob("denoiser_int8"), SAFE), "requantized": (quantize(fp32, feeds, [last]), SAFE)}
+    s_int8 = quantize(static, feeds, [last])
+    graphs.update(static=(s_int8, SAFE), static_qop=(quantize(static, feeds, [last], QuantFormat.QOperator), SAFE),
+                  static_pertensor=(quantize(static, feeds, [last], per_channel=False), SAFE),
+                  static_allconv=(quantize(static, feeds, []), SAFE), static_u8u8=(s_int8, EXACT_CONFIG))
+    for name, ex in EXCLUDE.items():
+        graphs[name] = (quantize(static, feeds, [last] + ex), SAFE)
+    sessions = {"fp32": ref, **{n: session(b, c) for n, (b, c) in graphs.items()}}
+    out = {"plan": a.kind, "machine": machine_info(sessions["fp32"].get_session_options().intra_op_num_threads, plan),
+           "defaults": {k: plan.defaults[k] for k in ("solver", "steps", "k")},
+           "static_reshapes_exact_in_fp32": static_exact, "excluded": EXCLUDE,
+           "rms_eps_error_held_out": {n: round(rms_error(ref, s, held), 4) for n, s in sessions.items() if n != "fp32"},
+           "nodes": {n: len(onnx.load_from_string(b).graph.node) for n, (b, _) in graphs.items()}}
+    rng = np.random.default_rng(0)
+    x = {"x": rng.standard_normal((8, *plan.latent_shape), dtype=np.float32), "t": np.full((8,), 500.0, np.float32),
+         "cond": rng.standard_normal((8, *plan.condition_shape), dtype=np.float32)}
+    out["denoiser_call_batch8"] = interleaved_ratios(sessions, x, a.rounds, a.repeats)
+    print(json.dumps(out["denoiser_call_batch8"]), flush=True)
+    if a.profile:
+        out["op_profile_batch8"] = op_profile({"fp32": (fp32, None), "shipped": graphs["shipped"],
+                                               "static": graphs["static"]}, x, a.repeats)
+        print(json.dumps(out["op_profile_batch8"]), flush=True)
+
+    # an int8 decoder, same recipe (static reshapes, 7-bit weights, last convolution fp32)
+    zs = record_decoder_inputs(path, images)
+    dec32 = plan.blob("decoder")
+    dconvs = [n.name for n in onnx.load_from_string(dec32).graph.node if n.op_type == "Conv"]
+    dec8 = quantize(static_reshapes(dec32), [{"z": zs[i:i + 8]} for i in range(0, len(zs), 8)], [dconvs[-1]])
+    d32, d8 = session(dec32), session(dec8, SAFE)
+    zh = np.concatenate([f["x"] for f in held[-2:]])   # held-out latents, late steps
+    p32, p8 = d32.run(None, {"z": zh})[0], d8.run(None, {"z": zh})[0]
+    out["decoder_int8"] = {"max_abs_prob_diff": float(np.abs(p32 - p8).max()),
+                           "mask_pixels_equal": float(((p32 > 0.5) == (p8 > 0.5)).mean()),
+                           "call_batch8": interleaved_ratios({"fp32": d32, "int8": d8}, {"z": zh[:8]}, a.rounds,
+                                                             a.repeats)}
+    print(json.dumps(out["decoder_int8"]), flush=True)
+
+    # whole runs at the plan's defaults
+    with tempfile.TemporaryDirectory() as d:
+        static_plan = Path(d, "static.plan")
+        shutil.copy(path, static_plan)
+        add_blobs(static_plan, {"denoiser_int8": ("graphs/denoiser_int8.onnx", s_int8)},
+                  {INT8_KEY: plan.manifest[INT8_KEY]})
+        from msld_export.training.data import load_split
+        im = load_split(a.kind, root, "val", plan.image_size[0]).images[0].transpose(1, 2, 0).astype(np.float32) / 255
+        img = im[:, :, 0] if im.shape[2] == 1 else im
+        segs = {"fp32": Segmenter(path, backend="onnxruntime"),
+                "int8_shipped": Segmenter(path, backend="onnxruntime", precision="int8"),
+                "int8_static": Segmenter(static_plan, backend="onnxruntime", precision="int8"),
+                "int8_static_int8_decoder": Segmenter(static_plan, backend="onnxruntime", precision="int8")}
+        segs["int8_static_int8_decoder"].backend.decoder = d8
+        results = collections.defaultdict(list)
+
+        def run(n):
+            results[n].append(segs[n].run(img, k=8, seed=0))
+
+        t = time_interleaved({n: functools.partial(run, n) for n in segs}, a.runs, warmup=2)
+        whole = {}
+        for n in segs:
+            rs = results[n][-a.runs:]
+            whole[n] = {"median_ms": round(statistics.median(t[n]), 1),
+                        **{s: round(statistics.median(r.timings[s] for r in rs), 1)
+                           for s in ("encode_ms", "denoise_ms", "decode_ms")},
+                        "consensus_pixels_equal_fp32": float((rs[-1].consensus == results["fp32"][-1].consensus).mean())}
+        for n in segs:
+            whole[n]["ratio"] = round(whole["fp32"]["median_ms"] / whole[n]["median_ms"], 3)
+            whole[n]["denoise_ratio"] = round(whole["fp32"]["denoise_ms"] / whole[n]["denoise_ms"], 3)
+        out["whole_run_k8_defaults"] = whole
+        print(json.dumps(whole), flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
