@@ -10,7 +10,8 @@ convolution int8 too, ``static_u8u8`` the exact u8u8 kernels, ``static_excl_*`` 
 fp32 (``nodes_to_exclude``, listed in EXCLUDE).  Measured in one process, calls interleaved: one
 denoiser call at batch 8 (median per round), the RMS eps error on held-out training inputs (as
 int8_recipes.py), an int8 decoder made the same way, whole runs (k=8, one validation image, the
-plan's default solver and steps) and, with ``--profile``, ONNX Runtime's time per op type.
+plan's default solver and steps) and, with ``--profile``, ONNX Runtime's time per op type;
+``--session-settings`` instead compares fp32 and int8 under other thread-pool settings (SETTINGS).
 Results: benchmarks/README.md, "int8 recipes on an AVX2 CPU without VNNI (2026-12-03)".
 """
 import argparse
@@ -146,6 +147,49 @@ def op_profile(graphs: dict, feeds: dict, repeats: int) -> dict:
     return out
 
 
+SETTINGS = {"2 threads, spinning (the SDK's)": {}, "2 threads, no spinning": {"allow_spinning": "0"},
+            "1 thread": {"threads": 1}}
+
+
+def settings_options(threads=None, config=None, allow_spinning=None):
+    """The SDK's session options with one thread-pool setting changed."""
+    o = session_options(threads, config)
+    if allow_spinning is not None:
+        o.add_session_config_entry("session.intra_op.allow_spinning", allow_spinning)
+    return o
+
+
+def session_settings(plan, path, int8_graphs: dict, feeds: dict, img, rounds: int, repeats: int, runs: int) -> dict:
+    """fp32 against int8 under each of SETTINGS (applied to both precisions alike): one denoiser
+    call at batch 8 (fp32 and ``int8_graphs`` interleaved, setting by setting), and whole runs
+    (k=8, defaults) of both precisions under every setting, all interleaved."""
+    import msld_sdk.backends.onnxruntime_backend as backend
+    calls, whole, segs = {}, {}, {}
+    for label, kw in SETTINGS.items():
+        th, spin = kw.get("threads"), kw.get("allow_spinning")
+        sessions = {"fp32": ort.InferenceSession(plan.blob("denoiser"), settings_options(th, None, spin),
+                                                 providers=["CPUExecutionProvider"])}
+        for n, b in int8_graphs.items():
+            sessions[n] = ort.InferenceSession(b, settings_options(th, SAFE, spin), providers=["CPUExecutionProvider"])
+        calls[label] = interleaved_ratios(sessions, feeds, rounds, repeats)
+        print(label, json.dumps(calls[label]), flush=True)
+        original = backend.session_options
+        backend.session_options = lambda threads=None, config=None, _t=th, _s=spin: settings_options(
+            _t or threads, config, _s)
+        try:
+            for prec in ("fp32", "int8"):
+                segs[f"{prec}, {label}"] = Segmenter(path, backend="onnxruntime", precision=prec)
+        finally:
+            backend.session_options = original
+    t = time_interleaved({n: functools.partial(s.run, img, k=8, seed=0) for n, s in segs.items()}, runs, warmup=2)
+    for n in segs:
+        whole[n] = round(statistics.median(t[n]), 1)
+    for label in SETTINGS:
+        whole[f"int8 over fp32, {label}"] = round(whole[f"fp32, {label}"] / whole[f"int8, {label}"], 3)
+    print(json.dumps(whole), flush=True)
+    return {"denoiser_call_batch8": calls, "whole_run_k8_defaults_ms": whole}
+
+
 def record_decoder_inputs(plan_path, images, k=2, seed=0):
     seg = Segmenter(plan_path, backend="onnxruntime")
     zs, decode = [], seg.backend.decode
@@ -160,6 +204,19 @@ def record_decoder_inputs(plan_path, images, k=2, seed=0):
     return np.concatenate(zs)
 
 
+def _call_feeds(plan, batch=8):
+    rng = np.random.default_rng(0)
+    return {"x": rng.standard_normal((batch, *plan.latent_shape), dtype=np.float32),
+            "t": np.full((batch,), 500.0, np.float32),
+            "cond": rng.standard_normal((batch, *plan.condition_shape), dtype=np.float32)}
+
+
+def _validation_image(kind, root, plan):
+    from msld_export.training.data import load_split
+    im = load_split(kind, root, "val", plan.image_size[0]).images[0].transpose(1, 2, 0).astype(np.float32) / 255
+    return im[:, :, 0] if im.shape[2] == 1 else im
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=["lidc", "polyp"])
@@ -167,6 +224,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=30, help="interleaved denoiser calls per round")
     ap.add_argument("--runs", type=int, default=10, help="interleaved whole runs")
     ap.add_argument("--profile", action="store_true", help="also profile fp32, shipped and static by op type")
+    ap.add_argument("--session-settings", action="store_true",
+                    help="only compare fp32 and int8 under thread-pool settings (spinning, 1 thread)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     path = resolve_plan_path(a.kind)
@@ -179,6 +238,15 @@ def main(argv=None) -> int:
     held_imgs, _ = q.calibration_images(a.kind, root, plan.image_size[0], 48)
     held = q.record_denoiser_inputs(path, held_imgs[1::6], k=2, seed=100)           # as int8_recipes.py
     static = static_reshapes(fp32)
+    if a.session_settings:
+        x = _call_feeds(plan)
+        out = {"plan": a.kind, "machine": machine_info(None, plan), "settings": SETTINGS,
+               **session_settings(plan, path, {"shipped": plan.blob("denoiser_int8"),
+                                               "static": quantize(static, feeds, [last])},
+                                  x, _validation_image(a.kind, root, plan), a.rounds, a.repeats, a.runs)}
+        if a.json:
+            Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+        return 0
     ref = session(fp32)
     static_exact = all(np.array_equal(ref.run(None, f)[0], session(static).run(None, f)[0]) for f in held[:2])
     graphs = {"shipped": (plan.blob("denoiser_int8"), SAFE), "requantized": (quantize(fp32, feeds, [last]), SAFE)}
@@ -194,9 +262,7 @@ def main(argv=None) -> int:
            "static_reshapes_exact_in_fp32": static_exact, "excluded": EXCLUDE,
            "rms_eps_error_held_out": {n: round(rms_error(ref, s, held), 4) for n, s in sessions.items() if n != "fp32"},
            "nodes": {n: len(onnx.load_from_string(b).graph.node) for n, (b, _) in graphs.items()}}
-    rng = np.random.default_rng(0)
-    x = {"x": rng.standard_normal((8, *plan.latent_shape), dtype=np.float32), "t": np.full((8,), 500.0, np.float32),
-         "cond": rng.standard_normal((8, *plan.condition_shape), dtype=np.float32)}
+    x = _call_feeds(plan)
     out["denoiser_call_batch8"] = interleaved_ratios(sessions, x, a.rounds, a.repeats)
     print(json.dumps(out["denoiser_call_batch8"]), flush=True)
     if a.profile:
@@ -224,9 +290,7 @@ def main(argv=None) -> int:
         shutil.copy(path, static_plan)
         add_blobs(static_plan, {"denoiser_int8": ("graphs/denoiser_int8.onnx", s_int8)},
                   {INT8_KEY: plan.manifest[INT8_KEY]})
-        from msld_export.training.data import load_split
-        im = load_split(a.kind, root, "val", plan.image_size[0]).images[0].transpose(1, 2, 0).astype(np.float32) / 255
-        img = im[:, :, 0] if im.shape[2] == 1 else im
+        img = _validation_image(a.kind, root, plan)
         segs = {"fp32": Segmenter(path, backend="onnxruntime"),
                 "int8_shipped": Segmenter(path, backend="onnxruntime", precision="int8"),
                 "int8_static": Segmenter(static_plan, backend="onnxruntime", precision="int8"),
