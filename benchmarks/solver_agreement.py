@@ -31,9 +31,10 @@ def parse_settings(tokens: list[str]) -> list[tuple[str, int]]:
 
 
 def run_probs(seg: Segmenter, images, latents, k: int, solver: str, steps: int) -> np.ndarray:
-    """[n*k, H, W] foreground probabilities, the hypotheses of image i at rows i*k..i*k+k-1."""
-    res = seg.run(images, k=k, steps=steps, solver=solver, initial_latents=latents, eta=0.0)
-    return np.concatenate([r.probs for r in res])
+    """[n*k, H, W] foreground probabilities, the hypotheses of image i at rows i*k..i*k+k-1; one
+    image a call (a list of n images is one batch of n*k, whose ONNX Runtime arena stays)."""
+    return np.concatenate([seg.run(im, k=k, steps=steps, solver=solver, initial_latents=latents[i * k:(i + 1) * k],
+                                   eta=0.0).probs for i, im in enumerate(images)])
 
 
 def main(argv=None) -> int:
