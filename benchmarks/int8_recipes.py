@@ -12,7 +12,6 @@ turn: whether a few layers carry most of the error (they do not; see the results
 """
 import argparse
 
-import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationMethod
 
@@ -43,9 +42,7 @@ def main(argv=None) -> int:
     }
 
     def rms_error(int8: bytes) -> float:
-        s = q.int8_session(int8)
-        err = [s.run(None, f)[0] - r for f, r in zip(held, ref)]
-        return float(np.sqrt(np.mean([np.mean(e ** 2) for e in err]) / np.mean([np.mean(r ** 2) for r in ref])))
+        return q.rms_relative_error(ref, q.int8_session(int8), held)
 
     for name, (feeds, method, exclude) in recipes.items():
         rms = rms_error(q.quantize_denoiser(fp32, feeds, method, keep_fp32=exclude))

@@ -27,8 +27,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
-from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.quantization import QuantFormat
 
 from msld_export.plan_writing import quantize_int8 as q
 from msld_export.training.data import default_data_root
@@ -74,29 +73,8 @@ def static_reshapes(fp32: bytes) -> bytes:
     return m.SerializeToString()
 
 
-def quantize(fp32: bytes, feeds, exclude, fmt=QuantFormat.QDQ, per_channel=True) -> bytes:
-    with tempfile.TemporaryDirectory() as d:
-        src, pre, out = Path(d, "fp32.onnx"), Path(d, "pre.onnx"), Path(d, "int8.onnx")
-        src.write_bytes(fp32)
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(out), q._Reader(feeds), quant_format=fmt, op_types_to_quantize=q.OPS,
-                        per_channel=per_channel, reduce_range=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                        nodes_to_exclude=list(exclude))
-        return out.read_bytes()
-
-
 def session(onnx_bytes: bytes, config=None) -> ort.InferenceSession:
     return ort.InferenceSession(onnx_bytes, session_options(None, config), providers=["CPUExecutionProvider"])
-
-
-def rms_error(ref: ort.InferenceSession, s: ort.InferenceSession, held) -> float:
-    num = den = 0.0
-    for f in held:
-        r = ref.run(None, f)[0]
-        num += float(np.mean((s.run(None, f)[0] - r) ** 2))
-        den += float(np.mean(r ** 2))
-    return float(np.sqrt(num / den))
 
 
 def interleaved_ratios(sessions: dict, feeds: dict, rounds: int, repeats: int) -> dict:
@@ -242,25 +220,31 @@ def main(argv=None) -> int:
         x = _call_feeds(plan)
         out = {"plan": a.kind, "machine": machine_info(None, plan), "settings": SETTINGS,
                **session_settings(plan, path, {"shipped": plan.blob("denoiser_int8"),
-                                               "static": quantize(static, feeds, [last])},
+                                               "static": q.quantize_denoiser(static, feeds, keep_fp32=[last])},
                                   x, _validation_image(a.kind, root, plan), a.rounds, a.repeats, a.runs)}
         if a.json:
             Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
         return 0
     ref = session(fp32)
     static_exact = all(np.array_equal(ref.run(None, f)[0], session(static).run(None, f)[0]) for f in held[:2])
-    graphs = {"shipped": (plan.blob("denoiser_int8"), SAFE), "requantized": (quantize(fp32, feeds, [last]), SAFE)}
-    s_int8 = quantize(static, feeds, [last])
-    graphs.update(static=(s_int8, SAFE), static_qop=(quantize(static, feeds, [last], QuantFormat.QOperator), SAFE),
-                  static_pertensor=(quantize(static, feeds, [last], per_channel=False), SAFE),
-                  static_allconv=(quantize(static, feeds, []), SAFE), static_u8u8=(s_int8, EXACT_CONFIG))
+    graphs = {"shipped": (plan.blob("denoiser_int8"), SAFE),
+              "requantized": (q.quantize_denoiser(fp32, feeds, keep_fp32=[last]), SAFE)}
+    s_int8 = q.quantize_denoiser(static, feeds, keep_fp32=[last])
+    graphs.update(static=(s_int8, SAFE),
+                  static_qop=(q.quantize_denoiser(static, feeds, keep_fp32=[last], quant_format=QuantFormat.QOperator),
+                              SAFE),
+                  static_pertensor=(q.quantize_denoiser(static, feeds, keep_fp32=[last], per_channel=False), SAFE),
+                  static_allconv=(q.quantize_denoiser(static, feeds, keep_fp32=[]), SAFE),
+                  static_u8u8=(s_int8, EXACT_CONFIG))
     for name, ex in EXCLUDE.items():
-        graphs[name] = (quantize(static, feeds, [last] + ex), SAFE)
+        graphs[name] = (q.quantize_denoiser(static, feeds, keep_fp32=[last] + ex), SAFE)
     sessions = {"fp32": ref, **{n: session(b, c) for n, (b, c) in graphs.items()}}
+    ref_eps = [ref.run(None, f)[0] for f in held]
     out = {"plan": a.kind, "machine": machine_info(sessions["fp32"].get_session_options().intra_op_num_threads, plan),
            "defaults": {k: plan.defaults[k] for k in ("solver", "steps", "k")},
            "static_reshapes_exact_in_fp32": static_exact, "excluded": EXCLUDE,
-           "rms_eps_error_held_out": {n: round(rms_error(ref, s, held), 4) for n, s in sessions.items() if n != "fp32"},
+           "rms_eps_error_held_out": {n: round(q.rms_relative_error(ref_eps, s, held), 4)
+                                      for n, s in sessions.items() if n != "fp32"},
            "nodes": {n: len(onnx.load_from_string(b).graph.node) for n, (b, _) in graphs.items()}}
     x = _call_feeds(plan)
     out["denoiser_call_batch8"] = interleaved_ratios(sessions, x, a.rounds, a.repeats)
@@ -274,7 +258,8 @@ def main(argv=None) -> int:
     zs = record_decoder_inputs(path, images)
     dec32 = plan.blob("decoder")
     dconvs = [n.name for n in onnx.load_from_string(dec32).graph.node if n.op_type == "Conv"]
-    dec8 = quantize(static_reshapes(dec32), [{"z": zs[i:i + 8]} for i in range(0, len(zs), 8)], [dconvs[-1]])
+    dec8 = q.quantize_denoiser(static_reshapes(dec32), [{"z": zs[i:i + 8]} for i in range(0, len(zs), 8)],
+                               keep_fp32=[dconvs[-1]])
     d32, d8 = session(dec32), session(dec8, SAFE)
     zh = np.concatenate([f["x"] for f in held[-2:]])   # held-out latents, late steps
     p32, p8 = d32.run(None, {"z": zh})[0], d8.run(None, {"z": zh})[0]

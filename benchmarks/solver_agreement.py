@@ -30,6 +30,22 @@ def parse_settings(tokens: list[str]) -> list[tuple[str, int]]:
     return out
 
 
+def load_images(plan, kind: str = "lidc", data=None, split: str = "val", limit=None, per_nodule: bool = False):
+    """The split's images as the plan takes them (H x W, or H x W x C), floats in [0, 1]."""
+    ds = load_split(kind, data or default_data_root(), split, plan.image_size[0], limit=limit, channels=plan.channels)
+    if per_nodule:
+        ds = middle_slice_per_nodule(ds)
+    return [np.moveaxis(ds[i]["image"], 0, -1).squeeze(-1) if ds.image_channels == 1
+            else np.moveaxis(ds[i]["image"], 0, -1) for i in range(len(ds))]
+
+
+def compare(p: np.ndarray, ref: np.ndarray, threshold: float) -> dict:
+    """mean / max |p - ref| and the share of pixels on the same side of ``threshold``."""
+    d = np.abs(p - ref)
+    return {"mean_abs": float(d.mean()), "max_abs": float(d.max()),
+            "mask_pixels_equal": float(((p > threshold) == (ref > threshold)).mean())}
+
+
 def run_probs(seg: Segmenter, images, latents, k: int, solver: str, steps: int) -> np.ndarray:
     """[n*k, H, W] foreground probabilities, the hypotheses of image i at rows i*k..i*k+k-1; one
     image a call (a list of n images is one batch of n*k, whose ONNX Runtime arena stays)."""
@@ -59,12 +75,7 @@ def main(argv=None) -> int:
     seg = ref_seg if a.precision == "fp32" else Segmenter(a.plan, backend="onnxruntime", precision="int8",
                                                           threads=a.threads)
     plan = ref_seg.plan
-    data = load_split(a.kind, a.data or default_data_root(), a.split, plan.image_size[0], limit=a.limit,
-                      channels=plan.channels)
-    if a.per_nodule:
-        data = middle_slice_per_nodule(data)
-    images = [np.moveaxis(data[i]["image"], 0, -1).squeeze(-1) if data.image_channels == 1
-              else np.moveaxis(data[i]["image"], 0, -1) for i in range(len(data))]
+    images = load_images(plan, a.kind, a.data, a.split, a.limit, a.per_nodule)
     latents = np.random.default_rng(a.seed).standard_normal((len(images) * a.k, *plan.latent_shape),
                                                            dtype=np.float32)
     thr = float(plan.defaults.get("threshold", 0.5))
@@ -77,9 +88,7 @@ def main(argv=None) -> int:
     print(f"{'setting':<14} {'mean |dp|':>10} {'max |dp|':>9} {'mask pixels equal':>18}")
     for solver, steps in settings:
         p = run_probs(seg, images, latents, a.k, solver, steps)
-        d = np.abs(p - ref)
-        row = {"solver": solver, "steps": steps, "precision": a.precision, "mean_abs": float(d.mean()),
-               "max_abs": float(d.max()), "mask_pixels_equal": float(((p > thr) == (ref > thr)).mean())}
+        row = {"solver": solver, "steps": steps, "precision": a.precision, **compare(p, ref, thr)}
         rows.append(row)
         print(f"{solver + ' ' + str(steps):<14} {row['mean_abs']:>10.2e} {row['max_abs']:>9.3f} "
               f"{100 * row['mask_pixels_equal']:>17.3f}%")

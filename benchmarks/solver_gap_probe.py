@@ -21,8 +21,9 @@ import numpy as np
 import onnxruntime as ort
 
 from msld_sdk import Segmenter
-from msld_sdk.evaluation.datasets import default_data_root, load_split, middle_slice_per_nodule
 from msld_sdk.sampling import Schedule
+
+from .solver_agreement import compare, load_images
 
 
 def numpy_ddim(sessions, cond, x, timesteps, prev, ac, clip):
@@ -58,18 +59,16 @@ def main(argv=None) -> int:
     noclip = Schedule(sched.alphas_cumprod, sched.spacing, sched.prediction, 0.0)
     mk = lambda n: ort.InferenceSession(plan.blob(n), providers=["CPUExecutionProvider"])
     enc, sessions = mk("encoder"), (mk("denoiser"), mk("decoder"))
-    data = middle_slice_per_nodule(load_split("lidc", a.data or default_data_root(), "val", plan.image_size[0],
-                                              limit=a.limit, channels=plan.channels))
+    images = load_images(plan, "lidc", a.data, "val", a.limit, per_nodule=True)
     thr = float(plan.defaults.get("threshold", 0.5))
     rng = np.random.default_rng(a.seed)
-    out = {"plan": a.plan, "plan_graphs_sha256": plan.graphs_sha256, "images": len(data), "k": a.k, "rows": []}
+    out = {"plan": a.plan, "plan_graphs_sha256": plan.graphs_sha256, "images": len(images), "k": a.k, "rows": []}
     for steps in a.steps:
         ddim = sched.ddim(steps)
         nxt = np.append(ddim.timesteps[1:], -1)
         runs = {n: [] for n in ("sdk_ddim", "numpy_ddim_reference_rule", "numpy_ddim_consistent", "sdk_dpmpp2m",
                                 "sdk_ddim_noclip", "sdk_dpmpp2m_noclip")}
-        for i in range(len(data)):
-            img = data[i]["image"][0]
+        for img in images:
             x = rng.standard_normal((a.k, *plan.latent_shape), dtype=np.float32)
             cond = enc.run(None, {"image": ((img - 0.5) / 0.5)[None, None].astype(np.float32)})[0]
             runs["sdk_ddim"].append(seg.run(img, k=a.k, steps=steps, solver="ddim", initial_latents=x).probs)
@@ -87,11 +86,10 @@ def main(argv=None) -> int:
         print(f"{steps} steps: numpy DDIM (reference rule) vs the SDK's DDIM, max |dp| {check:.2e}")
         for x_name, y_name in (("sdk_ddim", "numpy_ddim_consistent"), ("sdk_ddim", "sdk_dpmpp2m"),
                                ("numpy_ddim_consistent", "sdk_dpmpp2m"), ("sdk_ddim_noclip", "sdk_dpmpp2m_noclip")):
-            eq = float(((p[x_name] > thr) == (p[y_name] > thr)).mean())
-            d = float(np.abs(p[x_name] - p[y_name]).mean())
-            print(f"  {x_name:<22} vs {y_name:<22} mask pixels equal {100 * eq:7.3f} %, mean |dp| {d:.2e}")
-            out["rows"].append({"steps": steps, "a": x_name, "b": y_name, "mask_pixels_equal": eq, "mean_abs": d,
-                                "numpy_vs_sdk_max_abs": check})
+            c = compare(p[y_name], p[x_name], thr)
+            print(f"  {x_name:<22} vs {y_name:<22} mask pixels equal {100 * c['mask_pixels_equal']:7.3f} %, "
+                  f"mean |dp| {c['mean_abs']:.2e}")
+            out["rows"].append({"steps": steps, "a": x_name, "b": y_name, **c, "numpy_vs_sdk_max_abs": check})
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

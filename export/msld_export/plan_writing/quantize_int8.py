@@ -66,18 +66,21 @@ def output_conv(onnx_bytes: bytes) -> str:
 
 
 def quantize_denoiser(fp32_onnx: bytes, feeds: list[dict], method=CalibrationMethod.MinMax,
-                      keep_fp32: list[str] | None = None, reduce_range: bool = True) -> bytes:
+                      keep_fp32: list[str] | None = None, reduce_range: bool = True,
+                      quant_format=QuantFormat.QDQ, per_channel: bool = True) -> bytes:
     """The shipped recipe by default; ``method``, ``keep_fp32`` (node names left fp32, default:
-    the output convolution) and ``reduce_range`` (7-bit weights; False: the full int8 range, as
-    plans made before 2026-12-03) let benchmarks/int8_recipes.py compare alternatives."""
+    the output convolution), ``reduce_range`` (7-bit weights; False: the full int8 range, as
+    plans made before 2026-12-03), ``quant_format`` and ``per_channel`` let
+    benchmarks/int8_recipes.py and int8_selective.py compare alternatives (any graph: the
+    decoder too)."""
     if keep_fp32 is None:
         keep_fp32 = [output_conv(fp32_onnx)]
     with tempfile.TemporaryDirectory() as d:
         src, pre, out = Path(d, "fp32.onnx"), Path(d, "pre.onnx"), Path(d, "int8.onnx")
         src.write_bytes(fp32_onnx)
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(out), _Reader(feeds), quant_format=QuantFormat.QDQ, op_types_to_quantize=OPS,
-                        per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        quantize_static(str(pre), str(out), _Reader(feeds), quant_format=quant_format, op_types_to_quantize=OPS,
+                        per_channel=per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=method, nodes_to_exclude=keep_fp32)
         return out.read_bytes()
 
@@ -145,6 +148,13 @@ def eps_error(fp32_onnx: bytes, int8_onnx: bytes, feeds: list[dict]) -> float:
         ra, rb = a.run(None, f)[0], b.run(None, f)[0]
         num, den = max(num, float(np.abs(ra - rb).max())), max(den, float(np.abs(ra).max()))
     return num / max(den, 1e-12)
+
+
+def rms_relative_error(ref: list[np.ndarray], session: ort.InferenceSession, feeds: list[dict]) -> float:
+    """sqrt(mean squared error / mean square of ``ref``) of ``session``'s outputs on ``feeds``
+    against ``ref`` (the fp32 outputs on the same feeds, computed once by the caller)."""
+    err = [np.mean((session.run(None, f)[0] - r) ** 2) for f, r in zip(feeds, ref)]
+    return float(np.sqrt(np.mean(err) / np.mean([np.mean(r ** 2) for r in ref])))
 
 
 def calibration_images(kind: str, data_root, size: int, n: int) -> tuple[list[np.ndarray], list[str]]:
