@@ -154,8 +154,8 @@ def per_image_rois(roi, n: int) -> list:
 
 
 def run_with_roi(seg, images: list, roi, options, initial_latents=None) -> list[SegmentationResult]:
-    """``Segmenter.run(images, roi=...)``: crop each image, run the crops as one batch with the
-    checked ``options`` (``Segmenter.options``), paste back."""
+    """``Segmenter.run(images, roi=...)``: crop each image, run the crops in one call
+    (``Segmenter.segment``) with the checked ``options`` (``Segmenter.options``), paste back."""
     from .image_input import load_image
 
     info = training_input(seg.plan.manifest)

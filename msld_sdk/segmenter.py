@@ -1,8 +1,10 @@
 """``Segmenter``: the SDK's front door. Image in; k masks, their mean and a confidence map out.
 
 The image is encoded once; all k hypotheses (times the number of images in a batch) go
-through the denoiser together, once per DDIM step, in the backend's sampling loop
-(``backend.sample``, on the plan's ``Schedule``).
+through the denoiser together, once per step, in the backend's sampling loop
+(``backend.sample``, on the plan's ``Schedule``). A long list (a volume's slices, a folder) runs
+in groups of whole images of at most ``max_batch`` hypotheses, so memory stays bounded; the
+results are those of one batch (each image's noise depends only on the seed).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ log = logging.getLogger("msld_sdk")
 
 SHIPPED_MODELS = ("lidc", "polyp")
 DEFAULT_MODEL = "lidc"
+DEFAULT_MAX_BATCH = 32   # hypotheses per sampling batch (Segmenter's max_batch)
 
 
 def shipped_plan_path(name: str) -> Path:
@@ -59,10 +62,16 @@ class Segmenter:
     progress: show a progress bar over the DDIM steps.
     precision: "fp32" (default) or "int8" (the plan's quantized denoiser, ONNX Runtime only;
               its measured speed and Dice are in benchmarks/README.md and MODEL_CARD.md).
+    max_batch: most hypotheses (images x k) sampled at once; a longer list runs in groups of
+              whole images (one image's k hypotheses always go together). Peak memory grows with
+              it (benchmarks/README.md, "Memory of long lists"); the results do not change.
     """
 
     def __init__(self, plan: str | Path | None = None, backend: str = "auto", threads: int | None = None,
-                 progress: bool = False, precision: str = "fp32"):
+                 progress: bool = False, precision: str = "fp32", max_batch: int = DEFAULT_MAX_BATCH):
+        if isinstance(max_batch, bool) or not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
+            raise InputError(f"max_batch must be a positive whole number of hypotheses, got {max_batch!r}")
+        self.max_batch = int(max_batch)
         self.plan = Plan.open(resolve_plan_path(plan))
         m = self.plan.manifest
         self.precision = precision
@@ -155,8 +164,7 @@ class Segmenter:
         """Segment whole images (anything ``run`` accepts, in a list) with checked ``options``
         (``Segmenter.options``): the step under ``run``, ROI and volumes. ``warn_whole_image``:
         log when the images are larger than a crop-trained plan's training crops."""
-        k, steps, seed, eta, threshold, views = (options.k, options.steps, options.seed, options.eta,
-                                                 options.threshold, options.views)
+        k, steps = options.k, options.steps
         x_init = self._initial_latents(initial_latents, len(images), k)
         t0 = time.perf_counter()
         arrays = [load_image(im) for im in images]
@@ -167,19 +175,46 @@ class Segmenter:
         x_in = np.concatenate([self._model_input(a) for a in arrays])
         shapes = [a.shape[:2] for a in arrays]
         del arrays   # full-size images are not needed past here: peak memory ~ the outputs (input_contract.md)
+        n = len(shapes)
+        per_group = max(1, self.max_batch // k)   # whole images: one image's hypotheses go together
+        groups = [range(b, min(n, b + per_group)) for b in range(0, n, per_group)]
+        if len(groups) > 1:
+            log.debug("msld_sdk: %d images x k=%d run in %d groups of at most %d images (max_batch=%d)",
+                      n, k, len(groups), per_group, self.max_batch)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=steps * len(groups), desc="DDIM" if options.solver == "ddim" else "DPM++2M",
+                       unit="step", leave=False)
+        timings = {"preprocess_ms": (time.perf_counter() - t0) * 1e3}
+        results = []
+        for g in groups:
+            x_g = None if x_init is None else x_init[g.start * k:g.stop * k]
+            results += self._segment_group(x_in[g.start:g.stop], [shapes[i] for i in g], options, x_g, bar,
+                                           timings)
+        if bar is not None:
+            bar.close()
+        timings["total_ms"] = (time.perf_counter() - t0) * 1e3
+        timings["images"] = n
+        for r in results:
+            r.timings = dict(timings)
+        return results
+
+    def _segment_group(self, x_in: np.ndarray, shapes: list, options: SampleOptions, x_init, bar,
+                       timings: dict) -> list[SegmentationResult]:
+        """Encode, sample, decode and aggregate one group of model inputs (n x C x H x W); adds
+        its stage times to ``timings``."""
+        k, steps, seed, eta, threshold, views = (options.k, options.steps, options.seed, options.eta,
+                                                 options.threshold, options.views)
         t1 = time.perf_counter()
         n = len(shapes)
         cond = self.backend.encode(view_inputs(x_in, views))   # (n * views) rows
         rows = hypothesis_rows(n, k, views)   # cond row of each hypothesis: image i, view j % views
         t2 = time.perf_counter()
-
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=steps, desc="DDIM" if options.solver == "ddim" else "DPM++2M", unit="step", leave=False)
+        done_before = bar.n if bar is not None else 0
 
         def progress(done, total):
-            bar.update(done - bar.n)
+            bar.update(done_before + done - bar.n)
 
         per_hypothesis = views > 1   # else one cond row per image, repeated k times by the backend
         if per_hypothesis:
@@ -188,12 +223,11 @@ class Segmenter:
         latents = self.backend.sample(cond, n, options, self.schedule, initial_latents=x_init,
                                       cond_per_hypothesis=per_hypothesis,
                                       progress=progress if bar is not None else None, timings=loop)
-        if bar is not None:
-            bar.close()
         t3 = time.perf_counter()
         # a device-resident loop (TensorRT) cannot be timed apart: all of it is denoise_ms
         denoise_s = loop.get("denoise_s", t3 - t2)
         probs = undo_views(self.backend.decode(latents)[:, 0], k, views)   # (n*k) x h x w
+        del latents
         t4 = time.perf_counter()
 
         results = []
@@ -210,21 +244,16 @@ class Segmenter:
             results.append(SegmentationResult(masks=masks, mean=mean, confidence=conf, consensus=cons, probs=p,
                                               seed=seed, steps=steps, eta=eta, views=views,
                                               solver=options.solver))
-        t5 = time.perf_counter()
-        loop_s = t3 - t2
-        timings = {
-            "preprocess_ms": (t1 - t0) * 1e3,
+        add = {
             "encode_ms": (t2 - t1) * 1e3,
             "denoise_ms": denoise_s * 1e3,
-            "loop_overhead_ms": (loop_s - denoise_s) * 1e3,  # DDIM update, noise, callbacks
+            "loop_overhead_ms": (t3 - t2 - denoise_s) * 1e3,  # solver update, noise, callbacks
             "decode_ms": (t4 - t3) * 1e3,
             "postprocess_ms": post_s * 1e3,
             "aggregate_ms": agg_s * 1e3,
-            "total_ms": (t5 - t0) * 1e3,
-            "images": n,
         }
-        for r in results:
-            r.timings = dict(timings)
+        for key, v in add.items():
+            timings[key] = timings.get(key, 0.0) + v
         return results
 
     def __repr__(self) -> str:

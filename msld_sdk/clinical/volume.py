@@ -4,7 +4,8 @@ over a 3-D region, returned as volumes in the series' own geometry.
 ``load_volume`` reads a DICOM series (slices in position order, values in HU) or a NIfTI file;
 ``segment_volume(seg, vol, roi=..., slices=...)`` cuts every slice in range at the plan's
 training crop around the region, maps HU the way the training slices were, and segments them
-in one batch; ``save_nifti_outputs`` writes the results in the volume's geometry.
+in one call (in groups of ``max_batch`` hypotheses); ``save_nifti_outputs`` writes the results
+in the volume's geometry.
 
 Arrays are Z x H x W (slice, row, column). ``roi``: a 2-D centre (x, y) or box (x0, y0, x1, y1)
 for every slice in ``slices`` = (z0, z1) (end exclusive; default all), a 3-D centre (x, y, z)
