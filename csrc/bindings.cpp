@@ -116,16 +116,26 @@ PYBIND11_MODULE(_native, m) {
     }, py::arg("num_train_timesteps"), py::arg("steps"), py::arg("spacing") = "trailing",
        "Descending DPM-Solver++ timesteps, as diffusers' DPMSolverMultistepScheduler.set_timesteps.");
 
-    m.def("dpmpp2m_coefficients", [](farray alphas_cumprod, int steps, const std::string& spacing) {
+    m.def("dpmpp2m_coefficients", [](farray alphas_cumprod, int steps, const std::string& spacing,
+                                     py::object timesteps) {
         const msld_spacing sp = parse_spacing(spacing);
         const int32_t T = (int32_t)alphas_cumprod.size();
         const py::ssize_t n = steps > 0 ? steps : 0;
         py::array_t<int32_t> ts(n), next(n), order(n);
         py::array_t<double> at(n), xc(n), x0c(n), x0pc(n);
         if (steps < 1) check(MSLD_ERR_INVALID_ARG, "dpmpp2m_coefficients");
+        std::vector<int32_t> grid((size_t)steps);
+        if (timesteps.is_none()) {
+            check(msld_dpmpp2m_timesteps(T, steps, sp, grid.data()), "dpmpp2m_coefficients");
+        } else {
+            auto g = timesteps.cast<py::array_t<int32_t, py::array::c_style | py::array::forcecast>>();
+            if (g.ndim() != 1 || g.size() != steps)
+                throw py::value_error("timesteps must be a 1-D array of `steps` timesteps");
+            std::copy(g.data(), g.data() + steps, grid.begin());
+        }
         for (int32_t i = 0; i < steps; ++i) {
             msld_dpmpp2m_coeffs c;
-            check(msld_dpmpp2m_coeffs_for(alphas_cumprod.data(), T, steps, sp, i, &c), "dpmpp2m_coefficients");
+            check(msld_dpmpp2m_coeffs_at(alphas_cumprod.data(), T, grid.data(), steps, i, &c), "dpmpp2m_coefficients");
             ts.mutable_data()[i] = c.timestep;
             next.mutable_data()[i] = c.next_timestep;
             order.mutable_data()[i] = c.order;
@@ -135,9 +145,10 @@ PYBIND11_MODULE(_native, m) {
             x0pc.mutable_data()[i] = c.x0_prev_coef;
         }
         return py::make_tuple(ts, next, order, at, xc, x0c, x0pc);
-    }, py::arg("alphas_cumprod"), py::arg("steps"), py::arg("spacing") = "trailing",
-       "The scalars of every DPM-Solver++(2M) step (msld_dpmpp2m_coeffs_for): (timesteps, next_timesteps,\n"
-       "order int32, alpha_t, x_coef, x0_coef, x0_prev_coef float64), step 0 first.");
+    }, py::arg("alphas_cumprod"), py::arg("steps"), py::arg("spacing") = "trailing", py::arg("timesteps") = py::none(),
+       "The scalars of every DPM-Solver++(2M) step (msld_dpmpp2m_coeffs_at): (timesteps, next_timesteps,\n"
+       "order int32, alpha_t, x_coef, x0_coef, x0_prev_coef float64), step 0 first. `timesteps`: a given\n"
+       "grid (int, descending, `steps` long) instead of the spacing rule's.");
 
     m.def("dpmpp2m_step", [](farray x, farray eps, py::object x0_prev, int order, double alpha_t, double x_coef,
                              double x0_coef, double x0_prev_coef, float clip) {
@@ -224,7 +235,7 @@ PYBIND11_MODULE(_native, m) {
     m.def("ddim_sample", [](py::object denoise, farray alphas_cumprod, int steps, const std::string& spacing,
                             float eta, float clip, uint64_t seed, int k, int n_images,
                             py::array x, py::array eps, py::array t, py::object progress, bool latents_given,
-                            const std::string& solver) {
+                            const std::string& solver, py::object timesteps) {
         if (k < 1 || n_images < 1) throw py::value_error("k and n_images must be >= 1");
         py::ssize_t batch = (py::ssize_t)k * n_images;
         if (x.size() % batch) throw py::value_error("x size is not a multiple of k * n_images");
@@ -244,6 +255,16 @@ PYBIND11_MODULE(_native, m) {
         else if (solver == "dpmpp2m") p.solver = MSLD_SOLVER_DPMPP2M;
         else throw py::value_error("solver must be 'ddim' or 'dpmpp2m', got '" + solver + "'");
         if (p.solver == MSLD_SOLVER_DPMPP2M && eta != 0.0f) throw py::value_error("dpmpp2m runs with eta 0 only");
+        std::vector<int32_t> grid;
+        p.timesteps = nullptr;
+        if (!timesteps.is_none()) {
+            if (p.solver != MSLD_SOLVER_DPMPP2M) throw py::value_error("timesteps: a given grid needs solver 'dpmpp2m'");
+            auto g = timesteps.cast<py::array_t<int32_t, py::array::c_style | py::array::forcecast>>();
+            if (g.ndim() != 1 || g.size() != steps)
+                throw py::value_error("timesteps must be a 1-D array of `steps` timesteps");
+            grid.assign(g.data(), g.data() + steps);
+            p.timesteps = grid.data();
+        }
         float* xp = buffer(x, x.size(), "x");
         float* ep = buffer(eps, x.size(), "eps");
         float* tp = buffer(t, batch, "t");
@@ -262,8 +283,8 @@ PYBIND11_MODULE(_native, m) {
     }, py::arg("denoise"), py::arg("alphas_cumprod"), py::arg("steps"), py::arg("spacing"), py::arg("eta"),
        py::arg("clip"), py::arg("seed"), py::arg("k"), py::arg("n_images"), py::arg("x"), py::arg("eps"),
        py::arg("t"), py::arg("progress") = py::none(), py::arg("latents_given") = false,
-       py::arg("solver") = "ddim",
-       "Run the whole sampling loop (solver 'ddim' or 'dpmpp2m'). `denoise()` is called once per step and must read the bound\n"
+       py::arg("solver") = "ddim", py::arg("timesteps") = py::none(),
+       "Run the whole sampling loop (solver 'ddim' or 'dpmpp2m'; `timesteps`: dpmpp2m's grid, default the spacing's). `denoise()` is called once per step and must read the bound\n"
        "buffers x (latents) and t (timesteps) and write eps; x holds the final latents.\n"
        "latents_given=True: x already holds the initial latents (no noise is drawn for them).");
 }

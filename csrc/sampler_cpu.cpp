@@ -151,6 +151,13 @@ msld_status msld_dpmpp2m_coeffs_for(const float* ac, int32_t T, int32_t steps, m
     std::vector<int32_t> ts(std::max(steps, 1));
     msld_status st = msld_dpmpp2m_timesteps(T, steps, spacing, ts.data());
     if (st != MSLD_OK) return st;
+    return msld_dpmpp2m_coeffs_at(ac, T, ts.data(), steps, i, out);
+}
+
+msld_status msld_dpmpp2m_coeffs_at(const float* ac, int32_t T, const int32_t* ts, int32_t steps, int32_t i,
+                                   msld_dpmpp2m_coeffs* out) {
+    if (!ac || !ts || !out) return MSLD_ERR_NULL_POINTER;
+    if (steps < 1 || steps > T || i < 0 || i >= steps) return MSLD_ERR_INVALID_ARG;
     for (int32_t j = std::max(0, i - 1); j <= std::min(i + 1, steps - 1); ++j)
         if (ts[j] < 0 || ts[j] >= T || !(ac[ts[j]] > 0.0f && ac[ts[j]] < 1.0f)) return MSLD_ERR_INVALID_ARG;
     const double a = ac[ts[i]];
@@ -282,6 +289,7 @@ msld_status msld_ddim_sample(const msld_sampler_params* p, msld_denoise_fn denoi
         return MSLD_ERR_INVALID_ARG;
     if (p->solver != MSLD_SOLVER_DDIM && p->solver != MSLD_SOLVER_DPMPP2M) return MSLD_ERR_INVALID_ARG;
     if (p->solver == MSLD_SOLVER_DPMPP2M && p->eta != 0.0f) return MSLD_ERR_INVALID_ARG;
+    if (p->timesteps && p->solver != MSLD_SOLVER_DPMPP2M) return MSLD_ERR_INVALID_ARG;
     const int64_t per_image = (int64_t)p->k * p->elems;
     const int32_t batch = p->k * p->n_images;
     const int64_t n = (int64_t)batch * p->elems;
@@ -292,11 +300,17 @@ msld_status msld_ddim_sample(const msld_sampler_params* p, msld_denoise_fn denoi
         if (st != MSLD_OK) return st;
     }
     if (p->solver == MSLD_SOLVER_DPMPP2M) {
+        std::vector<int32_t> ts((size_t)p->steps);   // the given grid, or the spacing rule's
+        if (p->timesteps) std::copy(p->timesteps, p->timesteps + p->steps, ts.begin());
+        else {
+            msld_status st = msld_dpmpp2m_timesteps(p->num_train_timesteps, p->steps, p->spacing, ts.data());
+            if (st != MSLD_OK) return st;
+        }
         std::vector<float> x0_prev((size_t)n);  // the one extra buffer: the previous step's x0
         for (int32_t i = 0; i < p->steps; ++i) {
             msld_dpmpp2m_coeffs c;
-            msld_status st = msld_dpmpp2m_coeffs_for(p->alphas_cumprod, p->num_train_timesteps, p->steps,
-                                                     p->spacing, i, &c);
+            msld_status st = msld_dpmpp2m_coeffs_at(p->alphas_cumprod, p->num_train_timesteps, ts.data(), p->steps,
+                                                    i, &c);
             if (st != MSLD_OK) return st;
             std::fill(t, t + batch, (float)c.timestep);
             if (denoise(duser, x, t, eps, batch) != 0) return MSLD_ERR_CALLBACK;

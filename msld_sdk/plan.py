@@ -244,6 +244,14 @@ def _validate_manifest_values(m: dict, p: Path) -> None:
             f"defaults.solver {solver!r} runs with eta 0 only, but defaults.eta is {d.get('eta')!r}"
         assert not (solver == "dpmpp2m" and sch["spacing"] == "leading" and d["steps"] >= T), \
             "defaults.steps must be below num_train_timesteps for dpmpp2m with leading spacing"
+        if d.get("timesteps") is not None:   # a tuned grid (msld_sdk.timestep_grids) of the default run
+            grid = d["timesteps"]
+            assert solver == "dpmpp2m", f"defaults.timesteps is a dpmpp2m grid, but defaults.solver is {solver!r}"
+            assert isinstance(grid, list) and len(grid) == d["steps"], \
+                f"defaults.timesteps must list defaults.steps ({d['steps']}) timesteps, got {grid!r}"
+            assert all(type(t) is int and 0 <= t < T for t in grid) and \
+                all(a > b for a, b in zip(grid, grid[1:])), \
+                f"defaults.timesteps must be integers in [0, {T}) that strictly decrease, got {grid!r}"
     except (AssertionError, KeyError, TypeError, ValueError) as e:
         raise PlanFormatError(f"{p}: manifest has a missing or invalid field ({type(e).__name__}: {e})") from None
 

@@ -1,4 +1,5 @@
-"""Change a plan's default k, number of steps, solver or test-time views without re-exporting it.
+"""Change a plan's default k, number of steps, solver, timestep grid or test-time views without
+re-exporting it.
 
 The graphs (and an int8 denoiser, with its calibration record) are kept byte for byte; the
 manifest's ``defaults`` and ``model.default_*`` change, and ``provenance.defaults_changed``
@@ -12,19 +13,34 @@ import datetime as _dt
 
 from .errors import UsageError
 from .plan import SOLVERS, Plan, add_blobs
+from .timestep_grids import check_grid
 from .views import check_views
+
+KEEP = object()   # set_defaults(timesteps=KEEP): leave the grid as it is (unless steps or solver change)
 
 
 def set_defaults(plan_path, steps: int | None = None, k: int | None = None, why: str = "",
-                 views: int | None = None, solver: str | None = None, evidence: dict | None = None) -> dict:
+                 views: int | None = None, solver: str | None = None, evidence: dict | None = None,
+                 timesteps=KEEP) -> dict:
     """Rewrite ``plan_path`` with the given defaults (None: kept); returns the new manifest (the old
-    one, untouched, when nothing changes)."""
+    one, untouched, when nothing changes). ``timesteps``: dpmpp2m's grid of the default run (a
+    list), or None to drop it; a grid is dropped too when steps or solver are given without one."""
     plan = Plan.open(plan_path)
     m = plan.manifest
     defaults, model = dict(m["defaults"]), dict(m["model"])
     old = {"steps": defaults["steps"], "k": defaults["k"], "views": defaults.get("views", 1)}
     if solver is not None or "solver" in defaults:
         old["solver"] = defaults.get("solver", "ddim")
+    if defaults.get("timesteps") is not None or (timesteps is not KEEP and timesteps is not None):
+        old["timesteps"] = defaults.get("timesteps")
+    if timesteps is not KEEP and timesteps is not None:
+        timesteps = list(check_grid(timesteps, int(m["schedule"]["num_train_timesteps"])))
+    if timesteps is KEEP and (steps is not None or solver is not None):
+        timesteps = None if defaults.get("timesteps") is not None else KEEP
+    if timesteps is None:
+        defaults.pop("timesteps", None)
+    elif timesteps is not KEEP:
+        defaults["timesteps"] = timesteps
     if solver is not None:
         if solver not in SOLVERS:
             raise UsageError(f"solver must be one of {SOLVERS}, got {solver!r}")
@@ -38,6 +54,8 @@ def set_defaults(plan_path, steps: int | None = None, k: int | None = None, why:
     new = {"steps": defaults["steps"], "k": defaults["k"], "views": defaults.get("views", 1)}
     if "solver" in old:
         new["solver"] = defaults["solver"]
+    if "timesteps" in old:
+        new["timesteps"] = defaults.get("timesteps")
     if new == old:
         return m
     prov = dict(m.get("provenance", {}))

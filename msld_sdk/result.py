@@ -20,6 +20,7 @@ class SegmentationResult:
     roi: tuple | None = None  # (x0, y0, x1, y1) kept when run with roi=...; zeros outside it
     views: int = 1            # hypothesis j was sampled from the image in view j % views (msld_sdk.views)
     solver: str = "ddim"      # the sampler that made it: "ddim" or "dpmpp2m" (msld_sdk.sampling.SOLVERS)
+    timesteps: tuple | None = None  # dpmpp2m's timestep grid when one was given or tuned; None: the plan's spacing
 
     @property
     def k(self) -> int:

@@ -17,6 +17,7 @@ import numpy as np
 
 from .errors import InputError
 from .plan import SOLVERS, SPACINGS
+from .timestep_grids import check_grid
 from .views import check_views
 
 MAX_SEED = 2**64 - 1
@@ -35,16 +36,29 @@ class SampleOptions:
     threshold: float = 0.5
     views: int = 1
     solver: str = "ddim"
+    timesteps: tuple[int, ...] | None = None   # dpmpp2m's grid (msld_sdk.timestep_grids); None: the spacing's
 
     @classmethod
     def resolve(cls, defaults: dict, num_train_timesteps: int, input_size: tuple[int, int], k=None, steps=None,
                 seed=None, eta: float = 0.0, threshold=None, views=None,
-                solver=None) -> "SampleOptions":
+                solver=None, timesteps=None) -> "SampleOptions":
         """Fill what is None from the plan's ``defaults``, draw a seed if none, and check every
-        value (``InputError`` naming the value and the allowed range)."""
+        value (``InputError`` naming the value and the allowed range).
+
+        ``timesteps``: a DPM-Solver++(2M) grid (its length is the step count). Without one (None),
+        the plan's ``defaults.timesteps`` (a grid ``msld tune`` chose) applies when the run is
+        dpmpp2m at that grid's step count; else, or with ``"spacing"``, the plan's spacing rule."""
         d = defaults
         views = check_views(d.get("views", 1) if views is None else views, tuple(input_size))
         k = d["k"] if k is None else k
+        use_plan_grid = timesteps is None
+        if isinstance(timesteps, str) and timesteps == "spacing":
+            timesteps = None
+        if timesteps is not None:
+            timesteps = check_grid(timesteps, num_train_timesteps)
+            if steps is not None and steps != len(timesteps):
+                raise InputError(f"steps={steps!r} but timesteps lists {len(timesteps)}: give one or the other")
+            steps = len(timesteps)
         steps = d["steps"] if steps is None else steps
         threshold = d.get("threshold", 0.5) if threshold is None else threshold
         solver_from_plan = solver is None
@@ -65,12 +79,19 @@ class SampleOptions:
             raise InputError(f"{given} 'dpmpp2m', which is deterministic and runs with eta 0 only, got eta={eta!r}: "
                              f"use eta 0, or ask for DDIM with eta > 0 (solver='ddim' / --solver ddim, and "
                              f"steps: DDIM needs more than dpmpp2m, e.g. 20)")
+        if timesteps is not None and solver != "dpmpp2m":
+            given = "this plan's default solver is" if solver_from_plan else "solver"
+            raise InputError(f"timesteps (a grid) are for solver 'dpmpp2m'; {given} {solver!r}: "
+                             f"add solver='dpmpp2m' / --solver dpmpp2m, or leave the timesteps out")
+        if use_plan_grid and solver == "dpmpp2m" and d.get("timesteps") is not None \
+                and d.get("solver") == "dpmpp2m" and len(d["timesteps"]) == steps:
+            timesteps = check_grid(d["timesteps"], T, what="the plan's defaults.timesteps")
         if seed is None:
             seed = secrets.randbits(63)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
             raise InputError(f"seed must be an integer from 0 to 2**64-1, got {seed!r}")
         return cls(k=int(k), steps=int(steps), seed=int(seed), eta=float(eta), threshold=float(threshold),
-                   views=views, solver=solver)
+                   views=views, solver=solver, timesteps=timesteps)
 
 
 class DdimStep(NamedTuple):
@@ -206,20 +227,26 @@ class Schedule:
         return StepTable(np.asarray(ts, np.int32), np.asarray(prev, np.int32), np.asarray(at, np.float64),
                          np.asarray(ap, np.float64))
 
-    def dpmpp2m(self, steps: int) -> Dpm2mTable:
-        """The DPM-Solver++(2M) steps of a ``steps``-step run, computed by the native code."""
+    def dpmpp2m(self, steps: int, timesteps=None) -> Dpm2mTable:
+        """The DPM-Solver++(2M) steps of a ``steps``-step run, computed by the native code, on the
+        spacing rule's timesteps or on the grid ``timesteps`` (``steps`` long)."""
         from . import _native
         if not hasattr(_native, "dpmpp2m_coefficients"):
             raise RuntimeError("msld_sdk._native predates DPM-Solver++ (no dpmpp2m_coefficients): rebuild the extension")
-        ts, nxt, order, at, xc, x0c, x0pc = _native.dpmpp2m_coefficients(self.alphas_cumprod, int(steps), self.spacing)
+        grid = None if timesteps is None else np.asarray(timesteps, np.int32)
+        ts, nxt, order, at, xc, x0c, x0pc = _native.dpmpp2m_coefficients(self.alphas_cumprod, int(steps), self.spacing,
+                                                                          grid)
         f = np.float64
         return Dpm2mTable(np.asarray(ts, np.int32), np.asarray(nxt, np.int32), np.asarray(order, np.int32),
                           np.asarray(at, f), np.asarray(xc, f), np.asarray(x0c, f), np.asarray(x0pc, f))
 
-    def table(self, solver: str, steps: int):
-        """The step table of ``solver`` (one of ``SOLVERS``): ``ddim`` or ``dpmpp2m``."""
+    def table(self, solver: str, steps: int, timesteps=None):
+        """The step table of ``solver`` (one of ``SOLVERS``): ``ddim`` or ``dpmpp2m`` (on the grid
+        ``timesteps`` when given: ``SampleOptions.timesteps``)."""
         if solver == "ddim":
+            if timesteps is not None:
+                raise ValueError("a timestep grid is for solver 'dpmpp2m', not 'ddim'")
             return self.ddim(steps)
         if solver == "dpmpp2m":
-            return self.dpmpp2m(steps)
+            return self.dpmpp2m(steps, timesteps)
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")

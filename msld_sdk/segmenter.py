@@ -84,7 +84,7 @@ class Segmenter:
     # ---- public API ------------------------------------------------------------------------
     def run(self, img, k: int | None = None, steps: int | None = None, seed: int | None = None,
             eta: float = 0.0, threshold: float | None = None, roi=None, initial_latents=None,
-            views: int | None = None, allow_modality=False, solver: str | None = None):
+            views: int | None = None, allow_modality=False, solver: str | None = None, timesteps=None):
         """Segment one image (array, PIL image or path) or a list of them.
 
         Returns a ``SegmentationResult`` (a list of them for a list input). ``seed`` makes
@@ -103,7 +103,10 @@ class Segmenter:
         this off. Default: the plan's (``defaults["views"]``, 1 when it has none).
 
         ``solver``: "ddim" or "dpmpp2m" (DPM-Solver++(2M), eta 0 only); default: the plan's
-        (``defaults["solver"]``, "ddim" when it has none).
+        (``defaults["solver"]``, "ddim" when it has none). ``timesteps``: dpmpp2m's timestep grid,
+        noisiest first (its length is the step count; ``msld_sdk.timestep_grids``); default: the
+        plan's tuned grid (``defaults["timesteps"]``) at its step count, else (or with
+        ``"spacing"``) the plan's spacing rule.
 
         ``allow_modality``: a DICOM path whose Modality is not the plan's is refused unless this
         is True or names it (e.g. "MR"); it then runs with a warning (``msld_sdk.input_checks``).
@@ -113,7 +116,7 @@ class Segmenter:
         if batch and not images:
             raise InputError("empty list of images")
         options = self.options(k=k, steps=steps, seed=seed, eta=eta, threshold=threshold, views=views,
-                               solver=solver)
+                               solver=solver, timesteps=timesteps)
         check_image_modalities(self.plan.manifest, images, allow_modality)
         if roi is not None:
             from .roi import run_with_roi
@@ -125,12 +128,13 @@ class Segmenter:
     __call__ = run
 
     def options(self, k: int | None = None, steps: int | None = None, seed: int | None = None, eta: float = 0.0,
-                threshold: float | None = None, views: int | None = None, solver: str | None = None) -> SampleOptions:
+                threshold: float | None = None, views: int | None = None, solver: str | None = None,
+                timesteps=None) -> SampleOptions:
         """``run``'s sampling keywords checked against this plan: what is None comes from the plan's
         defaults, and a random seed is drawn when none is given."""
         return SampleOptions.resolve(self.defaults, self.schedule.num_train_timesteps, tuple(self._in["size"]), k=k,
                                      steps=steps, seed=seed, eta=eta, threshold=threshold, views=views,
-                                     solver=solver)
+                                     solver=solver, timesteps=timesteps)
 
     def preprocess(self, img) -> np.ndarray:
         """One image (anything ``run`` accepts) -> the encoder's 1 x C x H x W input."""
@@ -243,7 +247,7 @@ class Segmenter:
             agg_s += s3 - s2
             results.append(SegmentationResult(masks=masks, mean=mean, confidence=conf, consensus=cons, probs=p,
                                               seed=seed, steps=steps, eta=eta, views=views,
-                                              solver=options.solver))
+                                              solver=options.solver, timesteps=options.timesteps))
         add = {
             "encode_ms": (t2 - t1) * 1e3,
             "denoise_ms": denoise_s * 1e3,

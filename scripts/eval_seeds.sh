@@ -16,6 +16,8 @@
 #   LIMIT=N                     first N validation items only
 #   SOLVERS="ddim dpmpp2m"      samplers (default: ddim); files of a solver other than ddim are
 #                               named SOLVER_stepsN_seedS_P.json
+#   RHO=2                       dpmpp2m on the power timestep grid of this rho (msld_sdk.timestep_grids,
+#                               `msld tune --grids`); files dpmpp2m@rhoR_stepsN_seedS_P.json
 # Results already on disk are kept (resumable). The evaluation protocol of the model card
 # (held-out video sequences, one slice per nodule, k=16 for LIDC): scripts/eval_protocol.sh.
 set -euo pipefail
@@ -49,9 +51,15 @@ for sv in ${SOLVERS:-ddim}; do
 for st in $STEPS; do
   for s in "$@"; do
     for p in ${PRECISIONS:-fp32 int8}; do
-      f="$OUT/$([ "$sv" = ddim ] || echo "${sv}_")steps${st}_seed${s}_$p.json"
+      grid=""
+      if [ -n "${RHO:-}" ] && [ "$sv" = dpmpp2m ]; then
+        grid=$(python -c "from msld_sdk.segmenter import Segmenter; from msld_sdk.timestep_grids import power_grid, describe; print(describe(power_grid(Segmenter('$PLAN').schedule.num_train_timesteps, $st, $RHO)))")
+        f="$OUT/${sv}@rho${RHO}_steps${st}_seed${s}_$p.json"
+      else
+        f="$OUT/$([ "$sv" = ddim ] || echo "${sv}_")steps${st}_seed${s}_$p.json"
+      fi
       [ -f "$f" ] && continue
-      python -m msld_sdk.cli eval --plan "$PLAN" --kind "${KIND:-$NAME}" --split val -q --seed "$s" --steps "$st" \
+      python -m msld_sdk.cli eval ${grid:+--timesteps "$grid"} --plan "$PLAN" --kind "${KIND:-$NAME}" --split val -q --seed "$s" --steps "$st" \
           --solver "$sv" --precision "$p" ${K:+--k "$K"} ${VIEWS:+--views "$VIEWS"} ${PER_NODULE:+--per-nodule} ${LIMIT:+--limit "$LIMIT"} \
           ${THREADS:+--threads "$THREADS"} --json "$f" > /dev/null
     done

@@ -45,7 +45,7 @@ def _image(n=1, seed=0, size=128, ch=1):
     return torch.rand(n, ch, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def _native_run(m, image, k, steps, seed, eta=0.0, solver="ddim"):
+def _native_run(m, image, k, steps, seed, eta=0.0, solver="ddim", timesteps=None):
     """The SDK's native loop (msld_ddim_sample) with the same torch modules as its denoiser, then the
     decoder and msld_aggregate: what the batched loop must reproduce."""
     from msld_export.reference.model import DecoderGraph
@@ -61,7 +61,8 @@ def _native_run(m, image, k, steps, seed, eta=0.0, solver="ddim"):
         with torch.no_grad():
             eps[...] = m.denoiser(xt, tt, cond_k).numpy()
 
-    _native.ddim_sample(denoise, m.alphas, steps, "linspace_trunc", eta, 1.0, seed, k, n, x, eps, t, solver=solver)
+    _native.ddim_sample(denoise, m.alphas, steps, "linspace_trunc", eta, 1.0, seed, k, n, x, eps, t, solver=solver,
+                        timesteps=None if timesteps is None else np.asarray(timesteps, np.int32))
     with torch.no_grad():
         probs = DecoderGraph(m.decoder, m.opts["latent_scaling_factor"])(torch.from_numpy(x)).numpy()
     probs = probs.reshape(n, k, *probs.shape[-2:])
@@ -149,6 +150,24 @@ def test_cpu_dpmpp2m_loop_equals_the_native_loop_bit_for_bit(ref_model, steps):
         np.testing.assert_array_equal(r.mean[b].numpy(), mean)
     with pytest.raises(ValueError, match="eta 0 only"):
         BatchedSampler.from_reference(ref_model, device="cpu", solver="dpmpp2m", eta=0.5)
+
+
+def test_cpu_dpmpp2m_loop_on_a_timestep_grid_equals_the_native_loop(ref_model):
+    from msld_export.sampling.batched_sampler import BatchedSampler
+    from msld_sdk.timestep_grids import power_grid
+    grid = power_grid(len(ref_model.alphas), 4, 2.0)
+    s = BatchedSampler.from_reference(ref_model, device="cpu", solver="dpmpp2m", timesteps=grid)
+    img = _image(2)
+    r = s.sample(img, k=3, steps=4, seed=5)
+    lat, probs, _ = _native_run(ref_model, img, 3, 4, 5, solver="dpmpp2m", timesteps=grid)
+    np.testing.assert_array_equal(r.latents.numpy(), lat)
+    np.testing.assert_array_equal(r.probs.numpy(), probs)
+    rule, _, _ = _native_run(ref_model, img, 3, 4, 5, solver="dpmpp2m")
+    assert not np.array_equal(rule, lat)                    # the grid is not the spacing rule's
+    with pytest.raises(ValueError, match="timestep grid has 4"):
+        s.sample(img, k=3, steps=5, seed=5)
+    with pytest.raises(ValueError, match="for solver 'dpmpp2m'"):
+        BatchedSampler.from_reference(ref_model, device="cpu", timesteps=grid)
 
 
 def test_cpu_loop_equals_the_sdk_on_a_reference_plan(ref_model, lidc_bench_plan):

@@ -50,6 +50,21 @@ def set_timesteps(sched, spacing, steps, ac):
         sched.set_timesteps(steps)
 
 
+def assert_steps_match(sched, table, clip, k, shape, seed):
+    """Each native fused step from the same state as diffusers' ``sched.step``, within 1e-5 relative,
+    on the SDK's ``table`` (whose timesteps must be the scheduler's)."""
+    np.testing.assert_array_equal(table.timesteps, sched.timesteps.numpy())
+    x_ref = torch.from_numpy(_native.gaussian(seed, 0, k, int(np.prod(shape)), 0).reshape(k, *shape))
+    x_sdk, x0_prev = x_ref.numpy().copy(), None
+    for i, t in enumerate(int(v) for v in sched.timesteps):
+        c = table[i]
+        x_ref = sched.step(eps_model(x_ref, t), t, x_ref).prev_sample
+        e_sdk = eps_model(torch.from_numpy(x_sdk), t).numpy()
+        x_sdk, x0_prev = _native.dpmpp2m_step(x_sdk, e_sdk, x0_prev, c.order, c.alpha_t, c.x_coef, c.x0_coef,
+                                              c.x0_prev_coef, clip=clip)
+        assert rel(x_sdk, x_ref.numpy()) < 1e-5, f"step {i} (t={t}, order {c.order})"
+
+
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("steps", [1, 2, 3, 6, 10, 20, 50])
 def test_timesteps_match(spacing, steps):
@@ -71,21 +86,8 @@ def test_step_by_step_trajectory(spacing, steps, clip):
     sched = make_scheduler(spacing, clip)
     ac = sched.alphas_cumprod.numpy()
     set_timesteps(sched, spacing, steps, ac)
-    k, shape = 6, (4, 16, 16)
-    elems = int(np.prod(shape))
-    x_ref = torch.from_numpy(_native.gaussian(7, 0, k, elems, 0).reshape(k, *shape))
-    x_sdk = x_ref.numpy().copy()
-    x0_prev = None
     table = Schedule(ac, spacing, clip=clip).dpmpp2m(steps)   # the SDK's step table, against diffusers'
-    np.testing.assert_array_equal(table.timesteps, sched.timesteps.numpy())
-    for i, t in enumerate(sched.timesteps):
-        t = int(t)
-        c = table[i]
-        x_ref = sched.step(eps_model(x_ref, t), t, x_ref).prev_sample
-        e_sdk = eps_model(torch.from_numpy(x_sdk), t).numpy()
-        x_sdk, x0_prev = _native.dpmpp2m_step(x_sdk, e_sdk, x0_prev, c.order, c.alpha_t, c.x_coef, c.x0_coef,
-                                              c.x0_prev_coef, clip=clip)
-        assert rel(x_sdk, x_ref.numpy()) < 1e-5, f"step {i} (t={t}, order {c.order})"
+    assert_steps_match(sched, table, clip, k=6, shape=(4, 16, 16), seed=7)
     assert [c.order for c in table] == ([1] if steps == 1 else [1] + [2] * (steps - 2) + [1])
 
 

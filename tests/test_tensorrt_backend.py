@@ -50,7 +50,7 @@ def ddim_schedule(alphas, steps, spacing):
     return Schedule(alphas, spacing).ddim(steps)
 
 
-def cpu_loop(alphas, steps, spacing, eta, clip, seed, k, cond, record_t=None, solver="ddim"):
+def cpu_loop(alphas, steps, spacing, eta, clip, seed, k, cond, record_t=None, solver="ddim", timesteps=None):
     """``_native.ddim_sample`` (the CPU loop) with ``toy_denoiser``; returns the final latents."""
     n = cond.shape[0]
     x = np.zeros((n * k,) + cond.shape[1:], np.float32)
@@ -62,7 +62,8 @@ def cpu_loop(alphas, steps, spacing, eta, clip, seed, k, cond, record_t=None, so
             record_t.append(t.copy())
         eps[...] = toy_denoiser(x, t, cond_k)
 
-    _native.ddim_sample(denoise, alphas, steps, spacing, eta, clip, seed, k, n, x, eps, t, solver=solver)
+    _native.ddim_sample(denoise, alphas, steps, spacing, eta, clip, seed, k, n, x, eps, t, solver=solver,
+                        timesteps=None if timesteps is None else np.asarray(timesteps, np.int32))
     return x
 
 
@@ -134,15 +135,19 @@ def test_device_step_sequence_with_cpu_kernels_is_the_cpu_loop(tiny_plan, rng, e
 
 
 @pytest.mark.parametrize("clip", [0.0, 1.0])
-@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace_trunc"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace_trunc", "power grid rho 2"])
 @pytest.mark.parametrize("steps", [1, 6])
 def test_device_dpmpp2m_sequence_with_cpu_kernels_is_the_cpu_loop(tiny_plan, rng, clip, spacing, steps):
     """The DPM-Solver++(2M) sequence the device loop enqueues (t from the table, denoiser, fused update
-    with x0_prev kept on the device), with the CPU twin of cuda_dpmpp2m_step, equals the CPU loop."""
+    with x0_prev kept on the device), with the CPU twin of cuda_dpmpp2m_step, equals the CPU loop;
+    also on a timestep grid (``SampleOptions.timesteps``, which the device loop reads from the table)."""
+    from msld_sdk.timestep_grids import power_grid
     ac, k, n_images, seed = plan_alphas(tiny_plan), 3, 2, 17
     cond = rng.standard_normal((n_images, 2, 4, 4)).astype(np.float32)
     elems = int(np.prod(cond.shape[1:]))
-    sched = Schedule(ac, spacing).table("dpmpp2m", steps)
+    grid = power_grid(len(ac), steps, 2.0) if spacing.startswith("power") else None
+    spacing = "trailing" if grid is not None else spacing
+    sched = Schedule(ac, spacing).table("dpmpp2m", steps, grid)
     table = timestep_table(sched, n_images * k)
     cond_k = np.repeat(cond, k, axis=0)
     x = np.concatenate([_native.gaussian(seed, 0, k, elems, 0)] * n_images).reshape(-1)
@@ -151,7 +156,7 @@ def test_device_dpmpp2m_sequence_with_cpu_kernels_is_the_cpu_loop(tiny_plan, rng
         eps = toy_denoiser(x.reshape(cond_k.shape), table[c.index], cond_k).reshape(-1)
         x, x0_prev = _native.dpmpp2m_step(x, eps, x0_prev, c.order, c.alpha_t, c.x_coef, c.x0_coef,
                                           c.x0_prev_coef, clip)
-    ref = cpu_loop(ac, steps, spacing, 0.0, clip, seed, k, cond, solver="dpmpp2m")
+    ref = cpu_loop(ac, steps, spacing, 0.0, clip, seed, k, cond, solver="dpmpp2m", timesteps=grid)
     np.testing.assert_array_equal(x.reshape(ref.shape), ref)
 
 
@@ -352,6 +357,10 @@ def test_gpu_dpmpp2m_sample_masks_equal_the_cpu_loop(gpu_plan):  # pragma: no co
         got = trt_seg.run(imgs, k=3, steps=5, seed=21, solver="dpmpp2m")
         assert trt_seg.backend.last_loop_mode in ("steps", "graph")
         ref = ort_seg.run(imgs, k=3, steps=5, seed=21, solver="dpmpp2m")
+        from msld_sdk.timestep_grids import power_grid
+        grid = power_grid(trt_seg.schedule.num_train_timesteps, 5, 2.0)
+        got += trt_seg.run(imgs, k=3, seed=21, solver="dpmpp2m", timesteps=grid)
+        ref += ort_seg.run(imgs, k=3, seed=21, solver="dpmpp2m", timesteps=grid)
         for a, b in zip(got, ref):
             assert a.solver == b.solver == "dpmpp2m"
             assert not ((a.masks != b.masks) & ~_near(b.probs)).any()

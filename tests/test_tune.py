@@ -189,3 +189,55 @@ def test_tune_on_the_tiny_plan_writes_table_json_plot_and_defaults(tiny_plan, tm
     assert [r["setting"] for r in ev["settings"]] == list(rows) and ev["cpu"] and ev["date"]
     r = Segmenter(plan, backend="onnxruntime", threads=1).run(np.zeros((32, 32, 1), np.float32), k=2, seed=0)
     assert (r.solver, r.steps) == (choice["solver"], choice["steps"])
+
+
+def test_grids_are_parsed_and_expanded_strictly():
+    settings = tune.parse_settings("ddim:10 dpmpp2m:4,3")
+    out = tune.parse_grids("2,1.5", settings, 1000)
+    assert [str(s) for s in out] == ["ddim:10", "dpmpp2m:4", "dpmpp2m:4@rho2", "dpmpp2m:4@rho1.5", "dpmpp2m:3",
+                                     "dpmpp2m:3@rho2", "dpmpp2m:3@rho1.5"]
+    assert out[2].timesteps(1000) == (999, 561, 249, 61) and out[1].timesteps(1000) == "spacing"
+    assert tune.parse_grids(None, settings, 1000) == settings
+    for text, settings_text, message in [("x", "dpmpp2m:4", "'x' is not a number"), ("2,2", "dpmpp2m:4", "twice"),
+                                         ("2", "ddim:10", "no dpmpp2m setting"), ("0", "dpmpp2m:4", "rho"),
+                                         ("9", "dpmpp2m:200", "strictly decrease")]:
+        with pytest.raises(UsageError, match=message):
+            tune.parse_grids(text, tune.parse_settings(settings_text), 1000)
+
+
+def test_equal_calls_go_to_the_setting_closest_to_the_reference():
+    rows = [_row("ddim:10", 10, 1.0, True, reference=True), _row("dpmpp2m:4", 4, 0.4, True, dice=0.508),
+            _row("dpmpp2m:4@rho2", 4, 0.45, True, dice=0.503)]
+    assert tune.cheapest(rows)["setting"] == "dpmpp2m:4@rho2"      # same calls: 0.3 sd from the reference, not 0.8
+
+
+def test_tune_searches_grids_and_writes_the_chosen_grid(tiny_plan, tmp_path, capsys):
+    from msld_sdk import Segmenter
+    from msld_sdk.plan import Plan
+
+    plan = tmp_path / "tiny.plan"
+    shutil.copy(tiny_plan, plan)
+    data, out = _folder_data(tmp_path / "data"), tmp_path / "tuned"
+    assert main(["tune", "--plan", str(plan), "--data", str(data), "--limit", "2", "-k", "2", "--seeds", "0", "1",
+                 "--settings", "dpmpp2m:4,2", "--reference", "dpmpp2m:4", "--grids", "2", "--threads", "1", "-q",
+                 "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    rep = json.loads((out / "tune.json").read_text())
+    rows = {r["setting"]: r for r in rep["rows"]}
+    assert list(rows) == ["dpmpp2m:4", "dpmpp2m:4@rho2", "dpmpp2m:2", "dpmpp2m:2@rho2"]
+    T = Plan.open(plan).manifest["schedule"]["num_train_timesteps"]
+    from msld_sdk.timestep_grids import power_grid
+    assert rows["dpmpp2m:2@rho2"]["timesteps"] == list(power_grid(T, 2, 2.0)) and rows["dpmpp2m:2"]["timesteps"] is None
+    assert f"dpmpp2m:2@rho2 = {','.join(map(str, power_grid(T, 2, 2.0)))}" in text
+    # the grid rows differ from the spacing rows: the runs really used the grid
+    fig = {name: [x["figures"] for x in rep["runs"] if (x["steps"], x["rho"]) == (r["steps"], r["rho"])]
+           for name, r in rows.items()}
+    assert fig["dpmpp2m:4"] != fig["dpmpp2m:4@rho2"]
+    # --write with a grid chosen: forced by making the grid setting the only cheap one that holds
+    report = dict(rep, choice={"setting": "dpmpp2m:2@rho2", "solver": "dpmpp2m", "steps": 2, "rho": 2.0,
+                               "timesteps": rows["dpmpp2m:2@rho2"]["timesteps"]})
+    tune.write_choice(plan, report)
+    d = Plan.open(plan).manifest["defaults"]
+    assert (d["solver"], d["steps"], d["timesteps"]) == ("dpmpp2m", 2, list(power_grid(T, 2, 2.0)))
+    r = Segmenter(plan, threads=1).run(np.zeros((32, 32, 1), np.float32), k=2, seed=0)
+    assert r.timesteps == tuple(power_grid(T, 2, 2.0))

@@ -24,8 +24,9 @@
 extern "C" {
 #endif
 
-#define MSLD_API_VERSION 3  /* 2: MSLD_SPACING_LINSPACE_TRUNC, msld_sampler_params.latents_given;
-                               3: msld_solver, DPM-Solver++(2M), msld_sampler_params.solver */
+#define MSLD_API_VERSION 4  /* 2: MSLD_SPACING_LINSPACE_TRUNC, msld_sampler_params.latents_given;
+                               3: msld_solver, DPM-Solver++(2M), msld_sampler_params.solver;
+                               4: msld_dpmpp2m_coeffs_at, msld_sampler_params.timesteps */
 
 typedef enum msld_status {
     MSLD_OK = 0,
@@ -118,6 +119,13 @@ msld_status msld_dpmpp2m_coeffs_for(const float* alphas_cumprod, int32_t num_tra
                                     int32_t steps, msld_spacing spacing, int32_t i,
                                     msld_dpmpp2m_coeffs* out);
 
+/* Coefficients of DPM-Solver++(2M) step `i` on a given grid `timesteps[steps]` (each in
+ * [0, num_train_timesteps), strictly decreasing in noise; a tuned grid, msld_sdk.timestep_grids).
+ * msld_dpmpp2m_coeffs_for is this on msld_dpmpp2m_timesteps' grid. */
+msld_status msld_dpmpp2m_coeffs_at(const float* alphas_cumprod, int32_t num_train_timesteps,
+                                   const int32_t* timesteps, int32_t steps, int32_t i,
+                                   msld_dpmpp2m_coeffs* out);
+
 /* Fused DPM-Solver++(2M) update over n elements, in place on x, in one pass: computes x0 (clipped
  * to [-clip, clip] when clip > 0), writes x_next to x and this step's x0 to x0_prev (the buffer
  * the next step reads). x0_prev is read only at order 2; it may be NULL at order 1 when the
@@ -160,6 +168,8 @@ typedef struct msld_sampler_params {
     int32_t latents_given;       /* non-zero: x already holds the initial latents [n_images*k*elems]
                                     and the loop draws none (zero-initialise for v1 behaviour) */
     int32_t solver;              /* msld_solver (v3; zero: DDIM). DPMPP2M needs eta == 0 */
+    const int32_t* timesteps;    /* v4: DPMPP2M's grid [steps] (msld_dpmpp2m_coeffs_at); NULL: the
+                                    spacing rule's. Must be NULL with DDIM */
 } msld_sampler_params;
 
 /* The whole sampling loop on the CPU, with the solver p->solver. x[n_images*k*elems] receives

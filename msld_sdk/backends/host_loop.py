@@ -76,7 +76,8 @@ def host_sample(backend, cond: np.ndarray, n_images: int, options: SampleOptions
     _native.ddim_sample(denoise, schedule.alphas_cumprod, options.steps, schedule.spacing, options.eta,
                         schedule.clip, options.seed, k, n_images, buf.x, buf.eps, buf.t,
                         step_done if progress is not None else None, latents_given=initial_latents is not None,
-                        solver=options.solver)
+                        solver=options.solver,
+                        timesteps=None if options.timesteps is None else np.asarray(options.timesteps, np.int32))
     if timings is not None:
         timings["denoise_s"] = timings.get("denoise_s", 0.0) + spent[0]
     return buf.x.copy()

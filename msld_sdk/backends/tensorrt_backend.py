@@ -332,7 +332,7 @@ class TensorRTBackend:
             self.last_loop_mode = "host"
             return host_sample(self, cond, n_images, options, schedule, initial_latents, cond_per_hypothesis,
                                progress, timings)
-        steps = schedule.table(options.solver, options.steps)
+        steps = schedule.table(options.solver, options.steps, options.timesteps)
         out = np.empty((n_images * k,) + tuple(self.latent_shape), np.float32)
         for start in range(0, n_images, group):
             m = min(group, n_images - start)

@@ -15,7 +15,7 @@ from .. import __version__
 from ..errors import BatchError, MissingExtraError, MsldError, UsageError
 from ..plan import PRECISIONS, SOLVERS
 from .clinical import add_clinical_args, check_segment_options, clinical_route
-from .options import Formatter, add_overwrite_arg, positive_int, run_command, unit_float
+from .options import Formatter, add_overwrite_arg, positive_int, run_command, timestep_list, unit_float
 from .pacs import add_listen_parser, add_pacs_args, cmd_listen, pacs_route
 
 BACKEND_CHOICES = ["auto", "onnxruntime", "tensorrt"]
@@ -72,7 +72,7 @@ def _add_run_args(p: argparse.ArgumentParser, threshold: bool = True, solver: bo
     if solver:
         p.add_argument("--solver", choices=SOLVERS, default=None,
                        help="sampler: ddim, or dpmpp2m (DPM-Solver++(2M), a multistep solver for fewer steps; "
-                            "eta 0 only; default: the plan's, ddim for the shipped ones)")
+                            "eta 0 only; default: the plan's, dpmpp2m for the shipped ones)")
     if threshold:
         _add_threshold_arg(p)
     _add_views_arg(p)
@@ -404,7 +404,8 @@ def cmd_eval(a) -> int:
     kind, split, data = _eval_data(a, seg)
     bar = tqdm(total=len(data), desc=f"eval {kind}/{split}", unit="img", disable=a.quiet)
     rep = evaluate(seg, samples_of(data), k=a.k if a.k is not None else seg.defaults["k"], steps=a.steps, seed=a.seed,
-                   views=a.views, solver=a.solver, threshold=a.threshold, progress=lambda n: bar.update(n - bar.n))
+                   views=a.views, solver=a.solver, threshold=a.threshold, timesteps=a.timesteps,
+                   progress=lambda n: bar.update(n - bar.n))
     bar.close()
     rep.update(plan=seg.plan.path, plan_graphs_sha256=seg.plan.graphs_sha256, data=str(a.data), kind=kind, split=split, precision=a.precision,
                per_nodule=bool(a.per_nodule), cvc_fold=a.cvc_fold,
@@ -436,10 +437,12 @@ def cmd_tune(a) -> int:
     a.data = a.data or str(default_data_root())
     out = check_output_folder(a.out, [plan, a.data], a.overwrite, what="--out")
     seg = Segmenter(plan, backend=a.backend, threads=a.threads, precision=a.precision)
+    T = seg.schedule.num_train_timesteps
+    settings = tune.parse_grids(a.grids, settings, T)
     k = a.k if a.k is not None else seg.defaults["k"]
     for s in settings:
         try:
-            seg.options(k=k, steps=s.steps, solver=s.solver, seed=0)
+            seg.options(k=k, steps=s.steps, solver=s.solver, seed=0, timesteps=s.timesteps(T))
         except InputError as e:
             raise UsageError(f"--settings {s}: {e}") from e
     kind, split, data = _eval_data(a, seg)
@@ -455,7 +458,8 @@ def cmd_tune(a) -> int:
               "views": runs[0]["views"], "seeds": seeds, "settings": [str(s) for s in settings],
               "reference": str(reference), "metrics": metrics, "rule": tune.RULE, "denoiser_calls": tune.CALLS,
               "backend": seg.backend.name, "precision": a.precision, "machine": machine_info(threads, seg.plan),
-              "rows": rows, "choice": choice and {k_: choice[k_] for k_ in ("setting", "solver", "steps")},
+              "rows": rows,
+              "choice": choice and {k_: choice[k_] for k_ in ("setting", "solver", "steps", "rho", "timesteps")},
               "runs": runs}
     head = (f"msld tune: {seg.plan.path} (graphs sha256 {seg.plan.graphs_sha256[:12]}) on {kind}/{split}, "
             f"{len(data)} images, k={k}, seeds {' '.join(map(str, seeds))}, {seg.backend.name} {a.precision}, "
@@ -534,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, nargs="+", default=[20], help="sampling steps, one or more")
     p.add_argument("--solver", choices=SOLVERS, default=None,
                    help="sampler of the timed runs: ddim, or dpmpp2m (DPM-Solver++(2M), a multistep solver for fewer steps; eta 0 only; "
-                        "default: the plan's, ddim for the shipped ones)")
+                        "default: the plan's, dpmpp2m for the shipped ones)")
     p.add_argument("--repeats", type=positive_int, default=10, help="timed runs per setting")
     p.add_argument("--baselines", action="store_true", help="also time the research-code and per-hypothesis "
                    "ONNX Runtime ways on the same weights, k, steps and seed (first --k/--steps; DDIM, checked "
@@ -567,7 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the plan's)")
     p.add_argument("--solver", choices=SOLVERS, default=None,
                    help="sampler: ddim, or dpmpp2m (DPM-Solver++(2M), a multistep solver for fewer steps; "
-                        "eta 0 only; default: the plan's, ddim for the shipped ones)")
+                        "eta 0 only; default: the plan's, dpmpp2m for the shipped ones)")
+    p.add_argument("--timesteps", type=timestep_list, default=None, metavar="T0,T1,...",
+                   help="dpmpp2m's timestep grid, noisiest first (its length is the step count), e.g. one "
+                        "`msld tune --grids` found (default: the plan's grid if it has one, else its spacing rule)")
     p.add_argument("--seed", type=int, default=0,
                    help="image i is sampled with a seed derived from (seed, i), so images do not share noise")
     _add_threshold_arg(p)
@@ -585,6 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--settings", default=DEFAULT_SETTINGS, metavar="'SOLVER:STEPS,... ...'",
                    help="solvers x step counts to run, e.g. 'ddim:20,10 dpmpp2m:6,4'")
+    p.add_argument("--grids", default=None, metavar="RHO[,RHO...]",
+                   help="also run every dpmpp2m step count on the power timestep grids of these rho "
+                        "(t_i = round(T ((steps - i) / steps) ** rho) - 1; 1 is the trailing rule; >1 puts the "
+                        "steps at lower noise), e.g. --grids 1.5,2,2.5; --write records a chosen grid in the plan (default: "
+                        "no grids, the plan's spacing rule only)")
     p.add_argument("--reference", default=None, metavar="SOLVER:STEPS",
                    help="the setting the others must stay within the seed spread of (one of --settings; "
                         "default: ddim at its largest step count)")

@@ -44,6 +44,15 @@ positive_int = _number(int, 1, "a positive integer")
 non_negative_int = _number(int, 0, "a non-negative integer")
 
 
+def timestep_list(text: str) -> list[int]:
+    """``999,561,249,61``: a dpmpp2m timestep grid, noisiest first (checked against the plan later)."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integer timesteps, "
+                                         "noisiest first (e.g. 999,561,249,61)")
+    return [int(p) for p in parts]
+
+
 def unit_float(text: str) -> float:
     """A number strictly between 0 and 1 (a threshold)."""
     try:

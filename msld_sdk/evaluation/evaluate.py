@@ -69,12 +69,13 @@ def image_seed(seed: int, index: int) -> int:
 
 def evaluate(segmenter, samples: Iterable[Sample], k: int, steps: int | None, seed: int = 0,
              progress=None, views: int | None = None, threshold: float | None = None,
-             solver: str | None = None) -> dict:
+             solver: str | None = None, timesteps=None) -> dict:
     """Metrics over ``samples`` (see the module docstring). ``progress(n_done)`` is called per image.
+    ``timesteps``: as ``Segmenter.run``'s (a dpmpp2m grid, or "spacing" for the plan's rule).
     The input checks' warnings (e.g. colour photos given to a greyscale CT plan) are logged once
     and listed in the report's ``input_warnings``."""
     with collect_warnings() as warned:
-        out = _evaluate(segmenter, samples, k, steps, seed, progress, views, threshold, solver)
+        out = _evaluate(segmenter, samples, k, steps, seed, progress, views, threshold, solver, timesteps)
     if warned:
         per_image = out.pop("per_image")
         out["input_warnings"] = list(warned)
@@ -82,20 +83,24 @@ def evaluate(segmenter, samples: Iterable[Sample], k: int, steps: int | None, se
     return out
 
 
-def _evaluate(segmenter, samples, k, steps, seed, progress, views, threshold, solver=None) -> dict:
+def _evaluate(segmenter, samples, k, steps, seed, progress, views, threshold, solver=None, timesteps=None) -> dict:
     acc, acc_major = _Acc(), _Acc()
     per_image = []
     bins = None
     n = 0
     used_views = views or 1
     used_solver = solver or segmenter.defaults.get("solver", "ddim")
+    used_grid, used_steps = None, steps or segmenter.defaults["steps"]
     t0 = time.perf_counter()
     for s in samples:
         r = segmenter.run([s.image], k=k, steps=steps, seed=image_seed(seed, n),
                           **({} if views is None else {"views": views}),
                           **({} if threshold is None else {"threshold": threshold}),
-                          **({} if solver is None else {"solver": solver}))[0]
+                          **({} if solver is None else {"solver": solver}),
+                          **({} if timesteps is None else {"timesteps": timesteps}))[0]
         used_solver = getattr(r, "solver", "ddim")
+        used_grid = getattr(r, "timesteps", None)
+        used_steps = r.steps
         used_views = getattr(r, "views", 1)
         ann = s.annotations.astype(bool)
         ref = reference_mask(ann)
@@ -120,8 +125,9 @@ def _evaluate(segmenter, samples, k, steps, seed, progress, views, threshold, so
         n += 1
         if progress:
             progress(n)
-    out = {"n_images": n, "k": k, "steps": steps or segmenter.defaults["steps"], "seed": seed,
+    out = {"n_images": n, "k": k, "steps": used_steps, "seed": seed,
            "views": used_views, "solver": used_solver, **({} if threshold is None else {"threshold": threshold}),
+           **({} if used_grid is None else {"timesteps": list(used_grid)}),
            "seed_scheme": SEED_SCHEME,
            "metrics": acc.means(), "ece": metrics.ece_from_bins(*bins) if bins is not None else None,
            "seconds": time.perf_counter() - t0}

@@ -2,8 +2,10 @@
 
 Runs a plan over solvers x steps (``"ddim:50,20,10,5 dpmpp2m:10,8,6,5,4"``) at several seeds
 on a labelled split (``evaluate``), compares every setting with the reference by the rule of
-``seed_spread`` and names the cheapest that holds: fewest denoiser calls per image, ties ->
-lower latency here. The k hypotheses of an image go through the denoiser as one batch whatever
+``seed_spread`` and names the cheapest that holds: fewest denoiser calls per image, ties -> the
+one closest to the reference (largest |difference| / reference sd over the watched metrics),
+then lower latency here. ``grids`` (``--grids 1.5,2``) adds, for every dpmpp2m step count, the
+power timestep grids of those rho (``msld_sdk.timestep_grids``): the search for the fewest steps. The k hypotheses of an image go through the denoiser as one batch whatever
 the test-time views, so an image costs one call per step: calls = steps. Outputs: the table
 (``tune.txt``), a JSON report with every figure (``tune.json``) and each watched metric against
 denoiser calls per solver (``tune.png``, needs matplotlib). ``write_choice`` records the choice in
@@ -20,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MsldError, UsageError
+from ..errors import InputError
 from ..plan import SOLVERS
+from ..timestep_grids import power_grid
 from .evaluate import evaluate
 from .seed_spread import RULE, compare_all, holds
 
@@ -37,17 +41,23 @@ CALLS = "denoiser calls per image = steps (the k hypotheses are batched: one cal
 FILES = {"table": "tune.txt", "report": "tune.json", "plot": "tune.png"}
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Setting:
     solver: str
     steps: int
+    rho: float | None = None   # dpmpp2m on the power grid of this rho; None: the plan's spacing rule
 
     def __str__(self) -> str:
-        return f"{self.solver}:{self.steps}"
+        return f"{self.solver}:{self.steps}" + ("" if self.rho is None else f"@rho{self.rho:g}")
 
     @property
     def denoiser_calls(self) -> int:
         return self.steps
+
+    def timesteps(self, num_train_timesteps: int):
+        """What ``evaluate`` gets: the power grid, or "spacing" (the plan's rule, not a grid the
+        plan may carry)."""
+        return "spacing" if self.rho is None else power_grid(num_train_timesteps, self.steps, self.rho)
 
 
 # ---- parsing ---------------------------------------------------------------------------------
@@ -73,6 +83,35 @@ def parse_settings(text: str) -> list[Setting]:
             if Setting(solver, int(s)) in out:
                 raise UsageError(f"--settings: {solver}:{int(s)} is given twice")
             out.append(Setting(solver, int(s)))
+    return out
+
+
+def parse_grids(text: str | None, settings: list[Setting], num_train_timesteps: int) -> list[Setting]:
+    """``--grids 1.5,2``: ``settings`` with, after each dpmpp2m setting, its power-grid variants;
+    ``UsageError`` naming a bad rho or a grid whose steps coincide."""
+    if text is None:
+        return list(settings)
+    rhos = []
+    for part in str(text).split(","):
+        try:
+            rho = float(part)
+        except ValueError:
+            raise UsageError(f"--grids: {part!r} is not a number (give rho values, e.g. --grids 1.5,2)") from None
+        if rho in rhos:
+            raise UsageError(f"--grids: rho {part} is given twice")
+        rhos.append(rho)
+    if not any(s.solver == "dpmpp2m" for s in settings):
+        raise UsageError("--grids: timestep grids are for dpmpp2m, and --settings has no dpmpp2m setting")
+    out = []
+    for s in settings:
+        out.append(s)
+        if s.solver == "dpmpp2m":
+            for rho in rhos:
+                try:
+                    power_grid(num_train_timesteps, s.steps, rho)
+                except InputError as e:
+                    raise UsageError(f"--grids: {e}") from None
+                out.append(Setting(s.solver, s.steps, rho))
     return out
 
 
@@ -122,13 +161,15 @@ def run_grid(seg, samples, settings: list[Setting], seeds: list[int], k: int, pr
     """``evaluate`` at every setting x seed; ``samples()`` gives a fresh iterable of ``Sample``s;
     ``progress(n)`` gets the images done so far over the whole grid."""
     runs, done = [], 0
+    T = seg.schedule.num_train_timesteps
     for s in settings:
         for seed in seeds:
-            rep = evaluate(seg, samples(), k=k, steps=s.steps, seed=seed, solver=s.solver,
+            rep = evaluate(seg, samples(), k=k, steps=s.steps, seed=seed, solver=s.solver, timesteps=s.timesteps(T),
                            progress=(lambda n, d=done: progress(d + n)) if progress else None)
             n = rep["n_images"]
             done += n
-            runs.append({"solver": s.solver, "steps": s.steps, "seed": seed, "n_images": n, "views": rep["views"],
+            runs.append({"solver": s.solver, "steps": s.steps, "rho": s.rho, "timesteps": rep.get("timesteps"),
+                         "seed": seed, "n_images": n, "views": rep["views"],
                          "seconds": rep["seconds"], "seconds_per_image": rep["seconds"] / max(n, 1),
                          "figures": {**rep["metrics"], "ece": rep["ece"]}})
     return runs
@@ -143,14 +184,15 @@ def table_rows(runs: list[dict], reference: Setting, metrics: list[str]) -> list
     metric against the reference (``seed_spread.compare``) and whether the setting holds."""
     grouped: dict = {}
     for r in runs:
-        grouped.setdefault(Setting(r["solver"], r["steps"]), []).append(r)
+        grouped.setdefault(Setting(r["solver"], r["steps"], r.get("rho")), []).append(r)
     if reference not in grouped:
         raise UsageError(f"the reference {reference} was not run")
     ref = _by_seed(grouped[reference])
     rows = []
     for s, rs in grouped.items():
         cmp = compare_all(_by_seed(rs), ref, metrics)
-        rows.append({"setting": str(s), "solver": s.solver, "steps": s.steps, "denoiser_calls": s.denoiser_calls,
+        rows.append({"setting": str(s), "solver": s.solver, "steps": s.steps, "rho": s.rho,
+                     "timesteps": rs[0].get("timesteps"), "denoiser_calls": s.denoiser_calls,
                      "seconds_per_image": st.mean(r["seconds_per_image"] for r in rs), "reference": s == reference,
                      "figures": {m: {"mean": c.mean, "sd": c.sd, "diff": c.diff, "paired": list(c.paired),
                                      "ref_sd": c.ref_sd, "within": c.within} for m, c in cmp.items()},
@@ -158,10 +200,21 @@ def table_rows(runs: list[dict], reference: Setting, metrics: list[str]) -> list
     return rows
 
 
+def distance(row: dict) -> float:
+    """How far a row is from the reference: the largest |difference| / reference sd over its
+    watched metrics (inf where a reference sd is 0 and the difference is not)."""
+    out = 0.0
+    for f in row["figures"].values():
+        d = abs(f["diff"])
+        out = max(out, d / f["ref_sd"] if f["ref_sd"] > 0 else (0.0 if d == 0 else float("inf")))
+    return out
+
+
 def cheapest(rows: list[dict]) -> dict | None:
-    """The row that holds with the fewest denoiser calls (ties: lower latency), or None."""
-    return min((r for r in rows if r["holds"]), key=lambda r: (r["denoiser_calls"], r["seconds_per_image"]),
-               default=None)
+    """The row that holds with the fewest denoiser calls (ties: the closest to the reference,
+    then lower latency), or None."""
+    return min((r for r in rows if r["holds"]),
+               key=lambda r: (r["denoiser_calls"], distance(r), r["seconds_per_image"]), default=None)
 
 
 def verdict(rows: list[dict], choice: dict | None) -> str:
@@ -181,7 +234,7 @@ def format_table(rows: list[dict], metrics: list[str], head: str) -> str:
     """The table ``msld tune`` prints: ``head``, the rule, one line per setting, the verdict."""
     ref = next(r for r in rows if r["reference"])
     cols = "".join(f"  {m + ' mean±sd (-ref)':>26}" for m in metrics)
-    header = f"{'setting':<12} {'calls':>5} {'s/img':>8}{cols}  holds"
+    header = f"{'setting':<16} {'calls':>5} {'s/img':>8}{cols}  holds"
     lines = [head, f"reference {ref['setting']}; rule: {RULE}", CALLS, "s/img: seconds per image here, mean over seeds",
              header, "-" * len(header)]
     for r in rows:
@@ -189,8 +242,12 @@ def format_table(rows: list[dict], metrics: list[str], head: str) -> str:
                        for f in (r["figures"][m] for m in metrics))
         outside = [m for m in metrics if not r["figures"][m]["within"]]
         ok = "reference" if r["reference"] else "yes" if r["holds"] else f"no ({', '.join(outside)})"
-        lines.append(f"{r['setting']:<12} {r['denoiser_calls']:>5} {r['seconds_per_image']:>8.3f}{figs}  {ok}")
+        lines.append(f"{r['setting']:<16} {r['denoiser_calls']:>5} {r['seconds_per_image']:>8.3f}{figs}  {ok}")
     lines.append(verdict(rows, cheapest(rows)))
+    grids = [r for r in rows if r.get("rho") is not None]
+    if grids:
+        lines.append("grids (@rhoR: t_i = round(T ((steps - i) / steps) ** R) - 1): " +
+                     "; ".join(f"{r['setting']} = {','.join(map(str, r['timesteps'] or []))}" for r in grids))
     return "\n".join(lines)
 
 
@@ -216,10 +273,12 @@ def plot(rows: list[dict], metrics: list[str], path, title: str) -> bool:
         f = ref["figures"][m]
         ax.axhspan(f["mean"] - f["ref_sd"], f["mean"] + f["ref_sd"], color="0.85",
                    label=f"reference {ref['setting']} ± seed sd")
-        for solver in dict.fromkeys(r["solver"] for r in rows):
-            rs = sorted((r for r in rows if r["solver"] == solver), key=lambda r: r["denoiser_calls"])
+        def line(r):
+            return r["solver"] if r.get("rho") is None else f"{r['solver']} grid rho {r['rho']:g}"
+        for name in dict.fromkeys(line(r) for r in rows):
+            rs = sorted((r for r in rows if line(r) == name), key=lambda r: r["denoiser_calls"])
             ax.errorbar([r["denoiser_calls"] for r in rs], [r["figures"][m]["mean"] for r in rs],
-                        yerr=[r["figures"][m]["sd"] for r in rs], marker="o", capsize=3, label=solver)
+                        yerr=[r["figures"][m]["sd"] for r in rs], marker="o", capsize=3, label=name)
         if choice is not None:
             ax.plot([choice["denoiser_calls"]], [choice["figures"][m]["mean"]], marker="*", ms=14, ls="none",
                     color="k", label=f"chosen {choice['setting']}")
@@ -267,7 +326,9 @@ def write_choice(plan_path, report: dict) -> dict:
     why = (f"msld tune: cheapest setting within the seed spread of {report['reference']} on {report['kind']}/"
            f"{report['split']} ({report['n_images']} images, k={report['k']}, seeds "
            f"{' '.join(map(str, report['seeds']))}; metrics {', '.join(report['metrics'])})")
-    return set_defaults(plan_path, steps=choice["steps"], solver=choice["solver"], why=why, evidence=evidence(report))
+    grid = choice.get("timesteps")
+    return set_defaults(plan_path, steps=choice["steps"], solver=choice["solver"], why=why, evidence=evidence(report),
+                        timesteps=list(grid) if grid is not None else None)
 
 
 def write_outputs(folder, report: dict, table: str) -> list[str]:

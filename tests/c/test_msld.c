@@ -102,7 +102,7 @@ int main(void) {
     float ac[1000];
     double prod = 1.0;
     for (int i = 0; i < 1000; ++i) { prod *= 1.0 - (1e-4 + (0.02 - 1e-4) * i / 999.0); ac[i] = (float)prod; }
-    msld_sampler_params p = {1000, ac, 10, MSLD_SPACING_TRAILING, 0.0f, 0.0f, 123, 3, 2, 16, 0, MSLD_SOLVER_DDIM};
+    msld_sampler_params p = {1000, ac, 10, MSLD_SPACING_TRAILING, 0.0f, 0.0f, 123, 3, 2, 16, 0, MSLD_SOLVER_DDIM, NULL};
     float lx[6 * 16], le[6 * 16], lt[6];
     toy_state st = {0, 0};
     CHECK(msld_ddim_sample(&p, toy_denoise, &st, NULL, NULL, lx, le, lt) == MSLD_OK, "loop ok");
@@ -129,7 +129,21 @@ int main(void) {
     finite = 1;
     for (int i = 0; i < 6 * 16; ++i) finite &= isfinite(lx[i]);
     CHECK(finite, "finite dpmpp2m latents");
+    /* a given grid (v4) that spells the trailing rule gives the rule's run bit for bit; DDIM refuses one */
+    int32_t grid[10];
+    float rx[6 * 16];
+    memcpy(rx, lx, sizeof rx);
+    CHECK(msld_dpmpp2m_timesteps(1000, 10, MSLD_SPACING_TRAILING, grid) == MSLD_OK, "trailing grid");
+    p.timesteps = grid;
+    CHECK(msld_ddim_sample(&p, toy_denoise, &st, NULL, NULL, lx, le, lt) == MSLD_OK &&
+              memcmp(rx, lx, sizeof rx) == 0, "dpmpp2m on the rule's own grid = the rule");
+    grid[3] = grid[2];
+    CHECK(msld_ddim_sample(&p, toy_denoise, &st, NULL, NULL, lx, le, lt) == MSLD_ERR_INVALID_ARG,
+          "a grid with a repeated timestep is refused");
     p.solver = MSLD_SOLVER_DDIM;
+    CHECK(msld_ddim_sample(&p, toy_denoise, &st, NULL, NULL, lx, le, lt) == MSLD_ERR_INVALID_ARG,
+          "DDIM refuses a grid");
+    p.timesteps = NULL;
     /* given initial latents: the loop starts from x instead of drawing */
     p.eta = 0.0f;
     float gx[6 * 16], gx2[6 * 16];

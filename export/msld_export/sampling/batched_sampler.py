@@ -24,6 +24,7 @@ from torch import nn
 
 from msld_sdk import _native
 from msld_sdk.sampling import SOLVERS, DdimStep, Dpm2mStep, Schedule
+from msld_sdk.timestep_grids import check_grid
 
 from .gpu_sampler import GpuSample, native_has_cuda, seed_word
 
@@ -203,7 +204,7 @@ class BatchedSampler:
                  device="cuda", dtype="fp32", decoder_dtype=None, channels_last: bool = False,
                  spacing: str = "linspace_trunc", clip: float = 1.0, eta: float = 0.0, threshold: float = 0.5,
                  noise: str = "auto", latent_channels: int | None = None, copy_modules: bool = True,
-                 solver: str = "ddim"):
+                 solver: str = "ddim", timesteps=None):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -231,6 +232,11 @@ class BatchedSampler:
         if solver != "ddim" and float(eta) != 0.0:
             raise ValueError(f"solver {solver!r} runs with eta 0 only, got eta={eta}")
         self.solver = solver
+        if timesteps is not None:
+            if solver != "dpmpp2m":
+                raise ValueError("timesteps (a grid) are for solver 'dpmpp2m'")
+            timesteps = check_grid(timesteps, len(self.alphas))
+        self.timesteps = timesteps   # dpmpp2m's grid (msld_sdk.timestep_grids); None: the spacing's
         self.spacing, self.clip, self.eta, self.threshold = spacing, float(clip), float(eta), float(threshold)
         self._graphs: dict[tuple, _Graph] = {}
         self._coeffs: dict[tuple, tuple] = {}
@@ -275,7 +281,7 @@ class BatchedSampler:
                 self._draw(bufs["noise"], seed, None, k, image.shape[0])
                 return self._loop(image, k, steps, bufs)
             with torch.cuda.device(self.device):
-                key = (tuple(image.shape), k, steps, self.eta, self.clip, self.threshold, self.solver)
+                key = (tuple(image.shape), k, steps, self.eta, self.clip, self.threshold, self.solver, self.timesteps)
                 g = self._graphs.get(key)
                 if g is None:
                     g = self._graphs[key] = self._capture(image, k, steps)
@@ -304,10 +310,12 @@ class BatchedSampler:
     # -- internals ---------------------------------------------------------------------------
 
     def _schedule(self, steps: int) -> tuple:
-        key = (steps, self.eta, self.clip, self.solver)
+        key = (steps, self.eta, self.clip, self.solver, self.timesteps)
         hit = self._coeffs.get(key)
         if hit is None:
-            plan = Schedule(self.alphas, self.spacing).table(self.solver, steps)
+            if self.timesteps is not None and steps != len(self.timesteps):
+                raise ValueError(f"steps={steps} but the sampler's timestep grid has {len(self.timesteps)}")
+            plan = Schedule(self.alphas, self.spacing).table(self.solver, steps, self.timesteps)
             if self.solver == "dpmpp2m":
                 rows = np.stack([dpm2m_scalars(c, self.clip) for c in plan])
             else:
