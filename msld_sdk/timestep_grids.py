@@ -51,17 +51,6 @@ def check_grid(timesteps, num_train_timesteps: int, what: str = "timesteps") -> 
 
 
 def describe(timesteps) -> str:
-    """``999,562,250,62``: how a grid is written on the command line and in reports."""
+    """``999,561,249,61``: how a grid is written on the command line and in reports."""
     return ",".join(str(int(t)) for t in timesteps)
 
-
-def parse(text: str, num_train_timesteps: int) -> tuple[int, ...]:
-    """``"999,562,250,62"`` -> a checked grid (``InputError`` naming the bad part)."""
-    parts = [p.strip() for p in str(text).split(",")]
-    values = []
-    for p in parts:
-        if not p.isdigit():
-            raise InputError(f"--timesteps: {p!r} in {text!r} is not an integer timestep "
-                             "(give them comma-separated, noisiest first, e.g. 999,562,250,62)")
-        values.append(int(p))
-    return check_grid(values, num_train_timesteps, what="--timesteps")

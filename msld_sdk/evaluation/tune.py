@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import MsldError, UsageError
 from ..errors import InputError
 from ..plan import SOLVERS
-from ..timestep_grids import power_grid
+from ..timestep_grids import describe, power_grid
 from .evaluate import evaluate
 from .seed_spread import RULE, compare_all, holds
 
@@ -247,7 +247,7 @@ def format_table(rows: list[dict], metrics: list[str], head: str) -> str:
     grids = [r for r in rows if r.get("rho") is not None]
     if grids:
         lines.append("grids (@rhoR: t_i = round(T ((steps - i) / steps) ** R) - 1): " +
-                     "; ".join(f"{r['setting']} = {','.join(map(str, r['timesteps'] or []))}" for r in grids))
+                     "; ".join(f"{r['setting']} = {describe(r['timesteps'])}" for r in grids))
     return "\n".join(lines)
 
 
