@@ -211,6 +211,17 @@ def test_equal_calls_go_to_the_setting_closest_to_the_reference():
     assert tune.cheapest(rows)["setting"] == "dpmpp2m:4@rho2"      # same calls: 0.3 sd from the reference, not 0.8
 
 
+def test_table_columns_stay_aligned_with_long_setting_names():
+    rows = [_row("ddim:50", 50, 2.7, True, reference=True), _row("dpmpp2m:4@rho0.75", 4, 0.34, True, dice=0.507)]
+    lines = tune.format_table(rows, ["dice"], "head").splitlines()
+    header = next(line for line in lines if line.startswith("setting"))
+    body = [line for line in lines if line.startswith(("ddim:50 ", "dpmpp2m:4@rho0.75 "))]
+    assert len(body) == 2
+    # the calls column ends at the same character on the header and on every row
+    end = header.index("calls") + len("calls")
+    assert [line[end - 2:end] for line in body] == ["50", " 4"]
+
+
 def test_tune_searches_grids_and_writes_the_chosen_grid(tiny_plan, tmp_path, capsys):
     from msld_sdk import Segmenter
     from msld_sdk.plan import Plan

@@ -234,7 +234,8 @@ def format_table(rows: list[dict], metrics: list[str], head: str) -> str:
     """The table ``msld tune`` prints: ``head``, the rule, one line per setting, the verdict."""
     ref = next(r for r in rows if r["reference"])
     cols = "".join(f"  {m + ' mean±sd (-ref)':>26}" for m in metrics)
-    header = f"{'setting':<16} {'calls':>5} {'s/img':>8}{cols}  holds"
+    w = max([16] + [len(r["setting"]) for r in rows])
+    header = f"{'setting':<{w}} {'calls':>5} {'s/img':>8}{cols}  holds"
     lines = [head, f"reference {ref['setting']}; rule: {RULE}", CALLS, "s/img: seconds per image here, mean over seeds",
              header, "-" * len(header)]
     for r in rows:
@@ -242,7 +243,7 @@ def format_table(rows: list[dict], metrics: list[str], head: str) -> str:
                        for f in (r["figures"][m] for m in metrics))
         outside = [m for m in metrics if not r["figures"][m]["within"]]
         ok = "reference" if r["reference"] else "yes" if r["holds"] else f"no ({', '.join(outside)})"
-        lines.append(f"{r['setting']:<16} {r['denoiser_calls']:>5} {r['seconds_per_image']:>8.3f}{figs}  {ok}")
+        lines.append(f"{r['setting']:<{w}} {r['denoiser_calls']:>5} {r['seconds_per_image']:>8.3f}{figs}  {ok}")
     lines.append(verdict(rows, cheapest(rows)))
     grids = [r for r in rows if r.get("rho") is not None]
     if grids:
