@@ -136,6 +136,23 @@ def test_plan_default_grid_is_used_recorded_and_dropped(tiny_plan, tmp_path):
     assert "timesteps" not in Plan.open(p).manifest["defaults"]
 
 
+def test_set_defaults_command_line_sets_and_drops_a_grid(tiny_plan, tmp_path, capsys):
+    from msld_export.plan_writing.set_defaults import main as set_defaults_main
+    p = tmp_path / "c.plan"
+    shutil.copy(tiny_plan, p)
+    grid = list(power_grid(Plan.open(p).manifest["schedule"]["num_train_timesteps"], 3, 0.75))
+    assert set_defaults_main([str(p), "--solver", "dpmpp2m", "--steps", "3", "--timesteps",
+                              ",".join(map(str, grid)), "--why", "test"]) == 0
+    assert Plan.open(p).manifest["defaults"]["timesteps"] == grid
+    assert set_defaults_main([str(p), "--k", "3", "--why", "test"]) == 0        # grid kept
+    assert Plan.open(p).manifest["defaults"]["timesteps"] == grid
+    assert set_defaults_main([str(p), "--timesteps", "none", "--why", "test"]) == 0
+    assert "timesteps" not in Plan.open(p).manifest["defaults"]
+    with pytest.raises(SystemExit):                                             # argparse names the format
+        set_defaults_main([str(p), "--timesteps", "9,x"])
+    assert "comma-separated list of integer timesteps" in capsys.readouterr().err
+
+
 def test_a_plan_with_a_bad_default_grid_does_not_open(tiny_plan, tmp_path):
     from msld_sdk.plan import add_blobs
     for bad in ([900, 950, 100], [900, 500]):          # not decreasing; not defaults.steps long

@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import argparse
 
+from msld_sdk.cli.options import timestep_list
 from msld_sdk.plan import SOLVERS
-from msld_sdk.plan_defaults import set_defaults
+from msld_sdk.plan_defaults import KEEP, set_defaults
 
 __all__ = ["set_defaults", "main"]
+
+
+def grid_or_none(text: str):
+    """``--timesteps``: a grid (``timestep_list``) or ``none``."""
+    return "none" if text.strip().lower() == "none" else timestep_list(text)
 
 
 def main(argv=None) -> int:
@@ -25,9 +31,13 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int)
     ap.add_argument("--views", type=int, help="test-time views (msld_sdk.views; 1 = off)")
     ap.add_argument("--solver", choices=SOLVERS, help="default sampler: ddim, or dpmpp2m (DPM-Solver++(2M), eta 0)")
+    ap.add_argument("--timesteps", type=grid_or_none, metavar="T1,T2,...",
+                    help="dpmpp2m's timestep grid of the default run, noisiest first (msld tune --grids), "
+                         "or 'none' to drop it (default: kept, unless --steps or --solver change)")
     ap.add_argument("--why", default="", help="the evidence for the new defaults (kept in the manifest)")
     a = ap.parse_args(argv)
-    m = set_defaults(a.plan, a.steps, a.k, a.why, views=a.views, solver=a.solver)
+    timesteps = KEEP if a.timesteps is None else (None if a.timesteps == "none" else a.timesteps)
+    m = set_defaults(a.plan, a.steps, a.k, a.why, views=a.views, solver=a.solver, timesteps=timesteps)
     print(f"{a.plan}: defaults {m['defaults']}")
     return 0
 
