@@ -595,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grids", default=None, metavar="RHO[,RHO...]",
                    help="also run every dpmpp2m step count on the power timestep grids of these rho "
                         "(t_i = round(T ((steps - i) / steps) ** rho) - 1; 1 is the trailing rule; >1 puts the "
-                        "steps at lower noise), e.g. --grids 1.5,2,2.5; --write records a chosen grid in the plan (default: "
+                        "steps at lower noise, <1 at higher), e.g. --grids 0.6,0.75,1.5; --write records a chosen grid in the plan (default: "
                         "no grids, the plan's spacing rule only)")
     p.add_argument("--reference", default=None, metavar="SOLVER:STEPS",
                    help="the setting the others must stay within the seed spread of (one of --settings; "
