@@ -39,6 +39,23 @@ def load_images(plan, kind: str = "lidc", data=None, split: str = "val", limit=N
             else np.moveaxis(ds[i]["image"], 0, -1) for i in range(len(ds))]
 
 
+def plan_graphs(seg: Segmenter):
+    """``(encode, denoiser, decoder)`` of ``seg``'s plan as bare ONNX Runtime CPU sessions, for
+    probes that step a sampler themselves; ``encode(img)`` normalises the image as the plan says
+    and returns its condition latent (1, C, h, w)."""
+    import onnxruntime as ort
+    plan = seg.plan
+    mk = lambda name: ort.InferenceSession(plan.blob(name), providers=["CPUExecutionProvider"])
+    enc = mk("encoder")
+    mean, std = (np.asarray(plan.manifest["input"][k], np.float32)[:, None, None] for k in ("mean", "std"))
+
+    def encode(img: np.ndarray) -> np.ndarray:
+        chw = img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0)
+        return enc.run(None, {"image": ((chw - mean) / std)[None].astype(np.float32)})[0]
+
+    return encode, mk("denoiser"), mk("decoder")
+
+
 def compare(p: np.ndarray, ref: np.ndarray, threshold: float) -> dict:
     """mean / max |p - ref| and the share of pixels on the same side of ``threshold``."""
     d = np.abs(p - ref)

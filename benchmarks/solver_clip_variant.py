@@ -18,11 +18,10 @@ import argparse
 import json
 
 import numpy as np
-import onnxruntime as ort
 
 from msld_sdk import Segmenter
 
-from .solver_agreement import compare, load_images
+from .solver_agreement import compare, load_images, plan_graphs
 
 
 def numpy_dpmpp2m(sessions, cond, x, table, ac, clip, ddim_clip: bool):
@@ -37,14 +36,13 @@ def numpy_dpmpp2m(sessions, cond, x, table, ac, clip, ddim_clip: bool):
         d = (x - np.sqrt(1 - s.alpha_t) * eps) / np.sqrt(s.alpha_t)
         dc = np.clip(d, -clip, clip) if clip else d
         a_next = np.sqrt(ac[s.next_timestep]) if s.next_timestep >= 0 else 1.0
-        use, use_prev = (d, d_prev) if ddim_clip else (dc, d_prev)
-        new = s.x_coef * x + s.x0_coef * use
+        used = d if ddim_clip else dc          # the x0 the multistep update works with
+        new = s.x_coef * x + s.x0_coef * used
         if s.order == 2:
-            new += s.x0_prev_coef * use_prev
+            new += s.x0_prev_coef * d_prev
         if ddim_clip:
             new += a_next * (dc - d)
-        d_prev = d if ddim_clip else dc
-        x = new
+        d_prev, x = used, new
     return dec.run(None, {"z": x.astype(np.float32)})[0][:, 0]
 
 
@@ -61,27 +59,24 @@ def main(argv=None) -> int:
 
     seg = Segmenter(a.plan, backend="onnxruntime")
     plan, sched = seg.plan, seg.schedule
-    mk = lambda n: ort.InferenceSession(plan.blob(n), providers=["CPUExecutionProvider"])
-    enc, sessions = mk("encoder"), (mk("denoiser"), mk("decoder"))
+    encode, *sessions = plan_graphs(seg)
     images = load_images(plan, "lidc", a.data, "val", a.limit, per_nodule=True)
     thr = float(plan.defaults.get("threshold", 0.5))
     rng = np.random.default_rng(a.seed)
     runs: dict[str, list] = {"ddim50": []}
     for img in images:
         x = rng.standard_normal((a.k, *plan.latent_shape), dtype=np.float32)
-        cond = enc.run(None, {"image": ((img - 0.5) / 0.5)[None, None].astype(np.float32)})[0]
+        cond = encode(img)
         runs["ddim50"].append(seg.run(img, k=a.k, steps=50, solver="ddim", initial_latents=x).probs)
         for steps in a.steps:
             table = sched.dpmpp2m(steps)
-            for name, p in ((f"sdk_ddim{steps}", lambda: seg.run(img, k=a.k, steps=steps, solver="ddim",
-                                                                   initial_latents=x).probs),
-                            (f"sdk_dpmpp2m{steps}", lambda: seg.run(img, k=a.k, steps=steps, solver="dpmpp2m",
-                                                                      initial_latents=x).probs),
-                            (f"numpy_dpmpp2m{steps}", lambda: numpy_dpmpp2m(sessions, cond, x, table,
-                                                                          sched.alphas_cumprod, sched.clip, False)),
-                            (f"numpy_dpmpp2m_ddimclip{steps}", lambda: numpy_dpmpp2m(
-                                sessions, cond, x, table, sched.alphas_cumprod, sched.clip, True))):
-                runs.setdefault(name, []).append(p())
+            got = {f"sdk_{solver}{steps}": seg.run(img, k=a.k, steps=steps, solver=solver, initial_latents=x).probs
+                   for solver in ("ddim", "dpmpp2m")}
+            for variant, ddim_clip in (("numpy_dpmpp2m", False), ("numpy_dpmpp2m_ddimclip", True)):
+                got[f"{variant}{steps}"] = numpy_dpmpp2m(sessions, cond, x, table, sched.alphas_cumprod, sched.clip,
+                                                         ddim_clip)
+            for name, probs in got.items():
+                runs.setdefault(name, []).append(probs)
     p = {n: np.concatenate(v) for n, v in runs.items()}
     out = {"plan": a.plan, "plan_graphs_sha256": plan.graphs_sha256, "clip": sched.clip, "images": len(images),
            "k": a.k, "seed": a.seed, "rows": []}

@@ -18,12 +18,11 @@ import argparse
 import json
 
 import numpy as np
-import onnxruntime as ort
 
 from msld_sdk import Segmenter
 from msld_sdk.sampling import Schedule
 
-from .solver_agreement import compare, load_images
+from .solver_agreement import compare, load_images, plan_graphs
 
 
 def numpy_ddim(sessions, cond, x, timesteps, prev, ac, clip):
@@ -57,8 +56,7 @@ def main(argv=None) -> int:
     if sched.spacing != "linspace_trunc":
         raise SystemExit(f"{a.plan}: rule {sched.spacing!r}; this probe is for linspace_trunc plans")
     noclip = Schedule(sched.alphas_cumprod, sched.spacing, sched.prediction, 0.0)
-    mk = lambda n: ort.InferenceSession(plan.blob(n), providers=["CPUExecutionProvider"])
-    enc, sessions = mk("encoder"), (mk("denoiser"), mk("decoder"))
+    encode, *sessions = plan_graphs(seg)
     images = load_images(plan, "lidc", a.data, "val", a.limit, per_nodule=True)
     thr = float(plan.defaults.get("threshold", 0.5))
     rng = np.random.default_rng(a.seed)
@@ -70,7 +68,7 @@ def main(argv=None) -> int:
                                 "sdk_ddim_noclip", "sdk_dpmpp2m_noclip")}
         for img in images:
             x = rng.standard_normal((a.k, *plan.latent_shape), dtype=np.float32)
-            cond = enc.run(None, {"image": ((img - 0.5) / 0.5)[None, None].astype(np.float32)})[0]
+            cond = encode(img)
             runs["sdk_ddim"].append(seg.run(img, k=a.k, steps=steps, solver="ddim", initial_latents=x).probs)
             runs["sdk_dpmpp2m"].append(seg.run(img, k=a.k, steps=steps, solver="dpmpp2m", initial_latents=x).probs)
             seg.schedule = noclip
