@@ -214,6 +214,14 @@ class Plan:
 
 def _validate_manifest_values(m: dict, p: Path) -> None:
     """Types and ranges of the fields the runtime relies on (a hand-edited manifest fails here)."""
+    problem = manifest_values_problem(m)
+    if problem is not None:
+        raise PlanFormatError(f"{p}: manifest has a missing or invalid field ({problem})")
+
+
+def manifest_values_problem(m: dict) -> str | None:
+    """What is wrong with the values of manifest ``m`` (``_validate_manifest_values``), or None;
+    also how a writer checks a manifest before it writes it."""
     try:
         size = m["input"]["size"]
         ch = m["input"]["channels"]
@@ -235,7 +243,8 @@ def _validate_manifest_values(m: dict, p: Path) -> None:
         assert all(isinstance(a, (int, float)) and 0.0 < a < 1.0 for a in ac)
         assert sch["spacing"] in SPACINGS and sch["prediction"] == "epsilon"
         d = m["defaults"]
-        assert 1 <= d["k"] <= d["max_k"] and 1 <= d["steps"] <= T
+        assert 1 <= d["k"] <= d["max_k"], f"defaults.k must be from 1 to max_k ({d['max_k']}), got {d['k']!r}"
+        assert 1 <= d["steps"] <= T, f"defaults.steps must be from 1 to {T}, got {d['steps']!r}"
         assert type(d.get("views", 1)) is int and 1 <= d.get("views", 1) <= 8, \
             "defaults.views must be an integer from 1 to 8 (msld_sdk.views)"
         solver = d.get("solver", "ddim")
@@ -252,8 +261,11 @@ def _validate_manifest_values(m: dict, p: Path) -> None:
             assert all(type(t) is int and 0 <= t < T for t in grid) and \
                 all(a > b for a, b in zip(grid, grid[1:])), \
                 f"defaults.timesteps must be integers in [0, {T}) that strictly decrease, got {grid!r}"
-    except (AssertionError, KeyError, TypeError, ValueError) as e:
-        raise PlanFormatError(f"{p}: manifest has a missing or invalid field ({type(e).__name__}: {e})") from None
+    except AssertionError as e:
+        return str(e) or "AssertionError"
+    except (KeyError, TypeError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 # ---- writing ----------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ re-exporting it.
 The graphs (and an int8 denoiser, with its calibration record) are kept byte for byte; the
 manifest's ``defaults`` and ``model.default_*`` change, and ``provenance.defaults_changed``
 records the old values, the new ones and the evidence (``why``, and ``evidence``: e.g. the
-table of ``msld tune``); earlier records move to ``provenance.defaults_history``. The plan is rewritten atomically (``plan.write_plan``). Command line:
+table of ``msld tune``); earlier records move to ``provenance.defaults_history``. The new manifest is checked first (a refused change writes nothing), then the plan is rewritten atomically (``plan.write_plan``). Command line:
 ``python -m msld_export.plan_writing.set_defaults`` (``scripts/ship_model.sh``) or ``msld tune --write``.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 
 from .errors import UsageError
-from .plan import SOLVERS, Plan, add_blobs
+from .plan import SOLVERS, Plan, add_blobs, manifest_values_problem
 from .timestep_grids import check_grid
 from .views import check_views
 
@@ -64,6 +64,10 @@ def set_defaults(plan_path, steps: int | None = None, k: int | None = None, why:
     prov["defaults_changed"] = {"from": old, "to": new, "why": why,
                                 "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                                 **({"evidence": evidence} if evidence is not None else {})}
-    out = add_blobs(plan_path, {}, {"defaults": defaults, "model": model, "provenance": prov})
+    update = {"defaults": defaults, "model": model, "provenance": prov}
+    problem = manifest_values_problem({**m, **update})   # checked first: a refused change writes nothing
+    if problem is not None:
+        raise UsageError(f"these defaults would make an invalid plan, so {plan_path} was not changed: {problem}")
+    out = add_blobs(plan_path, {}, update)
     Plan.open(plan_path)  # the rewritten plan must open and validate
     return out

@@ -2,6 +2,7 @@
 the native coefficients and loop against diffusers' DPMSolverMultistepScheduler given the same
 custom timesteps, the grid through every layer (options, plan defaults, Segmenter, torch sampler),
 and the checks that refuse a bad grid."""
+import re
 import shutil
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from msld_sdk import Segmenter, _native
-from msld_sdk.errors import InputError, PlanFormatError
+from msld_sdk.errors import InputError, PlanFormatError, UsageError
 from msld_sdk.plan import Plan
 from msld_sdk.plan_defaults import set_defaults
 from msld_sdk.sampling import SampleOptions, Schedule
@@ -151,6 +152,27 @@ def test_set_defaults_command_line_sets_and_drops_a_grid(tiny_plan, tmp_path, ca
     with pytest.raises(SystemExit):                                             # argparse names the format
         set_defaults_main([str(p), "--timesteps", "9,x"])
     assert "comma-separated list of integer timesteps" in capsys.readouterr().err
+    # defaults the plan cannot take are refused before anything is written: the plan stays as it was
+    assert set_defaults_main([str(p), "--solver", "dpmpp2m", "--steps", "3", "--timesteps",
+                              ",".join(map(str, grid)), "--why", "test"]) == 0
+    before = p.read_bytes()
+    for args, message in ([["--steps", "4"], None],   # a new step count drops the grid: allowed
+                          [["--timesteps", "900,100"], "must list defaults.steps \\(4\\) timesteps"],
+                          [["--solver", "ddim", "--timesteps", "900,500,100"], "dpmpp2m grid, but defaults.solver"],
+                          [["--k", "0"], "defaults.k must be from 1 to max_k"]):
+        if message is None:
+            assert set_defaults_main([str(p), *args]) == 0
+            before = p.read_bytes()
+            continue
+        with pytest.raises(SystemExit) as e:
+            set_defaults_main([str(p), *args])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "was not changed" in err and "Traceback" not in err, err
+        assert p.read_bytes() == before
+    with pytest.raises(UsageError, match="was not changed: defaults.timesteps must list"):
+        set_defaults(p, timesteps=[999, 500])
+    assert p.read_bytes() == before
 
 
 def test_a_plan_with_a_bad_default_grid_does_not_open(tiny_plan, tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 from msld_sdk.cli.options import timestep_list
+from msld_sdk.errors import MsldError
 from msld_sdk.plan import SOLVERS
 from msld_sdk.plan_defaults import KEEP, set_defaults
 
@@ -37,7 +38,10 @@ def main(argv=None) -> int:
     ap.add_argument("--why", default="", help="the evidence for the new defaults (kept in the manifest)")
     a = ap.parse_args(argv)
     timesteps = KEEP if a.timesteps is None else (None if a.timesteps == "none" else a.timesteps)
-    m = set_defaults(a.plan, a.steps, a.k, a.why, views=a.views, solver=a.solver, timesteps=timesteps)
+    try:
+        m = set_defaults(a.plan, a.steps, a.k, a.why, views=a.views, solver=a.solver, timesteps=timesteps)
+    except MsldError as e:   # a missing or damaged plan, or defaults it cannot take: say so, no traceback
+        ap.exit(2, f"{ap.prog}: error: {e}\n")
     print(f"{a.plan}: defaults {m['defaults']}")
     return 0
 
