@@ -178,3 +178,23 @@ def test_eval_on_multi_annotator_data_without_scipy_stops_before_running(monkeyp
     assert main(["eval", "--plan", str(tiny_plan), "--kind", "lidc", "--limit", "1", "--data", str(DATA), "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install 'msld_sdk[eval]'" in err, err
+
+
+def test_bench_of_a_colour_plan_converts_the_default_sample_once(tiny_rgb_plan, tmp_path, caplog, capsys):
+    """The only shipped sample is a CT slice: a colour plan is timed on it converted to three channels
+    once (recorded in the report), not with a greyscale warning on every timed run."""
+    import json
+    import logging
+    out = tmp_path / "bench.json"
+    with caplog.at_level(logging.WARNING):
+        assert main(["bench", "--plan", str(tiny_rgb_plan), "--k", "1", "--steps", "1", "--repeats", "2",
+                     "--threads", "1", "--json", str(out)]) == 0
+    assert not [r for r in caplog.records if "greyscale image given" in r.getMessage()]
+    r = json.loads(out.read_text())
+    assert "3 channels" in r["image_note"] and r["image"].endswith("image.png")
+    assert "note: no --image" in capsys.readouterr().err
+    # a one-channel plan takes the sample as it is, and says nothing
+    out1 = tmp_path / "bench1.json"
+    assert main(["bench", "--plan", "lidc", "--k", "1", "--steps", "1", "--repeats", "1", "--threads", "1", "-q",
+                 "--no-int8-run", "--json", str(out1)]) == 0
+    assert json.loads(out1.read_text())["image_note"] is None
