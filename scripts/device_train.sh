@@ -23,6 +23,11 @@ OUT=${OUT:-$PWD/device_out}/$NAME; RUN=/tmp/run_$NAME
 rm -rf "$RUN"; mkdir -p "$OUT" "$RUN"
 nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+# msld_sdk (imported by msld_export) needs its native extension; a fresh machine has none.
+if ! python3 -c "import msld_sdk._native" 2>/dev/null; then
+  . scripts/device_env.sh
+  build_native /tmp/msld_train_build 90 -DMSLD_CUDA=OFF > "$OUT/native_build.log" 2>&1 || { echo "native build failed"; exit 1; }
+fi
 if ls .dev/resume/$NAME/last.safetensors.part* >/dev/null 2>&1; then
   cat .dev/resume/$NAME/last.safetensors.part* > $RUN/last.safetensors
   echo "resuming from carried weights: $(du -h $RUN/last.safetensors)"

@@ -22,7 +22,11 @@ TOTAL=$(du -cb .dev/data $(ls -d .dev/resume 2>/dev/null) | tail -1 | cut -f1)
 # The tracked tree travels too (the shipped plans and checkpoints alone are about 38 MB).
 TREE=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
 echo "to carry: $((TOTAL / 1048576)) MiB + the tree's $((TREE / 1048576)) MiB, of 64"
-[ $((TOTAL + TREE)) -lt $((63 * 1048576)) ] || { echo "too large to carry: lower JPEG_QUALITY or the size" >&2; exit 1; }
+if [ $((TOTAL + TREE)) -ge $((63 * 1048576)) ]; then
+  echo "too large to carry: lower JPEG_QUALITY or the size, or move the shipped models (msld_sdk/models/*.plan," >&2
+  echo "export/msld_export/checkpoints/*.safetensors; training reads none) out of the tree for the call" >&2
+  exit 1
+fi
 echo "run tool: command='TRAIN_ARGS=\"--tune-encoder true --affine-prob 0.5 --jitter-strength 2${CVC_FOLD:+ --cvc-fold $CVC_FOLD}\" bash scripts/device_train.sh $NAME 2 40 8'," \
      "carry=['.dev/data', '.dev/resume'], timeout_s=600  (stage 2: 40 min in all, 8 a lease; resumes from .dev/resume)"
 echo "or a whole lease (paper-scale figures, kernel tests, then training): command='bash scripts/device_lease.sh $NAME 560'," \
