@@ -27,9 +27,10 @@ echo "cuda kernel tests rc=$? at $((SECONDS - T0)) s"
 LEFT=$((TOTAL_S - (SECONDS - T0) - 45))   # 45 s for the last save, the split and the tar
 if [ "$LEFT" -ge 90 ]; then
   MIN=$(python3 -c "print(round($LEFT / 60, 2))")
-  echo "training $NAME for $MIN minutes"
+  M2=$(python3 -c "print(max(0.5, round($LEFT / 60 - 2.3, 2)))")   # stage 2 ends inside this lease
+  echo "training $NAME for $MIN minutes (stage 2: $M2)"
   OUT="$LOGS" TRAIN_ARGS="${TRAIN_ARGS:---tune-encoder true --affine-prob 0.5 --jitter-strength 2}" \
-    bash scripts/device_train.sh "$NAME" 2 40 "$MIN"
+    bash scripts/device_train.sh "$NAME" 2 "$M2" "$MIN"
   mkdir -p "$FINAL/$NAME"
   mv "$LOGS/$NAME"/*.safetensors.part* "$FINAL/$NAME/" 2>/dev/null
 else

@@ -4,9 +4,10 @@
 # scripts/device_train_prepare.sh NAME SIZE, which packs the data and any earlier state, and
 # prints the `run` call. After the lease: scripts/device_train_collect.sh FILES_AT NAME.
 #
-#   bash scripts/device_train.sh polyp-large 2 40 8
-#     config name, stage-1 minutes, stage-2 minutes in all (the learning rate anneals over them,
-#     across leases), minutes of this lease (then it saves and stops, exit code 3).
+#   bash scripts/device_train.sh polyp-large 2 6 8.5
+#     config name, stage-1 minutes, stage-2 minutes in all (the learning rate anneals over them;
+#     only the repository persists between sessions, so let them end in one lease), minutes of this
+#     lease (then it saves and stops, exit code 3).
 #
 # Data: packs in .dev/data/packed (`python -m msld_export.training.data pack`, JPEG images at 256 x 256).
 # Resume: .dev/resume/NAME/last.safetensors (the weights and the stage / step reached, carried

@@ -27,7 +27,8 @@ if [ $((TOTAL + TREE)) -ge $((63 * 1048576)) ]; then
   echo "export/msld_export/checkpoints/*.safetensors; training reads none) out of the tree for the call" >&2
   exit 1
 fi
-echo "run tool: command='TRAIN_ARGS=\"--tune-encoder true --affine-prob 0.5 --jitter-strength 2${CVC_FOLD:+ --cvc-fold $CVC_FOLD}\" bash scripts/device_train.sh $NAME 2 40 8'," \
-     "carry=['.dev/data', '.dev/resume'], timeout_s=600  (stage 2: 40 min in all, 8 a lease; resumes from .dev/resume)"
+# One lease: nothing but the repository persists between sessions, so the schedule must end inside it.
+echo "run tool: command='TRAIN_ARGS=\"--tune-encoder true --affine-prob 0.5 --jitter-strength 2${CVC_FOLD:+ --cvc-fold $CVC_FOLD}\" bash scripts/device_train.sh $NAME 2 6 8.5'," \
+     "carry=['.dev/data', '.dev/resume'], timeout_s=600  (stage 1 2 min, stage 2 6 min annealed to its end; resumes from .dev/resume)"
 echo "or a whole lease (paper-scale figures, kernel tests, then training): command='bash scripts/device_lease.sh $NAME 560'," \
      "carry=['.dev/data', '.dev/resume'], timeout_s=595"
