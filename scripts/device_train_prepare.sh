@@ -20,7 +20,7 @@ if [ -f runs/${NAME}_gpu/last.safetensors ]; then
 fi
 TOTAL=$(du -cb .dev/data $(ls -d .dev/resume 2>/dev/null) | tail -1 | cut -f1)
 # The tracked tree travels too (the shipped plans and checkpoints alone are about 38 MB).
-TREE=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+TREE=$(git ls-files -z | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
 echo "to carry: $((TOTAL / 1048576)) MiB + the tree's $((TREE / 1048576)) MiB, of 64"
 if [ $((TOTAL + TREE)) -ge $((63 * 1048576)) ]; then
   echo "too large to carry: lower JPEG_QUALITY or the size, or move the shipped models (msld_sdk/models/*.plan," >&2
