@@ -1,22 +1,25 @@
 """Runs that guard the SDK's outputs against unintended change (``tests/test_golden_outputs.py``).
 
 Each case is one ``Segmenter.run`` call on a shipped plan with a fixed seed. ``make`` stores the
-results in ``tests/data/golden_outputs.npz``: boolean arrays bit-packed, float arrays as the
-sha256 of their bytes and their sum (a few kB instead of megabytes), with the machine facts that
-decide the floating point arithmetic (ONNX Runtime version, the CPU's model and instruction
-sets). The test recomputes every case and asks for bit-identical arrays when those facts match. Regenerate only on purpose:
-``python tests/golden_cases.py`` (every case) or ``python tests/golden_cases.py NAME ...`` (those
-cases only; every other stored array is kept as it was).
+results of this machine in ``tests/data/golden_outputs/<machine kind>.npz``: boolean arrays
+bit-packed, float arrays as the sha256 of their bytes and their sum (a few kB instead of
+megabytes), with the machine facts that decide the floating point arithmetic (ONNX Runtime version,
+the CPU's model and instruction sets); one file per kind of machine, since CI runs on several. The
+test recomputes every case and asks for bit-identical arrays on a machine whose facts match a file.
+Make a file for a new kind of machine from code whose outputs are known good (before a refactor,
+not after it), and regenerate only on purpose: ``python tests/golden_cases.py`` (every case) or
+``python tests/golden_cases.py NAME ...`` (those cases only; every other stored array is kept).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 
-GOLDEN = Path(__file__).parent / "data" / "golden_outputs.npz"
+GOLDEN_DIR = Path(__file__).parent / "data" / "golden_outputs"
 FLOATS = ("probs", "mean", "confidence")
 BOOLS = ("masks", "consensus")
 
@@ -68,6 +71,13 @@ def machine_facts() -> dict:
     return {"onnxruntime": onnxruntime.__version__, "model": cpu_info()["model"], "isa": cpu_info()["isa"]}
 
 
+def golden_path(facts: dict) -> Path:
+    """The file of one machine kind, e.g. ``amd-epyc_avx2+fma_ort1.32.0.npz``."""
+    model = re.sub(r"[^a-z0-9]+", "-", facts["model"].lower()).strip("-")
+    isa = "+".join(k for k, v in facts["isa"].items() if v) or "baseline"
+    return GOLDEN_DIR / f"{model}_{isa}_ort{facts['onnxruntime']}.npz"
+
+
 def run_case(plan, seg_kwargs, images, run_kwargs) -> list:
     from msld_sdk import Segmenter
     run_kwargs = {"solver": "ddim", **run_kwargs}   # pinned: a plan's default solver may change
@@ -96,11 +106,14 @@ def record(r) -> dict:
 
 def make(only: list[str] | None = None) -> None:
     arrays = {}
+    golden = golden_path(machine_facts())
     if only:
         known = {c[0] for c in cases()}
         if set(only) - known:
             raise SystemExit(f"unknown cases {sorted(set(only) - known)}; known: {sorted(known)}")
-        with np.load(GOLDEN) as old:
+        if not golden.exists():
+            raise SystemExit(f"no golden file for this machine ({golden.name}): regenerate every case")
+        with np.load(golden) as old:
             if json.loads(str(old["facts"])) != machine_facts():
                 raise SystemExit(f"stored arrays were made on {old['facts']}, this machine is {machine_facts()}: "
                                  "regenerate every case or none")
@@ -112,9 +125,9 @@ def make(only: list[str] | None = None) -> None:
             for key, v in record(r).items():
                 arrays[f"{name}/{i}/{key}"] = v
     arrays["facts"] = np.array(json.dumps(machine_facts()))
-    GOLDEN.parent.mkdir(exist_ok=True)
-    np.savez_compressed(GOLDEN, **arrays)
-    print(f"wrote {GOLDEN} ({GOLDEN.stat().st_size} bytes, {len(arrays) - 1} arrays)")
+    GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(golden, **arrays)
+    print(f"wrote {golden} ({golden.stat().st_size} bytes, {len(arrays) - 1} arrays)")
 
 
 if __name__ == "__main__":
