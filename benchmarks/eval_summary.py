@@ -3,7 +3,8 @@
     python -m benchmarks.eval_summary benchmarks/results/eval_seeds_lidc
 
 Files: ``steps{N}_seed{S}_{fp32|int8}.json`` (DDIM) and ``{solver}_steps{N}_seed{S}_{prec}.json``
-(other solvers, e.g. dpmpp2m; ``dpmpp2m@rho2``: on the power timestep grid of rho 2). For every (solver, steps, precision): each metric's mean and
+(other solvers, e.g. dpmpp2m; ``dpmpp2m@rho2``: on the power timestep grid of rho 2;
+``dpmpp2m@linspace_trunc``: on another spacing rule's grid). For every (solver, steps, precision): each metric's mean and
 standard deviation over the seeds, and a difference paired by seed (same seed, so the same
 per-image noise): fp32 of any solver and step count minus the reference, DDIM fp32 at the largest
 DDIM step count (or ``--ref-steps``); int8 minus fp32 of the same solver and steps. Each
@@ -22,7 +23,7 @@ from msld_sdk.errors import UsageError
 from msld_sdk.evaluation.seed_spread import RULE, compare
 
 KEYS = ["dice_consensus", "iou_consensus", "dice_per_hypothesis", "ged", "hm_iou"]
-NAME = re.compile(r"^(?:([a-z][a-z0-9]*(?:@rho[0-9.]+)?)_)?steps(\d+)_seed(\d+)_(fp32|int8)\.json$")
+NAME = re.compile(r"^(?:([a-z][a-z0-9]*(?:@(?:rho[0-9.]+|leading|trailing|linspace_trunc))?)_)?steps(\d+)_seed(\d+)_(fp32|int8)\.json$")
 
 
 def load(folder) -> dict:
