@@ -21,9 +21,11 @@ from pathlib import Path
 
 from msld_sdk.errors import UsageError
 from msld_sdk.evaluation.seed_spread import RULE, compare
+from msld_sdk.plan import SPACINGS
 
 KEYS = ["dice_consensus", "iou_consensus", "dice_per_hypothesis", "ged", "hm_iou"]
-NAME = re.compile(r"^(?:([a-z][a-z0-9]*(?:@(?:rho[0-9.]+|leading|trailing|linspace_trunc))?)_)?steps(\d+)_seed(\d+)_(fp32|int8)\.json$")
+GRID = "|".join(["rho[0-9.]+", *SPACINGS])   # dpmpp2m@rho2, dpmpp2m@linspace_trunc, ...
+NAME = re.compile(rf"^(?:([a-z][a-z0-9]*(?:@(?:{GRID}))?)_)?steps(\d+)_seed(\d+)_(fp32|int8)\.json$")
 
 
 def load(folder) -> dict:
