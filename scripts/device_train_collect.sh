@@ -5,6 +5,7 @@
 # Keep the lease's files until the next one: they are the only copy of its logs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/source_tree_env.sh   # msld_export importable without an install
 SRC=${1:?files_at folder of the run tool}/${2:?config name}; NAME=$2
 DST=runs/${NAME}_gpu; STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$DST/leases/$STAMP"

@@ -9,6 +9,7 @@
 #     (one fold at a time: the resume state is kept per config name)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/source_tree_env.sh   # msld_export importable without an install
 NAME=${1:?config name under export/msld_export/configs}; SIZE=${2:?image size}
 KIND=$(python3 -c "from msld_sdk.evaluation.datasets import data_kind_for; print(data_kind_for('$NAME'))")
 rm -rf .dev/data .dev/resume/$NAME
