@@ -230,9 +230,13 @@ def test_tune_searches_grids_and_writes_the_chosen_grid(tiny_plan, tmp_path, cap
     shutil.copy(tiny_plan, plan)
     data, out = _folder_data(tmp_path / "data"), tmp_path / "tuned"
     assert main(["tune", "--plan", str(plan), "--data", str(data), "--limit", "2", "-k", "2", "--seeds", "0", "1",
-                 "--settings", "dpmpp2m:4,2", "--reference", "dpmpp2m:4", "--grids", "2", "--threads", "1", "-q",
+                 "--settings", "dpmpp2m:4,2", "--reference", "dpmpp2m:4", "--grids", "2", "--threads", "1",
                  "-o", str(out)]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
+    # without -q it first says what it will run: 4 settings x 2 seeds x 2 images, (4+4+2+2) x 2 x 2 calls
+    assert ("4 settings (dpmpp2m:4 dpmpp2m:4@rho2 dpmpp2m:2 dpmpp2m:2@rho2) x 2 seeds on folder/all (2 images, k=2): "
+            "16 image runs, 48 batched denoiser calls; reference dpmpp2m:4") in captured.err
     rep = json.loads((out / "tune.json").read_text())
     rows = {r["setting"]: r for r in rep["rows"]}
     assert list(rows) == ["dpmpp2m:4", "dpmpp2m:4@rho2", "dpmpp2m:2", "dpmpp2m:2@rho2"]
