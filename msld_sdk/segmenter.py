@@ -49,6 +49,10 @@ def resolve_plan_path(plan: str | Path | None) -> Path:
             raise PlanNotFoundError(f"model '{plan}' is not shipped in this build of msld_sdk "
                                     f"(shipped: {have}); pass a plan file path instead")
         return p
+    if isinstance(plan, str) and not Path(plan).exists() and Path(plan).name == plan and "." not in plan:
+        # a bare word that is no file: most likely a mistyped model name
+        raise PlanNotFoundError(f"'{plan}' is neither a shipped model name ({', '.join(SHIPPED_MODELS)}) "
+                                f"nor an existing plan file")
     return Path(plan)
 
 

@@ -39,6 +39,16 @@ def test_missing_file(tmp_path):
         Plan.open(tmp_path / "nope.plan")
 
 
+def test_mistyped_model_name_lists_the_shipped_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # a bare word is looked up as a file in the working folder first
+    for name in ("Polyp", "lidcx"):
+        with pytest.raises(PlanNotFoundError, match=f"'{name}' is neither a shipped model name \\(lidc, polyp\\)"):
+            Segmenter(name)
+    (tmp_path / "mine").write_bytes(b"not a plan")   # an existing file of that name is read as a plan
+    with pytest.raises(PlanFormatError):
+        Segmenter("mine")
+
+
 def test_not_a_plan(tmp_path):
     f = tmp_path / "image.png"
     f.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
