@@ -167,3 +167,35 @@ def test_eval_summary_compares_other_solvers_with_the_ddim_reference(tmp_path):
     assert "mean +0.1500 | within its sd 0.1000: NO" in dice["dpmpp2m fp32 3 steps, seeds 0 1 2:"]
     # int8 against dpmpp2m fp32 at 5 steps (sd 0.1): mean difference 0.2 / 3 = 0.0667
     assert "+0.0000 +0.2000 +0.0000 mean +0.0667 | within its sd 0.1000: yes" in dice["dpmpp2m int8 5 steps, seeds 0 1 2:"]
+
+
+
+class _Slices:
+    """The part of SegData the grouping reads: masks [N, A, H, W], num_annotators, ids, len()."""
+
+    def __init__(self, masks, ids):
+        self.masks, self.num_annotators, self.ids = masks, masks.shape[1], ids
+
+    def __len__(self):
+        return len(self.ids)
+
+
+def test_lidc_agreement_groups_split_the_protocol_difference():
+    """benchmarks/lidc_agreement_groups.py: nodules grouped by how many annotators marked them;
+    the groups' contributions add up to the mean paired difference over all nodules."""
+    from benchmarks.lidc_agreement_groups import annotators_marking, group_differences
+
+    masks = np.zeros((4, 4, 8, 8), np.uint8)
+    masks[0, :1, 2, 2] = 1       # one annotator marked nodule a
+    masks[1, :3, 3:5, 3:5] = 1   # three marked b
+    masks[2] = 1                 # all four marked c; nobody marked d
+    marked = annotators_marking(_Slices(masks, ["a", "b", "c", "d"]))
+    assert marked == {"a": 1, "b": 3, "c": 4, "d": 0}
+    rng = np.random.default_rng(0)
+    ref = [{i: {"hm_iou": float(rng.random())} for i in marked} for _ in range(3)]
+    run = [{i: {"hm_iou": r[i]["hm_iou"] + d} for i, d in zip(marked, (0.1, -0.2, 0.3, 0.0))} for r in ref]
+    groups = group_differences(run, ref, marked, "hm_iou")
+    assert {m: (g[0], round(g[1], 12)) for m, g in groups.items()} == {0: (1, 0.0), 1: (1, 0.1), 3: (1, -0.2),
+                                                                      4: (1, 0.3)}
+    whole = np.mean([[r[i]["hm_iou"] - f[i]["hm_iou"] for i in marked] for r, f in zip(run, ref)])
+    assert sum(g[2] for g in groups.values()) == pytest.approx(whole)
