@@ -169,7 +169,6 @@ def test_eval_summary_compares_other_solvers_with_the_ddim_reference(tmp_path):
     assert "+0.0000 +0.2000 +0.0000 mean +0.0667 | within its sd 0.1000: yes" in dice["dpmpp2m int8 5 steps, seeds 0 1 2:"]
 
 
-
 class _Slices:
     """The part of SegData the grouping reads: masks [N, A, H, W], num_annotators, ids, len()."""
 
