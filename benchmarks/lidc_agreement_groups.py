@@ -23,8 +23,7 @@ RESULTS = Path("benchmarks/results/eval_seeds_lidc_k16_per_nodule")
 
 def annotators_marking(data) -> dict[str, int]:
     """id -> how many annotators drew any foreground on that slice."""
-    fg = data.masks.reshape(len(data), data.num_annotators, -1).max(axis=2) > 0
-    return {i: int(n) for i, n in zip(data.ids, fg.sum(axis=1))}
+    return {i: int(n) for i, n in zip(data.ids, data.nonempty().sum(axis=1))}
 
 
 def per_nodule(path: Path) -> dict[str, dict]:

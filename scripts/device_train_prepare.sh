@@ -14,14 +14,17 @@ NAME=${1:?config name under export/msld_export/configs}; SIZE=${2:?image size}
 KIND=$(python3 -c "from msld_sdk.evaluation.datasets import data_kind_for; print(data_kind_for('$NAME'))")
 # One lease: runs/ persists only while this machine does, so the schedule must end inside the lease.
 # Resuming in stage 2, the schedule is re-declared as the minutes already trained plus this lease's.
-ARGS="2 6 8.5"; WHAT="stage 1 2 min, stage 2 6 min annealed to its end"
+ARGS="2 6 8.5"; WHAT="stage 1 2 min, stage 2 6 min annealed to its end"; STAGE2_RESUME=0
 if [ -f runs/${NAME}_gpu/last.safetensors ]; then
-  ARGS=$(python3 -c "
+  M2=$(python3 -c "
 import json; from safetensors import safe_open
 i = json.loads(safe_open('runs/${NAME}_gpu/last.safetensors', 'np').metadata()['info'])
-print('2 6 8.5' if i['stage'] != 2 else ('DONE' if i.get('complete') else f\"2 {i['stage_elapsed_s'] / 60 + 7.3:.1f} 7.8\"))")
-  [ "$ARGS" = DONE ] && { echo "runs/${NAME}_gpu/last.safetensors is a finished run: nothing to resume (move runs/${NAME}_gpu aside to train again from scratch)" >&2; exit 1; }
-  WHAT="resumes from .dev/resume; stage 2 annealed to its end inside this lease"
+print('' if i['stage'] != 2 else 'DONE' if i.get('complete') else f\"{i['stage_elapsed_s'] / 60 + 7.3:.1f}\")")
+  [ "$M2" = DONE ] && { echo "runs/${NAME}_gpu/last.safetensors is a finished run: nothing to resume (move runs/${NAME}_gpu aside to train again from scratch)" >&2; exit 1; }
+  if [ -n "$M2" ]; then
+    ARGS="2 $M2 7.8"; STAGE2_RESUME=1
+    WHAT="resumes from .dev/resume; stage 2 annealed to its end inside this lease"
+  fi
 fi
 rm -rf .dev/data .dev/resume/$NAME
 python3 -m msld_export.training.data pack --kind "$KIND" --size "$SIZE" --out .dev/data --jpeg-quality "${JPEG_QUALITY:-85}" \
@@ -50,7 +53,7 @@ fi
 echo "run tool: command='TRAIN_ARGS=\"--tune-encoder true --affine-prob 0.5 --jitter-strength 2${CVC_FOLD:+ --cvc-fold $CVC_FOLD}\" bash scripts/device_train.sh $NAME $ARGS'," \
      "carry=['.dev/data', '.dev/resume'], timeout_s=600  ($WHAT)"
 # device_lease.sh sizes a schedule from scratch, so it is offered only when there is nothing to resume.
-if [ "$ARGS" = "2 6 8.5" ]; then
+if [ "$STAGE2_RESUME" = 0 ]; then
   echo "or a whole lease (paper-scale figures, kernel tests, then training):" \
        "command='bash scripts/device_lease.sh $NAME 560', carry=['.dev/data', '.dev/resume'], timeout_s=595"
 fi

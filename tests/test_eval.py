@@ -169,26 +169,17 @@ def test_eval_summary_compares_other_solvers_with_the_ddim_reference(tmp_path):
     assert "+0.0000 +0.2000 +0.0000 mean +0.0667 | within its sd 0.1000: yes" in dice["dpmpp2m int8 5 steps, seeds 0 1 2:"]
 
 
-class _Slices:
-    """The part of SegData the grouping reads: masks [N, A, H, W], num_annotators, ids, len()."""
-
-    def __init__(self, masks, ids):
-        self.masks, self.num_annotators, self.ids = masks, masks.shape[1], ids
-
-    def __len__(self):
-        return len(self.ids)
-
-
 def test_lidc_agreement_groups_split_the_protocol_difference():
     """benchmarks/lidc_agreement_groups.py: nodules grouped by how many annotators marked them;
     the groups' contributions add up to the mean paired difference over all nodules."""
     from benchmarks.lidc_agreement_groups import annotators_marking, group_differences
+    from msld_sdk.evaluation.datasets import SegData
 
     masks = np.zeros((4, 4, 8, 8), np.uint8)
     masks[0, :1, 2, 2] = 1       # one annotator marked nodule a
     masks[1, :3, 3:5, 3:5] = 1   # three marked b
     masks[2] = 1                 # all four marked c; nobody marked d
-    marked = annotators_marking(_Slices(masks, ["a", "b", "c", "d"]))
+    marked = annotators_marking(SegData("lidc", "val", np.zeros((4, 1, 8, 8), np.uint8), masks, ["a", "b", "c", "d"]))
     assert marked == {"a": 1, "b": 3, "c": 4, "d": 0}
     rng = np.random.default_rng(0)
     ref = [{i: {"hm_iou": float(rng.random())} for i in marked} for _ in range(3)]

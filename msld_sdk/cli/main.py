@@ -457,12 +457,13 @@ def cmd_tune(a) -> int:
             raise UsageError(f"--settings {s}: {e}") from e
     kind, split, data = _eval_data(a, seg)
     metrics = tune.watched_metrics(a.metrics, data.num_annotators)
+    image_runs = len(settings) * len(seeds) * len(data)
     if not a.quiet:   # a long job: say what it will run before the bar starts
         calls = sum(s.denoiser_calls for s in settings) * len(seeds) * len(data)
         print(f"msld tune: {len(settings)} settings ({' '.join(map(str, settings))}) x {len(seeds)} seeds on "
-              f"{kind}/{split} ({len(data)} images, k={k}): {len(settings) * len(seeds) * len(data)} image runs, "
+              f"{kind}/{split} ({len(data)} images, k={k}): {image_runs} image runs, "
               f"{calls} batched denoiser calls; reference {reference}", file=sys.stderr)
-    bar = tqdm(total=len(settings) * len(seeds) * len(data), desc=f"tune {kind}/{split}", unit="img", disable=a.quiet)
+    bar = tqdm(total=image_runs, desc=f"tune {kind}/{split}", unit="img", disable=a.quiet)
     runs = tune.run_grid(seg, lambda: samples_of(data), settings, seeds, k, progress=lambda n: bar.update(n - bar.n))
     bar.close()
     rows = tune.table_rows(runs, reference, metrics)
