@@ -20,6 +20,11 @@ from msld_sdk.backends.onnxruntime_backend import OnnxRuntimeBackend
 from msld_sdk.errors import BackendUnavailableError
 from msld_sdk.plan import GRAPH_PARTS, Plan, add_blobs
 
+# fp32 engines: TensorRT may run fp32 convolutions and matrix products in TF32 (10-bit mantissa,
+# its default on Ampere and later GPUs, ~5e-4 relative error a product), against ONNX Runtime
+# in full fp32; masks may differ only where a probability is that close to the threshold.
+TRT_FP32_ATOL = 2e-3
+
 RTX_VERSION = "1.7.1.116"
 
 
@@ -214,7 +219,7 @@ def test_tensorrt_backend_runs_on_gpu(tiny_plan, tmp_path):
     a = trt_seg.run(img, k=3, steps=4, seed=5)
     b = ort_seg.run(img, k=3, steps=4, seed=5)
     assert trt_seg.backend.name == "tensorrt"
-    np.testing.assert_allclose(a.probs, b.probs, atol=2e-3)
+    np.testing.assert_allclose(a.probs, b.probs, atol=TRT_FP32_ATOL)
     pl = Plan.open(path)
     lat = trt_seg.backend.encode(np.zeros((17, pl.channels, *pl.image_size), np.float32))
     assert lat.shape[0] == 17  # above the encoder profile's 16: run in chunks

@@ -181,8 +181,13 @@ def test_cpu_loop_equals_the_sdk_on_a_reference_plan(ref_model, lidc_bench_plan)
     sdk = Segmenter(lidc_bench_plan, threads=1).run(img01, k=2, steps=3, seed=11)
     image = torch.from_numpy((img01 - inp["mean"][0]) / inp["std"][0])[None, None]
     r = BatchedSampler.from_reference(ref_model, device="cpu").sample(image, k=2, steps=3, seed=11)
-    assert float(np.abs(r.mean[0].numpy() - sdk.mean).max()) < 1e-3
-    assert float(np.mean(r.masks[0].numpy() == sdk.masks)) > 0.999
+    # float32 on both sides, same noise: measured 3e-5 on the probabilities; masks may differ only
+    # where a probability sits within that rounding of the threshold
+    probs = r.probs[0].numpy()
+    np.testing.assert_allclose(sdk.probs, probs, atol=1e-4)
+    np.testing.assert_allclose(sdk.mean, r.mean[0].numpy(), atol=1e-4)
+    differ = r.masks[0].numpy() != sdk.masks
+    assert not (differ & (np.abs(probs - 0.5) >= 1e-4)).any()
 
 
 def test_per_hypothesis_eager_computes_the_batched_result(ref_model):
@@ -193,7 +198,7 @@ def test_per_hypothesis_eager_computes_the_batched_result(ref_model):
     r = s.sample(img, k=2, steps=3, seed=4)
     p = per_hypothesis_eager(s.encoder, s.denoiser, s.decoder, s.alphas, img, k=2, steps=3, seed=4)
     assert p.shape == r.probs[0].shape and p.dtype == torch.float32
-    assert float((p - r.probs[0]).abs().max()) < 1e-3
+    assert float((p - r.probs[0]).abs().max()) < 1e-4   # measured 1e-5: float32 rounding of one computation
 
 
 def _fast_bf16_on_this_cpu() -> bool:
@@ -284,7 +289,7 @@ def test_benchmark_runs_end_to_end_on_the_cpu(tmp_path, half):
     d = json.loads(out.read_text())
     assert d["partial"] is False and not d["errors"] and not d["skipped"]
     assert set(d["configs"]) == {"a_per_hypothesis_fp32", "eager_fp32"} | ({f"eager_{half}"} if half else set())
-    assert d["configs"]["eager_fp32"]["vs_a"]["max_abs_prob_diff"] < 1e-3
+    assert d["configs"]["eager_fp32"]["vs_a"]["max_abs_prob_diff"] < 1e-4   # float32 rounding, as above
     if half:
         ag = d["agreement"][f"eager_{half}"]
         assert ag["vs"] == "fp32_strict_reference" and 0.0 <= ag["consensus_pixel_agreement"] <= 1.0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import time
 import zipfile
 from pathlib import Path
 
@@ -160,12 +159,9 @@ def test_default_plan_builds_and_round_trips(rtx, tmp_path):
     path = tmp_path / "lidc.plan"
     shutil.copy(shipped, path)
     before = Plan.open(path)
-    t0 = time.perf_counter()
     entry = build_engines(path, progress=False, echo=lambda s: None)
-    elapsed = time.perf_counter() - t0
     _check_round_trip(path, before, entry)
     assert _sha(shipped) == sha_before, "the shipped plan was modified"
-    assert elapsed < 180, f"default plan engine build took {elapsed:.0f} s"
     sizes = {p: Plan.open(path).manifest["blobs"][entry["blobs"][p]]["size"] for p in PARTS}
     print(f"default plan build: {entry['build_seconds']} s, engine bytes {sizes}")
 

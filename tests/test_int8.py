@@ -223,12 +223,16 @@ def test_int8_convolution_stays_within_its_quantization_error_bound(mode, tmp_pa
     assert (err <= bound).all(), f"worst error {err.max():.3f} where the bound is {bound.flat[err.argmax()]:.3f}"
 
 
-def test_full_range_int8_weights_saturate_the_fast_kernels_without_vnni(tmp_path, monkeypatch):
-    """Why the 7-bit weights: with full-range ones (2 x 255 x 127 = 64770 a pair) the fast u8s8
-    kernels of a CPU without VNNI miss the bound (~1 per pair, 32003 s_a s_w, 72 pairs an output),
-    while the exact u8u8 path SDK picks for such plans stays within it."""
+def test_full_range_int8_weights_stay_within_the_bound_on_the_exact_path(tmp_path, monkeypatch):
+    """Full-range weights (2 x 255 x 127 = 64770 a pair) on the exact u8u8 path the SDK picks for
+    such plans on a CPU without VNNI: within the bound on every CPU."""
     err, bound, w_max = _conv_error("exact", tmp_path, monkeypatch, reduce_range=False)
     assert w_max == 127 and (err <= bound).all()
+
+
+def test_full_range_int8_weights_saturate_the_fast_kernels_without_vnni(tmp_path, monkeypatch):
+    """Why the 7-bit weights: with full-range ones the fast u8s8 kernels of a CPU without VNNI
+    miss the bound (~1 per pair, 32003 s_a s_w, 72 pairs an output). Runs only on such a CPU."""
     if int8_kernel_path(mode="fast").name != "u8s8-16bit":
         pytest.skip(f"this CPU's fast kernels do not saturate: {int8_kernel_path(mode='fast').name}")
     err, bound, _ = _conv_error("fast", tmp_path, monkeypatch, reduce_range=False)

@@ -33,6 +33,11 @@ from msld_sdk.image_input import resize_planes
 from msld_sdk.plan import Plan
 from msld_sdk.sampling import Schedule
 
+# fp32 engines: TensorRT may run fp32 convolutions and matrix products in TF32 (10-bit mantissa,
+# its default on Ampere and later GPUs, ~5e-4 relative error a product), against ONNX Runtime
+# in full fp32; masks may differ only where a probability is that close to the threshold.
+TRT_FP32_ATOL = 2e-3
+
 GPU_REASON = "needs a GPU with TensorRT and cuda-python"
 
 
@@ -329,7 +334,7 @@ def gpu_plan(tiny_plan, tmp_path_factory):
     return path
 
 
-def _near(probs, thr=0.5, tol=1e-4):
+def _near(probs, thr=0.5, tol=TRT_FP32_ATOL):
     return np.abs(probs - thr) < tol
 
 
@@ -345,7 +350,7 @@ def test_gpu_sample_masks_equal_the_cpu_loop(gpu_plan, eta):  # pragma: no cover
         ref = ort_seg.run(imgs, k=3, steps=6, seed=21, eta=eta)
         for a, b in zip(got, ref):
             assert not ((a.masks != b.masks) & ~_near(b.probs)).any()
-            np.testing.assert_allclose(a.probs, b.probs, atol=2e-3)
+            np.testing.assert_allclose(a.probs, b.probs, atol=TRT_FP32_ATOL)
 
 
 def test_gpu_dpmpp2m_sample_masks_equal_the_cpu_loop(gpu_plan):  # pragma: no cover - GPU only
@@ -364,7 +369,7 @@ def test_gpu_dpmpp2m_sample_masks_equal_the_cpu_loop(gpu_plan):  # pragma: no co
         for a, b in zip(got, ref):
             assert a.solver == b.solver == "dpmpp2m"
             assert not ((a.masks != b.masks) & ~_near(b.probs)).any()
-            np.testing.assert_allclose(a.probs, b.probs, atol=2e-3)
+            np.testing.assert_allclose(a.probs, b.probs, atol=TRT_FP32_ATOL)
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
