@@ -2,7 +2,7 @@
 
 A plan records how its training inputs were made in ``manifest["training_input"]`` (``kind``
 "crop" or "whole_image", ``crop_size``, ``pixel_spacing_mm``, ``pad_value`` / ``pad_hu``,
-``intensity``; the fields are described in docs/clinical_workflow_notes.md).
+``intensity``; the fields are described in docs/clinical_workflow.md).
 
 ``roi`` is a box ``(x0, y0, x1, y1)`` (x = column, end exclusive) or a centre ``(x, y)`` in the
 input's pixels. A centre gives a plan-sized window around it; a box, a plan-sized window around

@@ -10,7 +10,7 @@ the plan once and writes an item's outputs (``outputs.segment_and_write``) into 
 ``error.json`` and ``out/summary.json`` and does not stop the job; ``out/job.json`` refuses a
 rerun with other parameters. ``use_ray=False`` runs the same items in this process (the
 reference the Ray path is tested against). ``dicom_seg``: a DICOM series also gets ``seg.dcm``
-and ``seg_mean.dcm``. Details: docs/clinical_workflow_notes.md.
+and ``seg_mean.dcm``. Details: docs/clinical_workflow.md.
 """
 from __future__ import annotations
 

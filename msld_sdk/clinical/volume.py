@@ -9,7 +9,7 @@ in the volume's geometry.
 
 Arrays are Z x H x W (slice, row, column). ``roi``: a 2-D centre (x, y) or box (x0, y0, x1, y1)
 for every slice in ``slices`` = (z0, z1) (end exclusive; default all), a 3-D centre (x, y, z)
-or a 3-D box (x0, y0, z0, x1, y1, z1). Details: docs/clinical_workflow_notes.md.
+or a 3-D box (x0, y0, z0, x1, y1, z1). Details: docs/clinical_workflow.md.
 """
 from __future__ import annotations
 

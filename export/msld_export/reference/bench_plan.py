@@ -8,7 +8,7 @@ configuration (``FAMILIES``, after the reference experiments) goes through the i
 parser, modules, manifest and export path (``importer.write_reference_plan``) with seeded random
 weights. The seed is recorded in ``provenance.random_seed`` so that ``msld bench --baselines`` can
 rebuild the same PyTorch modules (``rebuild_random_modules``). Families ``lidc`` and ``cvc``:
-widths and sources in docs/reference_import.md.
+widths and sources in docs/reference_import_and_parity.md.
 
 ``--base-channels D E M`` narrows the denoiser, embedder and mask decoder (tests use it to stay fast).
 """

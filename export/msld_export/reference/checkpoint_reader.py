@@ -5,7 +5,7 @@ A Lightning ``.ckpt`` is a zip holding a pickle plus one raw storage per tensor;
 either refuses it or would run code. This reader needs neither torch nor the training code: a
 restricted unpickler resolves only a fixed set of globals (the rest become inert placeholders
 or are refused), and tensors are read lazily after bounds checks. Every failure raises
-``CheckpointError`` naming the file and the problem (details: docs/reference_import.md).
+``CheckpointError`` naming the file and the problem (details: docs/reference_import_and_parity.md).
 """
 from __future__ import annotations
 
