@@ -95,10 +95,15 @@ def _read_path(p: Path):
         return a
     try:
         with Image.open(p) as im:
+            frames = getattr(im, "n_frames", 1)
             im.load()
-            return im.copy()
+            image = im.copy()
     except Exception as e:  # decoders raise OSError, SyntaxError, EOFError, struct.error... on damage
         raise InputError(f"{p}: cannot be read as an image: {type(e).__name__}: {e}") from e
+    if frames > 1:   # reading only the first would drop the rest without a word
+        raise InputError(f"{p}: holds {frames} frames (a multi-page TIFF or an animation); give one image per "
+                         "file, or a DICOM series / NIfTI volume for 3-D data")
+    return image
 
 
 def _from_pil(im: Image.Image) -> np.ndarray:
@@ -116,7 +121,9 @@ def _normalise_array(a: np.ndarray) -> np.ndarray:
         raise InputError(f"image must be H x W or H x W x C, got an array of rank {a.ndim} with shape {a.shape}")
     if a.ndim == 3 and a.shape[2] not in (1, 2, 3, 4):
         raise InputError(f"image has {a.shape[2]} channels (shape {a.shape}); expected 1, 3 or 4 "
-                         "(channels last: H x W x C)")
+                         "(channels last: H x W x C). A 3-D volume is several images: pass a list of its "
+                         "slices, or segment it as a volume (msld segment VOLUME.nii.gz or a DICOM series "
+                         "folder; msld_sdk.clinical.volume.segment_volume)")
     h, w = a.shape[:2]
     if h < MIN_SIDE or w < MIN_SIDE:
         raise InputError(f"image is {h} x {w} pixels; each side must be at least {MIN_SIDE}")
@@ -127,13 +134,14 @@ def _normalise_array(a: np.ndarray) -> np.ndarray:
     elif np.issubdtype(a.dtype, np.integer):
         a = _integers_to_unit(a)
     elif np.issubdtype(a.dtype, np.floating):
-        a = a.astype(np.float32, copy=False)
-        if not np.isfinite(a).all():
+        if not np.isfinite(a).all():   # checked in the input's own precision (float64 beyond float32's range is finite)
             bad = int((~np.isfinite(a)).sum())
             raise InputError(f"image contains {bad} NaN or infinite value(s); clean or mask them first")
         lo, hi = float(a.min()), float(a.max())
         if lo < 0.0 or hi > 1.0:
-            a = _rescale(a, f"float range [{lo:.4g}, {hi:.4g}]")
+            a = _rescale(a, f"float range [{lo:.4g}, {hi:.4g}]")   # in the input's precision, then float32
+        else:
+            a = a.astype(np.float32, copy=False)
     else:
         raise InputError(f"unsupported image dtype {a.dtype}; use uint8, uint16 or float")
     if a.ndim == 2:

@@ -96,7 +96,7 @@ def expand_inputs(paths) -> list[tuple[str, str]]:
     return out
 
 
-def segment_and_write(seg, path, out_dir, *, k=None, steps=None, seed=None, eta: float = 0.0, views=None,
+def segment_and_write(seg, path, out_dir, *, k=None, steps=None, seed=None, eta: float | None = None, views=None,
                       solver=None,
                       roi=None, slices=None, volume: bool | None = None, npz: str | None = "arrays",
                       nifti: str = "required", dicom_seg=None, threshold: float | None = None, allow_modality=False,

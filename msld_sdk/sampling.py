@@ -25,6 +25,13 @@ MAX_SEED = 2**64 - 1
 # "dpmpp2m": DPM-Solver++(2M), deterministic (eta 0 only).
 
 
+def default_eta(defaults: dict, solver: str | None = None) -> float:
+    """A run's eta when none is given: the plan's ``defaults.eta`` for DDIM, 0 for dpmpp2m (which
+    is deterministic by definition). ``solver`` None: the plan's default solver."""
+    solver = defaults.get("solver", "ddim") if solver is None else solver
+    return float(defaults.get("eta", 0.0)) if solver == "ddim" else 0.0
+
+
 @dataclass(frozen=True)
 class SampleOptions:
     """One run's sampling settings, checked against the plan (see ``SampleOptions.resolve``)."""
@@ -40,10 +47,11 @@ class SampleOptions:
 
     @classmethod
     def resolve(cls, defaults: dict, num_train_timesteps: int, input_size: tuple[int, int], k=None, steps=None,
-                seed=None, eta: float = 0.0, threshold=None, views=None,
+                seed=None, eta: float | None = None, threshold=None, views=None,
                 solver=None, timesteps=None) -> "SampleOptions":
         """Fill what is None from the plan's ``defaults``, draw a seed if none, and check every
-        value (``InputError`` naming the value and the allowed range).
+        value (``InputError`` naming the value and the allowed range). ``eta`` None: the plan's
+        ``defaults.eta`` for DDIM, 0 for dpmpp2m.
 
         ``timesteps``: a DPM-Solver++(2M) grid (its length is the step count). Without one (None),
         the plan's ``defaults.timesteps`` (a grid ``msld tune`` chose) applies when the run is
@@ -63,6 +71,8 @@ class SampleOptions:
         threshold = d.get("threshold", 0.5) if threshold is None else threshold
         solver_from_plan = solver is None
         solver = d.get("solver", "ddim") if solver is None else solver
+        if eta is None:
+            eta = default_eta(d, solver)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= d["max_k"]:
             raise InputError(f"k must be an integer from 1 to {d['max_k']} (this plan's limit), got {k!r}")
         T = num_train_timesteps

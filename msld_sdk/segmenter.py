@@ -76,6 +76,10 @@ class Segmenter:
         if isinstance(max_batch, bool) or not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
             raise InputError(f"max_batch must be a positive whole number of hypotheses, got {max_batch!r}")
         self.max_batch = int(max_batch)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                    or threads < 1):
+            raise InputError(f"threads must be a positive whole number of CPU threads, or None for all cores "
+                             f"available to this process, got {threads!r}")
         self.plan = Plan.open(resolve_plan_path(plan))
         m = self.plan.manifest
         self.precision = precision
@@ -87,7 +91,7 @@ class Segmenter:
 
     # ---- public API ------------------------------------------------------------------------
     def run(self, img, k: int | None = None, steps: int | None = None, seed: int | None = None,
-            eta: float = 0.0, threshold: float | None = None, roi=None, initial_latents=None,
+            eta: float | None = None, threshold: float | None = None, roi=None, initial_latents=None,
             views: int | None = None, allow_modality=False, solver: str | None = None, timesteps=None):
         """Segment one image (array, PIL image or path) or a list of them.
 
@@ -131,7 +135,7 @@ class Segmenter:
 
     __call__ = run
 
-    def options(self, k: int | None = None, steps: int | None = None, seed: int | None = None, eta: float = 0.0,
+    def options(self, k: int | None = None, steps: int | None = None, seed: int | None = None, eta: float | None = None,
                 threshold: float | None = None, views: int | None = None, solver: str | None = None,
                 timesteps=None) -> SampleOptions:
         """``run``'s sampling keywords checked against this plan: what is None comes from the plan's

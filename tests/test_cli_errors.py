@@ -38,7 +38,14 @@ def _cases(t, plan):
         (seg + [str(t / "ok.npy"), "--center", "1"], 2),
         (seg + [str(t / "ok.npy"), "--center", "1", "2", "3"], 2),
         (seg + [str(t / "ok.npy"), "--slices", "0", "2", "-o", str(t / "o5")], 2),
-        (seg + [str(t / "ok.npy"), "--views", "9", "-o", str(t / "o6")], 1),
+        (seg + [str(t / "ok.npy"), "--views", "9", "-o", str(t / "o6")], 2),
+        (seg + [str(t / "ok.npy"), str(t / "ok.npy"), "--views", "9", "-o", str(t / "o9")], 2),
+        (seg + [str(t / "ok.npy"), "--seed", "-1", "-o", str(t / "o10")], 2),
+        (seg + [str(t / "ok.npy"), "--seed", str(2**64), "-o", str(t / "o11")], 2),
+        (seg + [str(t / "ok.npy"), "--eta", "2", "-o", str(t / "o12")], 2),
+        (["listen", "--dest", "http://127.0.0.1:1/dicom-web", "--max-pending", "0"], 2),
+        (["tune", "--plan", plan, "--seeds", "-1", "0"], 2),
+        (["eval", "--plan", plan, "--seed", "-1"], 2),
         (seg + [str(t / "ok.npy"), "--backend", "cuda"], 2),
         (["segment", str(t / "ok.npy"), "--plan", str(t / "garbage.plan"), "-o", str(t / "o7")], 1),
         (["segment", str(t / "ok.npy"), "--plan", str(t / "no.plan"), "-o", str(t / "o8")], 1),
@@ -111,3 +118,15 @@ def test_data_set_errors_are_sdk_errors():
         load_split("imagenet", "/nowhere", "val", 32)
     with pytest.raises(ValueError):
         load_split("imagenet", "/nowhere", "val", 32)
+
+
+def test_a_bad_run_option_with_several_inputs_is_one_usage_error(bad_files, tiny_plan, capsys):
+    """Checked once against the plan before any input runs: one line and exit 2, not one failure
+    per input and an output folder of error.json files."""
+    out = bad_files / "many"
+    ok = str(bad_files / "ok.npy")
+    assert main(["segment", ok, ok, "--plan", str(tiny_plan), "--views", "9", "-q", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("msld: error: msld segment: views") and "failed" not in err[0]
+    assert not out.exists()
+

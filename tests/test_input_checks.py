@@ -179,6 +179,31 @@ def test_single_mr_image_is_not_segmented_as_hounsfield_units(lidc, series, tmp_
     assert _warnings(caplog)[0] == msg.format(p=str(mr)) and msg.format(p=mr) in _warnings(caplog)
 
 
+def test_archive_jobs_carry_the_input_checks_overrides(tmp_path):
+    """msld segment --ray / run_items: --allow-modality reaches every item (it was dropped there, so
+    the error's own advice did nothing) and is part of the job record a resume must match."""
+    import json
+    from msld_sdk.clinical.batch_ray import run_items
+    mr = tmp_path / "MR1"
+    write_series(mr, phantom(n_slices=3, nodule=NODULE), modality="MR")
+    kw = dict(plan="lidc", k=1, steps=1, roi=(NODULE[0], NODULE[1]), use_ray=False)
+    s = run_items([str(mr)], tmp_path / "refused", **kw)
+    assert not s["done"] and "DICOM modality MR" in next(iter(s["failed"].values()))
+    s = run_items([str(mr)], tmp_path / "allowed", allow_modality="MR", **kw)
+    assert len(s["done"]) == 1 and not s["failed"]
+    assert json.loads((tmp_path / "allowed" / "job.json").read_text())["allow_modality"] == "MR"
+
+
+def test_archive_jobs_refuse_options_that_do_not_fit_the_inputs(tmp_path, capsys):
+    """The pre-flight checks of msld segment also run before a --ray job: --slices on an image."""
+    from msld_sdk.cli.main import main
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(img)
+    assert main(["segment", str(img), "--ray", "--slices", "0", "2", "-o", str(tmp_path / "o")]) == 2
+    assert "--slices applies to series and volumes" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_seg_and_pt_refused_and_plans_without_a_modality_accept_all(lidc, tiny, series, tmp_path):
     f = tmp_path / "x.dcm"
     f.write_bytes(sorted(series.iterdir())[0].read_bytes())

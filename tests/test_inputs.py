@@ -62,6 +62,7 @@ def test_float_out_of_range_rescaled_with_warning(caplog):
     (np.zeros((4, 4, 4, 4), np.uint8), "rank 4"),
     (np.zeros(10, np.uint8), "rank 1"),
     (np.zeros((8, 8, 5), np.uint8), "5 channels"),
+    (np.zeros((5, 64, 64), np.float32), "64 channels .* A 3-D volume is several images"),
     (np.zeros((8, 8), np.complex64), "dtype"),
     ("no/such/file.png", "not found"),
     (12345, "unsupported image type"),
@@ -69,6 +70,34 @@ def test_float_out_of_range_rescaled_with_warning(caplog):
 def test_bad_images_raise_input_error(seg, bad, msg):
     with pytest.raises(InputError, match=msg):
         seg.run(bad, k=1, steps=1, seed=0)
+
+
+def test_multi_frame_files_are_refused_not_cut_to_their_first_frame(seg, tmp_path):
+    frames = [Image.fromarray(np.full((16, 16), v, np.uint8)) for v in (0, 128, 255)]
+    frames[0].save(tmp_path / "pages.tif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    for name in ("pages.tif", "anim.gif"):
+        with pytest.raises(InputError, match=f"{name}: holds 3 frames"):
+            seg.run(tmp_path / name, k=1, steps=1, seed=0)
+    frames[1].save(tmp_path / "one.tif")
+    assert seg.run(tmp_path / "one.tif", k=1, steps=1, seed=0).masks.shape == (1, 16, 16)
+
+
+def test_float64_beyond_float32_range_is_finite_and_rescaled(seg, caplog):
+    """1e39 is a finite float64 but no float32: the range check runs in the input's precision,
+    so the image is rescaled like any out-of-range float image instead of called NaN/infinite."""
+    img = np.linspace(0, 1, 64 * 64).reshape(64, 64) * 1e39
+    with caplog.at_level(logging.WARNING, logger="msld_sdk"):
+        got = load_image(img)
+    assert got.dtype == np.float32 and np.isfinite(got).all() and got.min() == 0 and got.max() == 1
+    np.testing.assert_allclose(got[..., 0], (img / 1e39).astype(np.float32), atol=1e-6)
+    assert any("rescaling by min/max" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("threads", [-1, 0, 1.5, "2", True])
+def test_bad_thread_counts_are_refused(tiny_plan, threads):
+    with pytest.raises(InputError, match="threads must be a positive whole number"):
+        Segmenter(tiny_plan, threads=threads)
 
 
 def test_unreadable_file(seg, tmp_path):

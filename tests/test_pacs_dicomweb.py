@@ -88,6 +88,28 @@ def test_study_only_picks_the_ct_series_with_most_instances(orthanc, lidc, tmp_p
     assert pacs(orthanc.url).find_series(study) == big[0].SeriesInstanceUID
 
 
+def test_solver_and_threshold_reach_the_run(orthanc, lidc, lidc_ct, tmp_path, capsys):
+    """--solver and --threshold are applied to a series pulled over DICOMweb (they were dropped:
+    the plan's defaults ran), and the options that cannot apply there are refused by name."""
+    from msld_sdk.cli import main
+    from msld_sdk.clinical.dicomweb import segment_from_pacs
+    from msld_sdk.clinical.volume import load_volume, segment_volume
+    folder, ds = lidc_ct
+    study, series = ds[0].StudyInstanceUID, ds[0].SeriesInstanceUID
+    kw = dict(roi=(X, Y, 1), slices=(1, 2), k=K, steps=STEPS, seed=SEED)
+    r = segment_from_pacs(lidc, pacs(orthanc.url), study, series, solver="ddim", threshold=0.9,
+                          out=tmp_path / "o", **kw)
+    vol = load_volume(folder)
+    local = segment_volume(lidc, vol, solver="ddim", threshold=0.9, **kw)
+    plain = segment_volume(lidc, vol, solver="ddim", **kw)
+    assert r.result.solver == "ddim" != lidc.defaults["solver"]
+    np.testing.assert_array_equal(r.result.masks, local.masks)
+    assert local.masks.sum() < plain.masks.sum()          # the threshold changes the masks here
+    for extra in (["--allow-modality"], ["--accept-irregular-slices"]):
+        assert main(["segment", "--dicomweb", orthanc.url, "--study", study, *extra, "-o", str(tmp_path / "x")]) == 2
+        assert "do not apply" in capsys.readouterr().err
+
+
 def test_non_ct_series_is_refused(orthanc, lidc, tmp_path):
     from msld_sdk.clinical.dicomweb import segment_from_pacs
     mr = upload_series(orthanc, tmp_path / "mr", modality="MR")

@@ -164,3 +164,18 @@ def test_node_bad_instance_rule_and_center_fallback(orthanc, tmp_path):
     assert j2["state"] == "refused" and "partial or irregular" in j2["error"] and len(j2["bad"]) == 1
     segs = orthanc.seg_series(ds[0].StudyInstanceUID)
     assert len(segs) == 1 and segs[0]["series"] in j1["done"]
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"k": 99}, "k must be"), ({"steps": 0}, "steps must be"), ({"eta": 0.7}, "eta 0 only"),
+    ({"seed": -1}, "seed must be"), ({"max_pending": 0}, "max_pending"), ({"settle_s": -3}, "settle_s"),
+    ({"port": 70000}, "port"), ({"center": (1, 2)}, "center"),
+])
+def test_node_refuses_bad_settings_before_listening(tmp_path, kw, msg):
+    """A bad value would otherwise refuse (or answer A700 to) every series that arrives."""
+    pytest.importorskip("pynetdicom")
+    from msld_sdk import InputError, Segmenter
+    from msld_sdk.clinical.dicom_node import Node
+    with pytest.raises(InputError, match=msg):
+        Node(Segmenter("lidc"), "http://127.0.0.1:1/dicom-web", tmp_path / "work", **kw)
+    assert not (tmp_path / "work").exists()

@@ -80,3 +80,27 @@ def test_x0_predicting_plan_runs_dpmpp2m(tiny_x0_model_and_plan):
     _, plan = tiny_x0_model_and_plan
     r = Segmenter(plan).run(np.zeros((32, 32), np.float32), k=2, steps=4, seed=0, solver="dpmpp2m")
     assert r.solver == "dpmpp2m" and np.isfinite(r.probs).all()
+
+
+def test_the_plans_ddim_eta_is_the_default(tiny_plan, tmp_path):
+    """defaults.eta of a DDIM plan applies when run() gets no eta (it was ignored: eta defaulted to
+    0); dpmpp2m asked for on such a plan runs at eta 0, as it must."""
+    import zipfile
+    from msld_sdk.plan import MANIFEST_NAME
+    p = tmp_path / "eta.plan"
+    with zipfile.ZipFile(tiny_plan) as zin, zipfile.ZipFile(p, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename == MANIFEST_NAME:
+                m = json.loads(data)
+                m["defaults"].update(eta=0.5, solver="ddim")
+                data = json.dumps(m).encode()
+            zout.writestr(item, data)
+    seg = Segmenter(p)
+    img = np.random.default_rng(3).random((32, 32), dtype=np.float32)
+    r = seg.run(img, k=2, steps=3, seed=7)
+    assert r.eta == 0.5
+    np.testing.assert_array_equal(r.probs, seg.run(img, k=2, steps=3, seed=7, eta=0.5).probs)
+    assert not np.array_equal(r.probs, seg.run(img, k=2, steps=3, seed=7, eta=0.0).probs)
+    assert seg.run(img, k=2, steps=3, seed=7, solver="dpmpp2m").eta == 0.0
+

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..errors import BatchError, MissingExtraError, MsldError, UsageError
+from ..errors import BatchError, InputError, MissingExtraError, MsldError, UsageError
 from ..plan import PRECISIONS, SOLVERS
 from .clinical import add_clinical_args, check_segment_options, clinical_route
-from .options import Formatter, add_overwrite_arg, positive_int, run_command, timestep_list, unit_float
+from .options import Formatter, add_overwrite_arg, positive_int, run_command, seed_int, timestep_list, unit_float
 from .pacs import add_listen_parser, add_pacs_args, cmd_listen, pacs_route
 
 BACKEND_CHOICES = ["auto", "onnxruntime", "tensorrt"]
@@ -67,8 +67,10 @@ def _add_run_args(p: argparse.ArgumentParser, threshold: bool = True, solver: bo
     p.add_argument("--plan", default=None, help="plan file or shipped model name (default: the embedded lidc model)")
     p.add_argument("-k", "--k", type=positive_int, default=None, help="number of hypotheses (default: the plan's)")
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the plan's)")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible hypotheses (default: random, printed)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic given the seed, 1 = DDPM-like")
+    p.add_argument("--seed", type=seed_int, default=None,
+                   help="seed for reproducible hypotheses, 0 to 2**64-1 (default: random, printed)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta: 0 deterministic given the seed, 1 = DDPM-like "
+                   "(default: the plan's, 0 for the shipped ones; dpmpp2m: 0 only)")
     if solver:
         p.add_argument("--solver", choices=SOLVERS, default=None,
                        help="sampler: ddim, or dpmpp2m (DPM-Solver++(2M), a multistep solver for fewer steps; "
@@ -100,6 +102,11 @@ def cmd_segment(a) -> int:
         for f in (a.dicom_seg, mean_path(a.dicom_seg)):
             check_output_file(f, a.images, a.overwrite, what="--dicom-seg")
     seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, progress=not a.quiet, precision=a.precision)
+    try:   # the run options against the plan, once: a bad one is a usage error, not one failure per input
+        seg.options(k=a.k, steps=a.steps, seed=a.seed, eta=a.eta, views=a.views, solver=a.solver,
+                    threshold=a.threshold)
+    except InputError as e:
+        raise UsageError(f"msld segment: {e}") from e
     many = len(items) > 1
     # one folder per input, named by its file; by as many parent folders as needed when names repeat
     names = output_names([p for p, _ in items], whole_suffix=[kind != "image" for _, kind in items])
@@ -235,8 +242,8 @@ def cmd_bench(a) -> int:
         if not a.quiet:
             print(f"note: {image_note}", file=sys.stderr)
     rows = []
-    for k in a.k:
-        for steps in a.steps:
+    for k in a.k or [seg.defaults["k"]]:   # without -k / --steps: what run() does by default
+        for steps in a.steps or [seg.defaults["steps"]]:
             row = bench.bench_sdk(seg, img, k, steps, a.repeats, seed=a.seed, solver=a.solver)
             row["denoiser_gflops_per_s"] = bench.denoiser_gflops(seg.plan, k) / (row["denoise_ms_per_step"] * 1e-3)
             rows.append(row)
@@ -270,11 +277,12 @@ def cmd_bench(a) -> int:
                 "fp32": rws["fp32"], "int8": rws["int8"], "speedup": rws["fp32"]["median_ms"] / rws["int8"]["median_ms"],
                 "denoise_speedup": rws["fp32"]["stages_ms"]["denoise_ms"] / rws["int8"]["stages_ms"]["denoise_ms"],
                 "int8_vs_fp32": bench.consensus_agreement(segs["fp32"], segs["int8"], img, main_row["k"],
-                                                          main_row["steps"], a.seed)}
+                                                          main_row["steps"], a.seed, solver=a.solver)}
     if a.rss_k:
         # peak RSS of one run at each k, each in a fresh process
         report["peak_rss_by_k"] = [bench.peak_rss_of_run(seg.plan.path, image_path, k, a.rss_steps or rows[0]["steps"],
-                                                         a.precision, a.threads, seg.backend.name, a.seed)
+                                                         a.precision, a.threads, seg.backend.name, a.seed,
+                                                         solver=a.solver)
                                    for k in a.rss_k]
     if a.baselines:
         _bench_baselines(a, report, seg, seg_fp32 or Segmenter(a.plan, backend=a.backend, threads=a.threads),
@@ -432,7 +440,6 @@ def cmd_eval(a) -> int:
 def cmd_tune(a) -> int:
     from tqdm import tqdm
 
-    from ..errors import InputError
     from ..evaluation import tune
     from ..evaluation.datasets import default_data_root
     from ..evaluation.evaluate import samples_of
@@ -550,8 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "PyTorch-eager and ONNX-Runtime per-hypothesis runs, and the reference's default loop for "
                 "reference-family plans (needs the [export] extra)")
     p.add_argument("--plan", default=None, help="plan file or shipped model name (default: lidc)")
-    p.add_argument("-k", "--k", type=positive_int, nargs="+", default=[8], help="hypotheses, one or more")
-    p.add_argument("--steps", type=positive_int, nargs="+", default=[20], help="sampling steps, one or more")
+    p.add_argument("-k", "--k", type=positive_int, nargs="+", default=None,
+                   help="hypotheses, one or more (default: the plan's, 8 for the shipped ones)")
+    p.add_argument("--steps", type=positive_int, nargs="+", default=None,
+                   help="sampling steps, one or more (default: the plan's, what run() uses: 6 for lidc, 4 for polyp)")
     p.add_argument("--solver", choices=SOLVERS, default=None,
                    help="sampler of the timed runs: ddim, or dpmpp2m (DPM-Solver++(2M), a multistep solver for fewer steps; eta 0 only; "
                         "default: the plan's, dpmpp2m for the shipped ones)")
@@ -575,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None,
                    help="image to segment (default: a shipped LIDC sample; for a colour plan its grey is repeated "
                         "over three channels, which times the same work)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every timed run (the same noise in each)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of every timed run (the same noise in each)")
     _add_backend_args(p)
     p.add_argument("--json", "-o", "--out", dest="json", default=None, metavar="FILE",
                    help="write the full report as JSON to FILE (default: none)")
@@ -593,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timesteps", type=timestep_list, default=None, metavar="T0,T1,...",
                    help="dpmpp2m's timestep grid, noisiest first (its length is the step count), e.g. one "
                         "`msld tune --grids` found (default: the plan's grid if it has one, else its spacing rule)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=seed_int, default=0,
                    help="image i is sampled with a seed derived from (seed, i), so images do not share noise")
     _add_threshold_arg(p)
     _add_views_arg(p)
@@ -618,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, metavar="SOLVER:STEPS",
                    help="the setting the others must stay within the seed spread of (one of --settings; "
                         "default: ddim at its largest step count)")
-    p.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), metavar="SEED",
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=list(DEFAULT_SEEDS), metavar="SEED",
                    help="seeds, at least two (the rule needs the reference's spread over seeds; default: 0 1 2)")
     p.add_argument("-k", "--k", type=positive_int, default=None, help="hypotheses per image (default: the plan's)")
     p.add_argument("--metrics", default=None, metavar="M[,M...]",

@@ -44,6 +44,14 @@ positive_int = _number(int, 1, "a positive integer")
 non_negative_int = _number(int, 0, "a non-negative integer")
 
 
+def seed_int(text: str) -> int:
+    """A seed: an integer from 0 to 2**64-1 (``msld_sdk.sampling.MAX_SEED``)."""
+    v = non_negative_int(text)
+    if v > 2**64 - 1:
+        raise argparse.ArgumentTypeError(f"must be at most 2**64-1, not {text}")
+    return v
+
+
 def timestep_list(text: str) -> list[int]:
     """``999,561,249,61``: a dpmpp2m timestep grid, noisiest first (checked against the plan later)."""
     parts = [p.strip() for p in text.split(",")]

@@ -7,6 +7,8 @@ import logging
 import signal
 import threading
 
+from .options import positive_int
+
 
 def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ca-bundle", default=None, metavar="PEM",
@@ -45,6 +47,10 @@ def pacs_route(a):
         raise SystemExit("msld segment: --dicomweb needs --study UID")
     if a.ray is not None or a.dicom_seg:
         raise SystemExit("msld segment: --dicomweb writes its SEG into -o; --ray and --dicom-seg do not apply")
+    if a.allow_modality or a.accept_irregular_slices:
+        raise SystemExit("msld segment: --dicomweb segments only whole, evenly spaced series of the plan's "
+                         "modality; --allow-modality and --accept-irregular-slices do not apply (fetch the "
+                         "series into a folder and segment that instead)")
     return cmd_segment_dicomweb
 
 
@@ -53,14 +59,12 @@ def cmd_segment_dicomweb(a) -> int:
     from ..segmenter import Segmenter
     if a.center is not None and len(a.center) not in (2, 3):
         raise SystemExit("msld segment: --center takes X Y, or X Y Z for a series")
-    if getattr(a, "solver", None) not in (None, "ddim"):
-        raise SystemExit("msld segment: --solver dpmpp2m is not available with --dicomweb yet; "
-                         "set it as the plan's default (set_defaults --solver) or drop --solver")
     pacs = connect(a.dicomweb, ca_bundle=a.ca_bundle, timeout=a.timeout, retries=a.retries)
     seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, progress=not a.quiet, precision=a.precision)
     roi = a.roi if a.roi is not None else a.center
     r = segment_from_pacs(seg, pacs, a.study, a.series, roi=roi, slices=a.slices, k=a.k, steps=a.steps,
-                          seed=a.seed, eta=a.eta, views=a.views, out=a.out, store=a.store, force=a.force)
+                          seed=a.seed, eta=a.eta, views=a.views, solver=a.solver, threshold=a.threshold,
+                          out=a.out, store=a.store, force=a.force)
     what = {"stored": "stored", "replaced": "stored again (--force)", "exists": "already stored: nothing sent",
             "not stored": "not stored (add --store)"}[r.outcome]
     files = ", ".join(str(f) for f in r.files) or "none written"
@@ -80,7 +84,7 @@ def add_listen_parser(sub, common, add_run_args) -> None:
                    help="received instances, job records and outputs; a restart resumes from it (default: msld_node)")
     p.add_argument("--settle", type=float, default=5.0,
                    help="a series is complete when nothing new arrived for this many seconds (default: 5)")
-    p.add_argument("--max-pending", type=int, default=16,
+    p.add_argument("--max-pending", type=positive_int, default=16,
                    help="series waiting at most; more are refused (C-STORE A700) until one is done (default: 16)")
     p.add_argument("--center", nargs=3, type=float, default=None, metavar=("X", "Y", "Z"),
                    help="crop-trained plans: the region when no SR mark came with the series (default: none)")

@@ -59,6 +59,8 @@ def process_item(seg, item: dict, out: Path, params: dict) -> dict:
                                   eta=params["eta"], views=params.get("views"), roi=params["roi"],
                                   slices=params["slices"], npz="arrays", nifti="required",
                                   threshold=params.get("threshold"), solver=params.get("solver"),
+                                  allow_modality=params.get("allow_modality", False),
+                                  accept_irregular=params.get("accept_irregular", False),
                                   dicom_seg=f.path / "seg.dcm" if params.get("dicom_seg") and Path(item["path"]).is_dir()
                                   else None).result      # a DICOM series: seg.dcm + seg_mean.dcm
             _write_json(f.path / DONE, {"index": item["index"], "path": item["path"], "seed": seed, "k": r.k,
@@ -102,14 +104,19 @@ def _check_job(out: Path, params: dict) -> None:
         _write_json(job, params)
 
 
-def run_items(inputs, out, plan=None, k=None, steps=None, seed: int = 0, eta: float = 0.0, roi=None, slices=None,
+def run_items(inputs, out, plan=None, k=None, steps=None, seed: int = 0, eta: float | None = None, roi=None, slices=None,
               views: int | None = None, threshold: float | None = None, ray_address: str | None = None, actors: int = 2,
               threads: int | None = 1, backend: str = "auto", precision: str = "fp32", use_ray: bool = True, on_item=None,
-              progress: bool = False, dicom_seg: bool = False, solver: str | None = None) -> dict:
+              progress: bool = False, dicom_seg: bool = False, solver: str | None = None, allow_modality=False,
+              accept_irregular: bool = False) -> dict:
     """Segment ``inputs`` into ``out`` (see the module docstring); returns the summary."""
     from ..segmenter import resolve_plan_path
     out = Path(out)
     plan_path = str(resolve_plan_path(plan).resolve())
+    if eta is None:         # resolved here, so that the job record (and a resume) names the value used
+        from ..plan import Plan
+        from ..sampling import default_eta
+        eta = default_eta(Plan.open(plan_path).manifest["defaults"], solver)
     params = {"plan": plan_path, "k": k, "steps": steps, "seed": int(seed), "eta": float(eta),
               "roi": [float(v) for v in roi] if roi is not None else None,
               "slices": [int(v) for v in slices] if slices is not None else None, "precision": precision}
@@ -121,6 +128,10 @@ def run_items(inputs, out, plan=None, k=None, steps=None, seed: int = 0, eta: fl
         params["threshold"] = float(threshold)
     if solver is not None:  # only when given, so that jobs written before solvers existed still resume
         params["solver"] = str(solver)
+    if allow_modality:      # the input checks' overrides, likewise only when given
+        params["allow_modality"] = allow_modality if isinstance(allow_modality, str) else True
+    if accept_irregular:
+        params["accept_irregular"] = True
     _check_job(out, params)
     items = make_items(inputs)
     pending = [it for it in items if not (out / it["name"] / DONE).exists()]

@@ -109,10 +109,20 @@ class Node:
     """The C-STORE SCP, its job records and one segmentation worker (see the module docstring)."""
 
     def __init__(self, seg, dest: str, work, ae_title: str = "MSLD", host: str = "127.0.0.1", port: int = 11112,
-                 settle_s: float = 5.0, center=None, slices=None, k=None, steps=None, seed: int = 0, eta: float = 0.0,
+                 settle_s: float = 5.0, center=None, slices=None, k=None, steps=None, seed: int = 0, eta: float | None = None,
                  views=None, max_pending: int = 16, pacs_kw: dict | None = None):
         require("pynetdicom", "msld listen (a DICOM node)")
         from ..roi import training_input
+        # checked before listening: a bad value would otherwise refuse every series that arrives
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise InputError(f"max_pending (--max-pending) must be a positive number of series, got {max_pending!r}")
+        if not float(settle_s) >= 0:
+            raise InputError(f"settle_s (--settle) must be >= 0 seconds, got {settle_s!r}")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise InputError(f"port (--port) must be from 0 to 65535, got {port!r}")
+        if center is not None and len(center) != 3:
+            raise InputError(f"center (--center) is X Y Z of a series, got {center!r}")
+        seg.options(k=k, steps=steps, seed=0 if seed is None else seed, eta=eta, views=views)
         self.seg, self.dest_url = seg, dest
         self.work = Path(work)
         for d in ("incoming", "sr", "jobs", "out", "bad"):

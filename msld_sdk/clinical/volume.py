@@ -257,7 +257,7 @@ def crop_pixels(info: dict, spacing_yx) -> tuple[int, int]:
     return tuple(max(2, int(round(c * p / s))) for c, p, s in zip(info["crop_size"], ps, spacing_yx))
 
 
-def segment_volume(seg, vol: Volume, roi=None, slices=None, k=None, steps=None, seed=None, eta=0.0,
+def segment_volume(seg, vol: Volume, roi=None, slices=None, k=None, steps=None, seed=None, eta=None,
                    threshold=None, views=None, allow_modality=False, solver=None) -> VolumeResult:
     """Segment slices ``slices`` of ``vol`` in the region ``roi`` (see the module docstring).
     A DICOM series of another modality than the plan's is refused unless ``allow_modality``

@@ -205,13 +205,14 @@ def mask_agreement(cons_a, cons_b, masks_a, masks_b) -> dict:
             "consensus_iou": float(np.sum(a & b) / max(1, np.sum(a | b)))}
 
 
-def consensus_agreement(seg_a, seg_b, img, k: int, steps: int, seed: int) -> dict:
-    """Two segmenters (fp32 and int8) on the same image, k, steps and seed, hence the same noise:
-    fraction of pixels where their consensus masks, and their k masks, agree; with the time of each run."""
+def consensus_agreement(seg_a, seg_b, img, k: int, steps: int, seed: int, solver: str | None = None) -> dict:
+    """Two segmenters (fp32 and int8) on the same image, k, steps, solver and seed, hence the same
+    noise: fraction of pixels where their consensus masks, and their k masks, agree; with the time
+    of each run."""
     runs = {}
     for name, seg in (("a", seg_a), ("b", seg_b)):
         t0 = time.perf_counter()
-        runs[name] = seg.run(img, k=k, steps=steps, seed=seed)
+        runs[name] = seg.run(img, k=k, steps=steps, seed=seed, solver=solver)
         runs[name + "_ms"] = (time.perf_counter() - t0) * 1e3
     a, b = runs["a"], runs["b"]
     return {"k": k, "steps": steps, "seed": seed, **mask_agreement(a.consensus, b.consensus, a.masks, b.masks),
@@ -220,28 +221,30 @@ def consensus_agreement(seg_a, seg_b, img, k: int, steps: int, seed: int) -> dic
 
 
 def peak_rss_of_run(plan, image: str, k: int, steps: int, precision: str = "fp32", threads: int | None = None,
-                    backend: str = "onnxruntime", seed: int = 0) -> dict:
+                    backend: str = "onnxruntime", seed: int = 0, solver: str | None = None) -> dict:
     """Peak resident memory of a fresh process that loads ``plan`` and segments ``image`` once at
     ``k``/``steps`` (peak RSS only grows within a process, so each k gets its own process)."""
     import json
     import subprocess
     import sys
     cmd = [sys.executable, "-m", "msld_sdk.tools.bench", "rss", str(plan), str(image), str(k), str(steps), precision,
-           str(threads or 0), backend, str(seed)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+           str(threads or 0), backend, str(seed), solver or ""]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:   # the child's own error, not just its exit status
+        raise RuntimeError(f"the peak-RSS run at k={k} failed (exit {p.returncode}): {p.stderr.strip()[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def _rss_child(argv: list[str]) -> None:
     import json
 
     from ..segmenter import Segmenter
-    plan, image, k, steps, precision, threads, backend, seed = argv
+    plan, image, k, steps, precision, threads, backend, seed, solver = argv
     before = peak_rss_mb()
     seg = Segmenter(plan, backend=backend, threads=int(threads) or None, precision=precision)
     loaded = peak_rss_mb()
     t0 = time.perf_counter()
-    seg.run(image, k=int(k), steps=int(steps), seed=int(seed))
+    seg.run(image, k=int(k), steps=int(steps), seed=int(seed), solver=solver or None)
     print(json.dumps({"k": int(k), "steps": int(steps), "precision": precision, "peak_rss_mb": peak_rss_mb(),
                       "peak_rss_mb_after_load": loaded, "peak_rss_mb_at_start": before,
                       "run_ms": (time.perf_counter() - t0) * 1e3}))
