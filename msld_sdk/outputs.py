@@ -9,6 +9,7 @@ read as images, one of DICOM files as a series). Callers choose names, seeds and
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ import numpy as np
 
 from .errors import InputError, UsageError
 from .writing import atomic_path
+
+log = logging.getLogger("msld_sdk")
 
 NPZ_KINDS = (None, "arrays", "geometry")
 NIFTI_KINDS = ("required", "if_installed")
@@ -156,6 +159,9 @@ def _volume(seg, path, d: Path, roi, slices, run_kw: dict, npz, nifti: str, dico
     nii = []
     if nifti == "required" or (vol.regular and importlib.util.find_spec("nibabel") is not None):
         nii = save_nifti_outputs(d, vr, vol)      # before result.npz: no arrays without the NIfTI
+    elif vol.regular:   # "if_installed" without nibabel: say so, the user may expect the NIfTI files
+        log.warning("msld_sdk: %s: no NIfTI outputs: nibabel is not installed (pip install nibabel, or the "
+                    "[volume] extra); the other outputs are written", path)
     if npz is not None:
         extra = {} if npz == "arrays" else dict(slices=np.array(vr.slices), affine=vol.affine, seed=vr.seed)
         if npz != "arrays" and vol.positions is not None:

@@ -21,6 +21,7 @@ class SegmentationResult:
     views: int = 1            # hypothesis j was sampled from the image in view j % views (msld_sdk.views)
     solver: str = "ddim"      # the sampler that made it: "ddim" or "dpmpp2m" (msld_sdk.sampling.SOLVERS)
     timesteps: tuple | None = None  # dpmpp2m's timestep grid when one was given or tuned; None: the plan's spacing
+    threshold: float = 0.5    # the probability above which a hypothesis' pixel is in its mask
 
     @property
     def k(self) -> int:

@@ -255,7 +255,8 @@ class Segmenter:
             agg_s += s3 - s2
             results.append(SegmentationResult(masks=masks, mean=mean, confidence=conf, consensus=cons, probs=p,
                                               seed=seed, steps=steps, eta=eta, views=views,
-                                              solver=options.solver, timesteps=options.timesteps))
+                                              solver=options.solver, timesteps=options.timesteps,
+                                              threshold=float(threshold)))
         add = {
             "encode_ms": (t2 - t1) * 1e3,
             "denoise_ms": denoise_s * 1e3,

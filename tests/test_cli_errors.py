@@ -130,3 +130,14 @@ def test_a_bad_run_option_with_several_inputs_is_one_usage_error(bad_files, tiny
     assert len(err) == 1 and err[0].startswith("msld: error: msld segment: views") and "failed" not in err[0]
     assert not out.exists()
 
+
+def test_segment_takes_inputs_and_options_in_any_order(bad_files, tiny_plan):
+    """msld segment a -k 2 b --threshold 0: options between inputs (argparse's intermixed
+    parsing), and a threshold of 0, which run() accepts, is accepted by the CLI too."""
+    ok = str(bad_files / "ok.npy")
+    out = bad_files / "mixed"
+    assert main(["segment", ok, "-k", "2", ok, "--plan", str(tiny_plan), "--steps", "1", "--threshold", "0",
+                 "-q", "-o", str(out)]) == 0
+    folders = sorted(p for p in out.iterdir() if p.is_dir())
+    assert len(folders) == 2 and all(len(list(f.glob("mask_*.png"))) == 2 for f in folders)
+

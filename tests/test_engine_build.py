@@ -185,6 +185,13 @@ def test_cli_build(rtx, tiny_plan, tmp_path, capsys):
     assert "not a compute capability" in capsys.readouterr().err
 
 
+def test_a_mistyped_flavour_is_a_usage_error_naming_the_choices(monkeypatch):
+    from msld_sdk.errors import UsageError
+    monkeypatch.setenv("MSLD_TRT_FLAVOUR", "tensorrt-rtx")
+    with pytest.raises(UsageError, match=r"MSLD_TRT_FLAVOUR.*\('tensorrt', 'tensorrt_rtx'\), got 'tensorrt-rtx'"):
+        trt_compat.load()
+
+
 def test_build_without_tensorrt_says_what_to_install(tiny_plan, tmp_path, monkeypatch):
     monkeypatch.setattr(trt_compat, "installed_flavours", lambda: [])
     monkeypatch.delenv("MSLD_TRT_FLAVOUR", raising=False)

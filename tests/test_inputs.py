@@ -163,3 +163,10 @@ def test_damaged_dicom(tmp_path, seg):
     f.write_bytes(b"\x00" * 128 + b"DICM" + b"\x01\x02garbage")
     with pytest.raises(InputError, match="bad.dcm.*DICOM"):
         seg.run(f, k=1, steps=1)
+
+
+def test_result_records_its_threshold(seg):
+    img = np.random.default_rng(4).random((32, 32), dtype=np.float32)
+    r = seg.run(img, k=2, steps=2, seed=1, threshold=0.25)
+    assert r.threshold == 0.25 and seg.run(img, k=2, steps=2, seed=1).threshold == seg.defaults.get("threshold", 0.5)
+    np.testing.assert_array_equal(r.masks, r.probs > 0.25)

@@ -165,3 +165,25 @@ def test_missing_optional_dependency_names_the_extra(monkeypatch, module, extra)
     monkeypatch.setitem(sys.modules, module, None)      # import now raises ImportError
     with pytest.raises(MissingExtraError, match=rf"msld_sdk\[{extra}\]"):
         require(module, "this feature")
+
+
+def test_volume_result_records_its_settings_and_a_missing_nifti_is_logged(lidc, series, tmp_path, monkeypatch,
+                                                                        caplog):
+    """VolumeResult names the views, threshold and grid it was made with (as SegmentationResult);
+    `msld segment`'s NIfTI "if installed" says so in the log when nibabel is absent."""
+    import importlib.util
+    import logging
+
+    from msld_sdk.outputs import segment_and_write
+    folder, _, _ = series
+    x, y, _ = NODULE
+    vr = segment_volume(lidc, load_series(folder), roi=(x, y), slices=(4, 5), k=2, steps=2, seed=1, threshold=0.7)
+    assert (vr.threshold, vr.views, vr.solver, vr.timesteps) == (0.7, 1, lidc.defaults["solver"], None)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nibabel" else find_spec(name, *a))
+    with caplog.at_level(logging.WARNING, logger="msld_sdk"):
+        w = segment_and_write(lidc, folder, tmp_path / "o", roi=(x, y), slices=(4, 5), k=1, steps=1, seed=0,
+                              nifti="if_installed")
+    assert not any(f.endswith(".nii.gz") for f in w.files) and "result.npz" in w.files
+    assert "no NIfTI outputs: nibabel is not installed" in caplog.text
+

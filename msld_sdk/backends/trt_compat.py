@@ -13,6 +13,7 @@ import ctypes
 import functools
 import importlib
 import importlib.util
+import logging
 import os
 import re
 import sys
@@ -20,6 +21,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+
+from ..errors import UsageError
+
+log = logging.getLogger("msld_sdk")
 
 FLAVOURS = ("tensorrt", "tensorrt_rtx")
 PIP_PACKAGE = {"tensorrt": "tensorrt-cu13", "tensorrt_rtx": "tensorrt-rtx-cu13"}
@@ -159,7 +164,7 @@ class Flavour:
         data = path.read_bytes() if path.exists() else b""
         cache = config.create_timing_cache(data)
         if cache is None and data:  # damaged or from another version: start afresh
-            warnings.warn(f"timing cache {path} could not be read; starting a new one", stacklevel=2)
+            log.warning("msld_sdk: TensorRT timing cache %s could not be read; starting a new one", path)
             cache = config.create_timing_cache(b"")
         if cache is not None:
             config.set_timing_cache(cache, False)
@@ -201,7 +206,8 @@ def load(flavour: str | None = None) -> Flavour:
     """
     flavour = flavour or os.environ.get("MSLD_TRT_FLAVOUR") or None
     if flavour is not None and flavour not in FLAVOURS:
-        raise ValueError(f"TensorRT flavour must be one of {FLAVOURS}, got {flavour!r}")
+        raise UsageError(f"TensorRT flavour (flavour= or $MSLD_TRT_FLAVOUR) must be one of {FLAVOURS}, "
+                         f"got {flavour!r}")
     present = installed_flavours()
     if flavour is None:
         if not present:

@@ -653,7 +653,13 @@ def _main(argv: list) -> int:
     if argv[:1] in (["export"], ["import"]):
         rest = [x for x in argv[1:] if x not in ("-v", "--verbose")]
         return (cmd_export if argv[0] == "export" else cmd_import)(None, rest)
-    a = build_parser().parse_args(argv)
+    ap = build_parser()
+    if argv[:1] == ["segment"]:   # inputs and options in any order: msld segment a.png -k 4 b.png
+        sub = next(x for x in ap._actions if isinstance(x, argparse._SubParsersAction))
+        a = sub.choices["segment"].parse_intermixed_args(argv[1:])
+        a.cmd = "segment"
+    else:
+        a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
     return {"segment": cmd_segment, "info": cmd_info, "build": cmd_build, "bench": cmd_bench,
             "eval": cmd_eval, "tune": cmd_tune, "listen": cmd_listen}[a.cmd](a)

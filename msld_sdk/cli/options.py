@@ -62,13 +62,13 @@ def timestep_list(text: str) -> list[int]:
 
 
 def unit_float(text: str) -> float:
-    """A number strictly between 0 and 1 (a threshold)."""
+    """A number in [0, 1) (a threshold: the range ``run`` accepts)."""
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}")
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be from 0 to below 1, not {text}")
     return v
 
 

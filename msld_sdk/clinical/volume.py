@@ -65,6 +65,9 @@ class VolumeResult:
     eta: float
     timings: dict = field(default_factory=dict)
     solver: str = "ddim"
+    views: int = 1
+    timesteps: tuple | None = None   # dpmpp2m's grid when one was given or tuned (as SegmentationResult)
+    threshold: float = 0.5
 
     @property
     def k(self) -> int:
@@ -281,7 +284,8 @@ def segment_volume(seg, vol: Volume, roi=None, slices=None, k=None, steps=None, 
     out = VolumeResult(masks=np.zeros((kk, Z, H, W), bool), mean=np.zeros((Z, H, W), np.float32),
                        confidence=np.zeros((Z, H, W), np.float32), consensus=np.zeros((Z, H, W), bool),
                        slices=(z0, z1), roi=None, seed=results[0].seed, steps=results[0].steps,
-                       eta=results[0].eta, timings=results[0].timings, solver=results[0].solver)
+                       eta=results[0].eta, timings=results[0].timings, solver=results[0].solver,
+                       views=results[0].views, timesteps=results[0].timesteps, threshold=results[0].threshold)
     for z, r in zip(range(z0, z1), results):
         r = paste(r, win, region, (H, W))
         out.masks[:, z], out.mean[z], out.confidence[z], out.consensus[z] = r.masks, r.mean, r.confidence, r.consensus
