@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -135,12 +136,17 @@ def check_scale(manifest: dict, shapes) -> None:
 
 
 class _Once(logging.Filter):
+    """Deduplicates the warnings of the thread that made it; other threads' records pass untouched
+    (the logger is shared: another thread's Segmenter.run must neither lose its warnings nor have
+    them counted as this block's)."""
+
     def __init__(self):
         super().__init__()
         self.seen: list[str] = []
+        self.thread = threading.get_ident()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
+        if record.levelno < logging.WARNING or record.thread != self.thread:
             return True
         msg = record.getMessage()
         if msg in self.seen:

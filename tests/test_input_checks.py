@@ -336,3 +336,19 @@ def test_imported_lidc_plan_records_intensity_and_segments_a_ct_series(series, t
     vr = segment_volume(seg, vol, roi=(120, 90), slices=(3, 6), k=2, steps=2, seed=0)
     assert vr.masks.shape == (2,) + vol.shape and vr.slices == (3, 6) and vr.roi == (56, 26, 184, 154)
     assert vr.mean[3:6, 26:154, 56:184].any() or vr.confidence[3:6, 26:154, 56:184].any()
+
+
+def test_collected_warnings_belong_to_their_own_thread(caplog):
+    """msld eval collects (and logs once) its own warnings; another thread's run going on at the
+    same time keeps every warning of its own and none is counted as the evaluation's."""
+    import threading
+    from msld_sdk.input_checks import collect_warnings, log
+    with caplog.at_level(logging.WARNING, logger="msld_sdk"):
+        with collect_warnings() as seen:
+            log.warning("msld_sdk: mine")
+            log.warning("msld_sdk: mine")
+            other = threading.Thread(target=lambda: [log.warning("msld_sdk: theirs") for _ in range(2)])
+            other.start()
+            other.join()
+    assert seen == ["msld_sdk: mine"]
+    assert _warnings(caplog) == ["msld_sdk: mine", "msld_sdk: theirs", "msld_sdk: theirs"]
