@@ -100,7 +100,7 @@ def expand_inputs(paths) -> list[tuple[str, str]]:
 
 
 def segment_and_write(seg, path, out_dir, *, k=None, steps=None, seed=None, eta: float | None = None, views=None,
-                      solver=None,
+                      solver=None, timesteps=None,
                       roi=None, slices=None, volume: bool | None = None, npz: str | None = "arrays",
                       nifti: str = "required", dicom_seg=None, threshold: float | None = None, allow_modality=False,
                       accept_irregular: bool = False) -> Written:
@@ -118,7 +118,8 @@ def segment_and_write(seg, path, out_dir, *, k=None, steps=None, seed=None, eta:
     """
     if npz not in NPZ_KINDS or nifti not in NIFTI_KINDS:
         raise UsageError(f"npz must be one of {NPZ_KINDS} and nifti one of {NIFTI_KINDS}, got {npz!r}, {nifti!r}")
-    run_kw = dict(k=k, steps=steps, seed=seed, eta=eta, views=views, allow_modality=allow_modality, solver=solver)
+    run_kw = dict(k=k, steps=steps, seed=seed, eta=eta, views=views, allow_modality=allow_modality, solver=solver,
+                  timesteps=timesteps)
     if threshold is not None:
         run_kw["threshold"] = threshold
     d = Path(out_dir)

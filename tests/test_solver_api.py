@@ -104,3 +104,26 @@ def test_the_plans_ddim_eta_is_the_default(tiny_plan, tmp_path):
     assert not np.array_equal(r.probs, seg.run(img, k=2, steps=3, seed=7, eta=0.0).probs)
     assert seg.run(img, k=2, steps=3, seed=7, solver="dpmpp2m").eta == 0.0
 
+
+
+def test_segment_ray_and_the_result_take_a_timestep_grid(tiny_plan, tmp_path):
+    """--timesteps on msld segment (as on eval) reaches the run: the masks written equal run()'s
+    with that grid and differ from the plan's spacing; a Ray job records the grid."""
+    from PIL import Image
+    from msld_sdk.clinical.batch_ray import run_items
+    seg = Segmenter(tiny_plan)
+    T = seg.schedule.num_train_timesteps
+    grid = [T - 1, T // 2, T // 10]
+    img = tmp_path / "in.png"
+    Image.fromarray((np.random.default_rng(5).random((32, 32)) * 255).astype(np.uint8)).save(img)
+    base = ["segment", str(img), "--plan", str(tiny_plan), "-k", "3", "--seed", "4", "--solver", "dpmpp2m", "-q"]
+    assert msld(base + ["--timesteps", ",".join(map(str, grid)), "-o", str(tmp_path / "g")]) == 0
+    want = seg.run(str(img), k=3, seed=4, solver="dpmpp2m", timesteps=grid)
+    plain = seg.run(str(img), k=3, seed=4, solver="dpmpp2m", steps=3)
+    assert want.timesteps == tuple(grid) and not np.array_equal(want.probs, plain.probs)
+    for i in range(3):
+        got = np.asarray(Image.open(tmp_path / "g" / f"mask_{i:02d}.png")) > 0
+        np.testing.assert_array_equal(got, want.masks[i])
+    s = run_items([str(img)], tmp_path / "ray", plan=tiny_plan, k=3, solver="dpmpp2m", timesteps=grid, use_ray=False)
+    assert len(s["done"]) == 1
+    assert json.loads((tmp_path / "ray" / "job.json").read_text())["timesteps"] == grid

@@ -88,7 +88,7 @@ def cmd_segment_ray(a) -> int:
     s = run_items(a.images, a.out, plan=a.plan, k=a.k, steps=a.steps, seed=seed, eta=a.eta, roi=roi,
                   slices=a.slices, views=a.views, threshold=a.threshold, ray_address=None if a.ray == "local" else a.ray,
                   actors=a.actors, threads=a.threads or 1, backend=a.backend, precision=a.precision,
-                  progress=not a.quiet, dicom_seg=bool(a.dicom_seg), solver=a.solver,
+                  progress=not a.quiet, dicom_seg=bool(a.dicom_seg), solver=a.solver, timesteps=a.timesteps,
                   allow_modality=a.allow_modality, accept_irregular=a.accept_irregular_slices)
     print(f"{s['items']} items: {len(s['done'])} done, {len(s['skipped'])} already done (skipped), "
           f"{len(s['failed'])} failed; seed {seed} ({s['seed_scheme']}); {s['seconds']:.1f} s -> {a.out}/")

@@ -63,6 +63,12 @@ def _add_threshold_arg(p: argparse.ArgumentParser) -> None:
                    help="probability above which a pixel is in a mask (default: the plan's, 0.5 for the shipped ones)")
 
 
+def _add_timesteps_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timesteps", type=timestep_list, default=None, metavar="T0,T1,...",
+                   help="dpmpp2m's timestep grid, noisiest first (its length is the step count), e.g. one "
+                        "`msld tune --grids` found (default: the plan's grid if it has one, else its spacing rule)")
+
+
 def _add_run_args(p: argparse.ArgumentParser, threshold: bool = True, solver: bool = True) -> None:
     p.add_argument("--plan", default=None, help="plan file or shipped model name (default: the embedded lidc model)")
     p.add_argument("-k", "--k", type=positive_int, default=None, help="number of hypotheses (default: the plan's)")
@@ -75,6 +81,7 @@ def _add_run_args(p: argparse.ArgumentParser, threshold: bool = True, solver: bo
         p.add_argument("--solver", choices=SOLVERS, default=None,
                        help="sampler: ddim, or dpmpp2m (DPM-Solver++(2M), a multistep solver for fewer steps; "
                             "eta 0 only; default: the plan's, dpmpp2m for the shipped ones)")
+        _add_timesteps_arg(p)
     if threshold:
         _add_threshold_arg(p)
     _add_views_arg(p)
@@ -104,7 +111,7 @@ def cmd_segment(a) -> int:
     seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, progress=not a.quiet, precision=a.precision)
     try:   # the run options against the plan, once: a bad one is a usage error, not one failure per input
         seg.options(k=a.k, steps=a.steps, seed=a.seed, eta=a.eta, views=a.views, solver=a.solver,
-                    threshold=a.threshold)
+                    threshold=a.threshold, timesteps=a.timesteps)
     except InputError as e:
         raise UsageError(f"msld segment: {e}") from e
     many = len(items) > 1
@@ -120,7 +127,7 @@ def cmd_segment(a) -> int:
             image = kind == "image"
             try:
                 w = segment_and_write(seg, path, d, k=a.k, steps=a.steps, seed=seed, eta=a.eta, views=a.views,
-                                      solver=a.solver,
+                                      solver=a.solver, timesteps=a.timesteps,
                                       threshold=a.threshold, roi=a.roi if a.roi is not None else a.center,
                                       slices=None if image else a.slices, volume=not image,
                                       npz=None if image else "geometry", nifti="if_installed",
@@ -599,9 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", choices=SOLVERS, default=None,
                    help="sampler: ddim, or dpmpp2m (DPM-Solver++(2M), a multistep solver for fewer steps; "
                         "eta 0 only; default: the plan's, dpmpp2m for the shipped ones)")
-    p.add_argument("--timesteps", type=timestep_list, default=None, metavar="T0,T1,...",
-                   help="dpmpp2m's timestep grid, noisiest first (its length is the step count), e.g. one "
-                        "`msld tune --grids` found (default: the plan's grid if it has one, else its spacing rule)")
+    _add_timesteps_arg(p)
     p.add_argument("--seed", type=seed_int, default=0,
                    help="image i is sampled with a seed derived from (seed, i), so images do not share noise")
     _add_threshold_arg(p)

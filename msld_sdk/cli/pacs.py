@@ -64,6 +64,7 @@ def cmd_segment_dicomweb(a) -> int:
     roi = a.roi if a.roi is not None else a.center
     r = segment_from_pacs(seg, pacs, a.study, a.series, roi=roi, slices=a.slices, k=a.k, steps=a.steps,
                           seed=a.seed, eta=a.eta, views=a.views, solver=a.solver, threshold=a.threshold,
+                          timesteps=a.timesteps,
                           out=a.out, store=a.store, force=a.force)
     what = {"stored": "stored", "replaced": "stored again (--force)", "exists": "already stored: nothing sent",
             "not stored": "not stored (add --store)"}[r.outcome]

@@ -59,6 +59,7 @@ def process_item(seg, item: dict, out: Path, params: dict) -> dict:
                                   eta=params["eta"], views=params.get("views"), roi=params["roi"],
                                   slices=params["slices"], npz="arrays", nifti="required",
                                   threshold=params.get("threshold"), solver=params.get("solver"),
+                                  timesteps=params.get("timesteps"),
                                   allow_modality=params.get("allow_modality", False),
                                   accept_irregular=params.get("accept_irregular", False),
                                   dicom_seg=f.path / "seg.dcm" if params.get("dicom_seg") and Path(item["path"]).is_dir()
@@ -108,7 +109,7 @@ def run_items(inputs, out, plan=None, k=None, steps=None, seed: int = 0, eta: fl
               views: int | None = None, threshold: float | None = None, ray_address: str | None = None, actors: int = 2,
               threads: int | None = 1, backend: str = "auto", precision: str = "fp32", use_ray: bool = True, on_item=None,
               progress: bool = False, dicom_seg: bool = False, solver: str | None = None, allow_modality=False,
-              accept_irregular: bool = False) -> dict:
+              accept_irregular: bool = False, timesteps=None) -> dict:
     """Segment ``inputs`` into ``out`` (see the module docstring); returns the summary."""
     from ..segmenter import resolve_plan_path
     out = Path(out)
@@ -128,6 +129,8 @@ def run_items(inputs, out, plan=None, k=None, steps=None, seed: int = 0, eta: fl
         params["threshold"] = float(threshold)
     if solver is not None:  # only when given, so that jobs written before solvers existed still resume
         params["solver"] = str(solver)
+    if timesteps is not None:
+        params["timesteps"] = [int(t) for t in timesteps]
     if allow_modality:      # the input checks' overrides, likewise only when given
         params["allow_modality"] = allow_modality if isinstance(allow_modality, str) else True
     if accept_irregular:

@@ -284,10 +284,12 @@ def hashed_uid(*parts: str) -> str:
     return "2.25." + str(int(h[:32], 16))
 
 
-def seg_params(seg, roi, slices, k, steps, seed, eta, views, solver=None, threshold=None) -> dict:
-    """Everything that changes the SEG's content (the plan aside). ``solver`` and ``threshold``
-    enter only when given, so that a request made before they could be given keeps its UIDs."""
-    o = seg.options(k=k, steps=steps, seed=seed, eta=eta, views=views, solver=solver, threshold=threshold)
+def seg_params(seg, roi, slices, k, steps, seed, eta, views, solver=None, threshold=None, timesteps=None) -> dict:
+    """Everything that changes the SEG's content (the plan aside). ``solver``, ``threshold`` and
+    ``timesteps`` enter only when given, so that a request made before they could be given keeps
+    its UIDs."""
+    o = seg.options(k=k, steps=steps, seed=seed, eta=eta, views=views, solver=solver, threshold=threshold,
+                    timesteps=timesteps)
     params = {"roi": [float(v) for v in roi] if roi is not None else None,
               "slices": [int(v) for v in slices] if slices is not None else None, "k": o.k, "steps": o.steps,
               "seed": o.seed, "eta": float(o.eta), "views": getattr(o, "views", None),
@@ -296,6 +298,8 @@ def seg_params(seg, roi, slices, k, steps, seed, eta, views, solver=None, thresh
         params["solver"] = o.solver
     if threshold is not None:
         params["threshold"] = o.threshold
+    if timesteps is not None:
+        params["timesteps"] = [int(t) for t in o.timesteps]
     return params
 
 
@@ -313,7 +317,7 @@ class PacsResult:
 def segment_from_pacs(seg, pacs: Pacs, study: str, series: str | None = None, roi=None, slices=None, k=None,
                       steps=None, seed: int | None = 0, eta: float | None = None, views=None, out="msld_out",
                       store: bool = False, force: bool = False, solver: str | None = None,
-                      threshold: float | None = None) -> PacsResult:
+                      threshold: float | None = None, timesteps=None) -> PacsResult:
     """Pull a CT series, segment it as ``msld segment SERIES_DIR`` does, write the two SEG
     instances into ``out``, and with ``store`` send them back (see the module docstring)."""
     import pydicom
@@ -328,7 +332,7 @@ def segment_from_pacs(seg, pacs: Pacs, study: str, series: str | None = None, ro
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix="msld_pacs_") as tmp:
         vol = pacs.fetch_series(study, series, Path(tmp) / "series", modality=modality)
-        params = seg_params(seg, roi, slices, k, steps, seed, eta, views, solver, threshold)
+        params = seg_params(seg, roi, slices, k, steps, seed, eta, views, solver, threshold, timesteps)
         seg_series, sop_uids = seg_identity(vol, seg.plan.manifest, params)
         if store and not force:
             have = pacs.instances(study, seg_series)
@@ -337,7 +341,7 @@ def segment_from_pacs(seg, pacs: Pacs, study: str, series: str | None = None, ro
                             "or sent (force to replace)", pacs.server, seg_series)
                 return PacsResult(study, series, seg_series, [], "exists", vol, None)
         vr = segment_volume(seg, vol, roi=roi, slices=slices, k=k, steps=steps, seed=seed, eta=eta, views=views,
-                            solver=solver, threshold=threshold)
+                            solver=solver, threshold=threshold, timesteps=timesteps)
         files = write_dicom_seg(out / "seg.dcm", vr, vol, seg.plan.manifest, series_uid=seg_series,
                                 sop_uids=sop_uids, series_description="MSLD segmentation")
     outcome = "not stored"

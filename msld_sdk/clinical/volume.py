@@ -261,12 +261,13 @@ def crop_pixels(info: dict, spacing_yx) -> tuple[int, int]:
 
 
 def segment_volume(seg, vol: Volume, roi=None, slices=None, k=None, steps=None, seed=None, eta=None,
-                   threshold=None, views=None, allow_modality=False, solver=None) -> VolumeResult:
+                   threshold=None, views=None, allow_modality=False, solver=None, timesteps=None) -> VolumeResult:
     """Segment slices ``slices`` of ``vol`` in the region ``roi`` (see the module docstring).
     A DICOM series of another modality than the plan's is refused unless ``allow_modality``
     (True, or the codes to accept) covers it (``msld_sdk.input_checks.check_modality``)."""
     info = training_input(seg.plan.manifest)
-    options = seg.options(k=k, steps=steps, seed=seed, eta=eta, threshold=threshold, views=views, solver=solver)
+    options = seg.options(k=k, steps=steps, seed=seed, eta=eta, threshold=threshold, views=views, solver=solver,
+                          timesteps=timesteps)
     Z, H, W = vol.hu.shape
     roi2, (z0, z1) = _region(roi, slices, Z)
     stack = vol.hu[z0:z1].transpose(1, 2, 0)                   # H x W x n: cropped in one go
