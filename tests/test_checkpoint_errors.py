@@ -149,6 +149,13 @@ def test_non_reference_checkpoint(tmp_path):
     ("in_channels: 1", "in_channels: ${model.net.img_dims[0]}", None),
     ("img_dims:\n    - 1", "img_dims:\n    - ${model.net.image_embedder.d_embed}", None),
     ("d_cond_image: 1", "d_cond_image: ${model.net.nothing.here}", "names nothing"),
+    # refused by name, not silently replaced by 50 steps
+    ("n_infer_steps: 50", "n_infer_steps: 0", r"n_infer_steps=0; expected a whole number of DDIM steps"),
+    ("n_infer_steps: 50", "n_infer_steps: 2000", r"n_infer_steps=2000"),
+    ("n_infer_steps: 50", "n_infer_steps: fifty", r"n_infer_steps='fifty'"),
+    # malformed counts: ConfigError naming the key, not a ZeroDivisionError / TypeError
+    ("n_attention_heads: 4", "n_attention_heads: 0", r"n_attention_heads is 0; expected a positive whole number"),
+    ("n_layer_blocks: 1", "n_layer_blocks: two", r"n_layer_blocks is 'two'"),
 ])
 def test_unsupported_options_are_named(tmp_path, old, new, match):
     _need_fixture()
@@ -180,3 +187,75 @@ def test_cli_reports_a_typed_error(tmp_path, capsys):
     cfg.write_text((LIDC / "config.yaml").read_text() if (LIDC / "config.yaml").exists() else "model: {}\n")
     assert main(["import", str(p), "--config", str(cfg), "--out", str(tmp_path / "o.plan")]) == 1
     assert "msld: error:" in capsys.readouterr().err
+
+
+def _sd_copy(tmp_path, edit) -> Path:
+    """The fixture's checkpoint with its state_dict edited, saved as torch.save writes it."""
+    import torch
+    from msld_export.reference.checkpoint_reader import read_checkpoint as read
+    with read(LIDC / "last.ckpt") as ck:
+        sd = {k: torch.from_numpy(ck.tensor(v, k).copy()) for k, v in state_dict_of(ck).items()}
+    edit(sd)
+    p = tmp_path / "edited.ckpt"
+    torch.save({"state_dict": sd}, p)
+    return p
+
+
+def test_a_missing_ema_shadow_is_refused_not_mixed_with_raw_weights(tmp_path):
+    """The reference keeps a shadow for every trained weight; a checkpoint lacking one was imported
+    with that weight raw and labelled "ema" (neither model). Frozen weights (the sinusoid time
+    table) have none in the reference and stay raw; use_ema false imports every weight raw."""
+    _need_fixture()
+    from msld_export.reference.importer import ImportedModel
+    gone = "model_ema.denoise_netconv_out2weight"
+    p = _sd_copy(tmp_path, lambda sd: sd.pop(gone))
+    with pytest.raises(CheckpointError, match=rf"no EMA shadow '{gone}'.*model.use_ema: false"):
+        ImportedModel(p, LIDC / "config.yaml")
+    cfg = tmp_path / "raw.yaml"
+    cfg.write_text((LIDC / "config.yaml").read_text().replace("use_ema: true", "use_ema: false", 1))
+    assert ImportedModel(p, cfg).weights["denoiser"]["ema"] == 0
+    m = ImportedModel(LIDC / "last.ckpt", LIDC / "config.yaml")
+    assert (m.weights["denoiser"]["raw"], m.weights["embedder"]["raw"]) == (1, 0)   # the time table only
+
+
+def test_tensors_with_no_place_are_refused(tmp_path):
+    _need_fixture()
+    import torch
+    from msld_export.reference.importer import ImportedModel
+    for key in ("net.label_embedder.weight", "model_ema.foobar"):
+        p = _sd_copy(tmp_path, lambda sd: sd.update({key: torch.zeros(3)}))
+        with pytest.raises(CheckpointError, match=rf"no place for \(e.g. '{key}'\)"):
+            ImportedModel(p, LIDC / "config.yaml")
+
+
+def test_a_compiled_nets_checkpoint_imports_the_same_weights(tmp_path, caplog):
+    """model.compile: true saves net._orig_mod.*: read as net.*, with a log line."""
+    _need_fixture()
+    import logging
+    import torch
+    from msld_export.reference.importer import ImportedModel
+
+    def compiled(sd):
+        for k in [k for k in sd if k.startswith("net.")]:
+            sd["net._orig_mod." + k[4:]] = sd.pop(k)
+    with caplog.at_level(logging.WARNING, logger="msld_sdk"):
+        m = ImportedModel(_sd_copy(tmp_path, compiled), LIDC / "config.yaml")
+    assert "torch.compile'd net" in caplog.text
+    ref = ImportedModel(LIDC / "last.ckpt", LIDC / "config.yaml")
+    for a, b in zip(m.denoiser.state_dict().values(), ref.denoiser.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_time_table_has_the_references_1000_rows_whatever_t_is():
+    """The reference's TimeEmbedder keeps n_steps=1000 rows (UNetDiffusion does not pass T)."""
+    _need_fixture()
+    import yaml
+    from msld_export.reference.importer import parse_reference_config
+    cfg = yaml.safe_load((LIDC / "config.yaml").read_text())
+    cfg["model"]["net"]["n_train_steps"] = cfg["model"]["net"]["sampler"]["n_train_steps"] = 500
+    cfg["model"]["net"]["sampler"]["n_infer_steps"] = 20
+    assert parse_reference_config(cfg)["denoiser"]["time_table_rows"] == 1000
+    cfg["model"]["net"]["n_train_steps"] = cfg["model"]["net"]["sampler"]["n_train_steps"] = 1001
+    with pytest.raises(CheckpointError, match=r"1 to 1000 \(the rows of the reference's time-embedding table"):
+        parse_reference_config(cfg)
+

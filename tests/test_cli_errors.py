@@ -63,6 +63,10 @@ def _cases(t, plan):
         (["eval", "--plan", plan, "--json", plan], 2),
         (["export"], 2), (["export", "--bogus"], 2), (["export", str(t / "garbage.png"), str(t / "x.plan")], 1),
         (["export", "--random", str(t / "empty_dir")], 2),
+        (["export", str(t / "garbage.plan"), str(t / "x2.plan")], 1),          # a zip: "use msld import"
+        (["export", str(t / "afile"), str(t / "x3.plan")], 1),                 # not safetensors
+        (["export", str(t / "afile"), str(t / "x4.plan"), "--seed", "7"], 2),  # --seed without --random
+        (["export", "--random", str(t / "x5.plan"), "--config", str(t / "afile")], 2),   # not a JSON config
         (["import"], 2), (["import", str(t / "garbage.png"), "--config", str(t / "afile"), "--out",
                            str(t / "y.plan")], 1),
         (["import", str(t / "garbage.png"), "--config", str(t / "afile"), "--out", str(t / "garbage.png")], 2),

@@ -127,6 +127,7 @@ def export_plan(model: MedSegLatDiff, out: str | Path, provenance: dict | None =
 
 def main(argv=None) -> int:
     from msld_sdk.cli.options import Formatter, add_overwrite_arg
+    from msld_sdk.errors import UsageError
     from msld_sdk.writing import check_output_file
 
     ap = argparse.ArgumentParser(prog="msld export", description="Export a checkpoint to a plan file.",
@@ -150,10 +151,17 @@ def main(argv=None) -> int:
         a.checkpoint, a.out = None, given[0]
     elif not given:
         ap.error("give the plan file to write: --out OUT.plan")
+    if not a.random and (a.config is not None or a.seed != 0):
+        ap.error("--config and --seed apply to --random only (a checkpoint carries its own config and weights)")
     check_output_file(a.out, [a.checkpoint, a.config], a.overwrite)   # before any work (docs/outputs.md)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if a.random:
-        cfg = ModelConfig.load(a.config) if a.config else ModelConfig()
+        try:
+            cfg = ModelConfig.load(a.config) if a.config else ModelConfig()
+        except (ValueError, TypeError, KeyError) as e:   # JSONDecodeError is a ValueError
+            raise UsageError(f"--config {a.config}: not a model config JSON ({type(e).__name__}: {e}); "
+                             "msld export --random takes msld_export's ModelConfig as JSON, not a Hydra YAML "
+                             "(those go through msld import)") from e
         model = random_model(cfg, a.seed)
         prov = {"checkpoint": None, "trained": False, "random_seed": a.seed,
                 "note": f"untrained random weights, seed {a.seed}"}

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import logging
 import os
 import platform
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,10 @@ from .model import (DecoderGraph, Denoiser, DenoiserGraph, EncoderGraph, ImageEn
 SOURCE_REPOSITORY = "huynhspm/Generative-Model"
 SOURCE_COMMIT = "3983e93d0a95a6b858be28ab9b970cc00d032212"
 DDIM_RULE = "reference-3983e93"
+log = logging.getLogger("msld_sdk")
+
 NET = "net."
+TIME_TABLE_ROWS = 1000   # rows of the reference's sinusoid time table (TimeEmbedder's n_steps default)
 PREFIX = {"denoiser": "net.denoise_net.", "embedder": "net.image_embedder.encoder.",
           "decoder": "net.autoencoder_module.net.decoder."}
 
@@ -100,6 +105,14 @@ def _get(cfg: dict, dotted: str, default: Any = None) -> Any:
     return _resolve(cfg, cur)
 
 
+def _count(cfg: dict, dotted: str, default: int) -> int:
+    """A positive whole number from the config (a layer, head or channel count), else ConfigError."""
+    v = _get(cfg, dotted, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigError(f"config {dotted} is {v!r}; expected a positive whole number")
+    return v
+
+
 def _need(cfg: dict, dotted: str, kinds, check=None) -> Any:
     v = _get(cfg, dotted)
     if not isinstance(v, kinds) or isinstance(v, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
@@ -147,6 +160,15 @@ def parse_reference_config(cfg: dict) -> dict:
     T_s = _get(cfg, s + ".n_train_steps", T)
     if T != T_s:
         raise UnsupportedReferenceOption(f"model and sampler disagree on n_train_steps ({T} vs {T_s})")
+    # the reference's TimeEmbedder has TIME_TABLE_ROWS rows whatever T is (UNetDiffusion does not pass
+    # n_steps), so T above it would index past the table
+    if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= TIME_TABLE_ROWS:
+        raise ConfigError(f"config {n}.n_train_steps={T!r}; expected a whole number from 1 to {TIME_TABLE_ROWS} "
+                          f"(the rows of the reference's time-embedding table)")
+    steps = _get(cfg, s + ".n_infer_steps", 50)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+        raise ConfigError(f"config {s}.n_infer_steps={steps!r}; expected a whole number of DDIM steps from 1 to "
+                          f"n_train_steps ({T}), as the reference's sampler requires")
     img_ch = _need(cfg, e + ".img_channels", int, lambda v: v in (1, 3))
     size = _need(cfg, "data.image_size", int, lambda v: v in (128, 256))
     mult_e = _get(cfg, e + ".channel_multipliers", [1, 2, 4])
@@ -177,15 +199,17 @@ def parse_reference_config(cfg: dict) -> dict:
         "denoiser": dict(in_channels=lat_ch, out_channels=lat_ch,
                          base_channels=_need(cfg, d + ".base_channels", int, pos) if _get(cfg, d + ".base_channels")
                          is not None else 64,
-                         channel_multipliers=mult_d, n_layer_blocks=_get(cfg, d + ".n_layer_blocks", 1),
-                         attention_levels=levels, n_attention_heads=_get(cfg, d + ".n_attention_heads", 4),
-                         n_attention_layers=_get(cfg, d + ".n_attention_layers", 1), d_cond_image=d_embed,
-                         n_train_steps=T),
+                         channel_multipliers=mult_d, n_layer_blocks=_count(cfg, d + ".n_layer_blocks", 1),
+                         attention_levels=levels, n_attention_heads=_count(cfg, d + ".n_attention_heads", 4),
+                         n_attention_layers=_count(cfg, d + ".n_attention_layers", 1), d_cond_image=d_embed,
+                         time_table_rows=TIME_TABLE_ROWS),
         "embedder": dict(in_channels=img_ch, z_channels=d_embed,
-                         base_channels=_get(cfg, e + ".base_channels", 64), channel_multipliers=mult_e,
-                         n_layer_blocks=_get(cfg, e + ".n_layer_blocks", 1)),
+                         base_channels=_count(cfg, e + ".base_channels", 64), channel_multipliers=mult_e,
+                         n_layer_blocks=_count(cfg, e + ".n_layer_blocks", 1)),
+        # the reference freezes a pre-trained embedder (requires_grad False): LitEma keeps no shadow for it
+        "embedder_frozen": bool(_get(cfg, e + ".freeze", False)) and _get(cfg, e + ".autoencoder_weight_path") is not None,
         "latent_scaling_factor": float(scale),
-        "sampler": dict(n_infer_steps=_get(cfg, s + ".n_infer_steps", 50),
+        "sampler": dict(n_infer_steps=steps,
                         beta_schedule=_get(cfg, s + ".beta_schedule", "base"),
                         beta_start=_get(cfg, s + ".beta_start", 1e-4), beta_end=_get(cfg, s + ".beta_end", 2e-2),
                         clip_denoised=_option(cfg, s + ".clip_denoised", (True, False), True),
@@ -203,7 +227,11 @@ def _normalisation(cfg: dict, ch: int) -> tuple[list, list]:
         if isinstance(t, dict) and str(t.get("_target_", "")).endswith("Normalize"):
             mean, std = t.get("mean", mean), t.get("std", std)
     as_list = lambda v: [float(v)] * ch if isinstance(v, (int, float)) else [float(x) for x in v]  # noqa: E731
-    mean, std = as_list(mean), as_list(std)
+    try:
+        mean, std = as_list(mean), as_list(std)
+    except (TypeError, ValueError):
+        raise ConfigError(f"data.transform_val Normalize mean/std {mean!r}/{std!r} are not numbers (an "
+                          "unresolved ${...} interpolation? give the run's own .hydra/config.yaml)") from None
     if len(mean) != ch or len(std) != ch or not all(s > 0 for s in std):
         raise ConfigError(f"data.transform_val Normalize mean/std {mean}/{std} do not fit {ch} channels")
     return mean, std
@@ -216,11 +244,43 @@ def _ema_key(net_key: str) -> str:
     return "model_ema." + net_key[len(NET):].replace(".", "")
 
 
+# what else a reference checkpoint of this family holds under net.: the mask VAE (frozen, with its own
+# EMA) and the sampler's schedule buffers; LitEma's own counters under model_ema.
+OTHER_NET_PREFIXES = ("net.image_embedder.", "net.autoencoder_module.", "net.sampler.")
+EMA_COUNTERS = ("model_ema.decay", "model_ema.num_updates")
+
+
+def _uncompiled(sd: dict) -> dict:
+    """A run with model.compile: true saves the net as torch.compile's wrapper (net._orig_mod.*):
+    the same weights, read as net.* here."""
+    if not any(k.startswith(NET + "_orig_mod.") for k in sd):
+        return sd
+    log.warning("msld import: the checkpoint was saved from a torch.compile'd net (model.compile: true); "
+                "reading its net._orig_mod.* weights as net.*")
+    return {(NET + k[len(NET + "_orig_mod."):] if k.startswith(NET + "_orig_mod.") else k): v for k, v in sd.items()}
+
+
+def _check_stray_keys(sd: dict, ckpt: Checkpoint) -> None:
+    """Refuse tensors the supported family has no place for (a label embedder, EMA shadows of
+    weights that do not exist): a checkpoint of another configuration, which the reference's own
+    strict load would refuse too."""
+    shadows = {_ema_key(k) for k in sd if k.startswith(NET)}
+    stray = sorted(k for k in sd if (k.startswith(NET) and not k.startswith(tuple(PREFIX.values()) + OTHER_NET_PREFIXES))
+                   or (k.startswith("model_ema.") and k not in shadows and k not in EMA_COUNTERS)
+                   or not k.startswith((NET, "model_ema.")))
+    if stray:
+        raise CheckpointError(f"{ckpt.path}: {len(stray)} tensor(s) the supported reference family has no place for "
+                              f"(e.g. '{stray[0]}'); a checkpoint of another configuration than this config?")
+
+
 def load_weights(module: torch.nn.Module, prefix: str, sd: dict, ckpt: Checkpoint, use_ema: bool,
-                 what: str) -> dict:
+                 what: str, frozen=lambda name: False) -> dict:
     """Copy the checkpoint tensors ``prefix + name`` (or their EMA shadows) into ``module``.
     Every parameter must be found with its exact shape, and every checkpoint tensor under
-    ``prefix`` must be used. Returns counts {"params", "ema", "raw"}."""
+    ``prefix`` must be used. With ``use_ema``, every weight the reference trains has its shadow
+    (LitEma keeps one per parameter with requires_grad); ``frozen(name)`` names those it does
+    not train, which use their own weights as the reference's EMA swap leaves them. Returns
+    counts {"params", "ema", "raw"}."""
     own = dict(module.state_dict())
     unused = {k for k in sd if k.startswith(prefix)}
     if not unused:
@@ -235,8 +295,13 @@ def load_weights(module: torch.nn.Module, prefix: str, sd: dict, ckpt: Checkpoin
                                   "architecture or configuration?)")
         unused.discard(key)
         src = key
-        if use_ema and _ema_key(key) in sd:
+        if use_ema and not frozen(name):
             src = _ema_key(key)
+            if src not in sd:   # mixing EMA and raw weights silently would be neither model
+                raise CheckpointError(f"{ckpt.path}: the {what} weight '{key}' has no EMA shadow '{src}', though "
+                                      "the reference keeps one for every weight it trains (an edited or damaged "
+                                      "checkpoint?); to import the raw weights instead set model.use_ema: false "
+                                      "in the config")
             counts["ema"] += 1
         else:
             counts["raw"] += 1
@@ -314,7 +379,7 @@ class ImportedModel:
         self.config = config if isinstance(config, dict) else load_config(self.config_path)
         o = self.opts = parse_reference_config(self.config)
         with read_checkpoint(self.checkpoint) as ckpt:
-            sd = state_dict_of(ckpt)
+            sd = _uncompiled(state_dict_of(ckpt))
             if not any(k.startswith(PREFIX["denoiser"]) for k in sd):
                 raise CheckpointError(f"{ckpt.path}: not a MedSegLatDiff reference checkpoint (no "
                                       f"'{PREFIX['denoiser']}*' weights)")
@@ -329,11 +394,15 @@ class ImportedModel:
             self.embedder = ImageEncoder(**o["embedder"]).eval()
             self.decoder = MaskDecoder(**self.mask_decoder_cfg).eval()
             self.weights = {
-                "denoiser": load_weights(self.denoiser, PREFIX["denoiser"], sd, ckpt, self.use_ema, "denoiser"),
-                "embedder": load_weights(self.embedder, PREFIX["embedder"], sd, ckpt, self.use_ema, "image embedder"),
+                # the sinusoid time table is nn.Embedding.from_pretrained: frozen, no EMA shadow
+                "denoiser": load_weights(self.denoiser, PREFIX["denoiser"], sd, ckpt, self.use_ema, "denoiser",
+                                         frozen=lambda name: name.endswith("time_embedding.0.weight")),
+                "embedder": load_weights(self.embedder, PREFIX["embedder"], sd, ckpt, self.use_ema, "image embedder",
+                                         frozen=lambda name: o["embedder_frozen"]),
                 # the mask VAE is frozen in the reference: no EMA shadows, raw weights
                 "decoder": load_weights(self.decoder, PREFIX["decoder"], sd, ckpt, False, "mask decoder"),
             }
+            _check_stray_keys(sd, ckpt)
             meta = ckpt.obj if isinstance(ckpt.obj, dict) else {}
             self.training = {k: meta[k] for k in ("epoch", "global_step", "pytorch-lightning_version")
                              if isinstance(meta.get(k), (int, str))}
@@ -372,7 +441,6 @@ class ImportedModel:
         L = o["latent"]
         T = o["n_train_steps"]
         steps = o["sampler"]["n_infer_steps"]
-        steps = steps if isinstance(steps, int) and 1 <= steps <= T else 50
         params = {k: v["params"] for k, v in self.weights.items()}
         clip = o["sampler"]["clip_denoised"]
         return build_manifest(
@@ -415,10 +483,20 @@ def write_reference_plan(m: "ImportedModel", out: str | Path, provenance: dict) 
     return write_plan(out, m.manifest(prov), blobs)
 
 
-def import_reference(checkpoint: str | Path, config: str | Path, out: str | Path) -> dict:
+def import_reference(checkpoint: str | Path, config: str | Path, out: str | Path, echo=lambda s: None) -> dict:
     """Import, export the three graphs (each checked against PyTorch), write the plan; returns
-    the manifest."""
+    the manifest. ``echo`` gets a line per stage (the CLI prints them: a full-size import takes
+    about a minute)."""
+    echo(f"reading {checkpoint} with {config} ...")
     m = ImportedModel(checkpoint, config)
+    o, w = m.opts, m.weights
+    echo(f"read: {o['image_size']} px x {o['image_channels']} ch, latent {tuple(o['latent'])}, T={o['n_train_steps']}; "
+         f"weights {m.weights_label()} (denoiser {w['denoiser']['ema']} EMA / {w['denoiser']['raw']} raw tensors, "
+         f"embedder {w['embedder']['ema']} / {w['embedder']['raw']}, mask decoder raw: frozen in the reference)")
+    echo(f"plan defaults from the run: DDIM {o['sampler']['n_infer_steps']} steps (n_infer_steps), x0 clip "
+         f"{'on' if o['sampler']['clip_denoised'] else 'off'}, latent scale {o['latent_scaling_factor']:g}, "
+         f"Normalize mean {o['mean']} std {o['std']}")
+    echo("exporting the encoder, denoiser and decoder to ONNX, each checked against PyTorch ...")
     return write_reference_plan(m, out, {
         "imported": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": m.checkpoint.name, "checkpoint_sha256": sha256_file(m.checkpoint),
@@ -443,7 +521,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     check_output_file(a.out, [a.checkpoint, a.config], a.overwrite)   # before any work (docs/outputs.md)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    print(_summary(import_reference(a.checkpoint, a.config, a.out), a.out))
+    echo = lambda s: print(f"msld import: {s}", file=sys.stderr, flush=True)  # noqa: E731
+    print(_summary(import_reference(a.checkpoint, a.config, a.out, echo=echo), a.out))
     return 0
 
 

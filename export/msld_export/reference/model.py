@@ -179,13 +179,13 @@ class Denoiser(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, base_channels: int, channel_multipliers,
                  n_layer_blocks: int, attention_levels, n_attention_heads: int, n_attention_layers: int,
-                 d_cond_image: int, n_train_steps: int):
+                 d_cond_image: int, time_table_rows: int = 1000):
         super().__init__()
         mult = list(channel_multipliers)
         levels = len(mult)
         chs = [base_channels * m for m in mult]
         temb = base_channels * mult[-1]
-        self.time_embedder = TimeEmbedding(n_train_steps, base_channels, temb)
+        self.time_embedder = TimeEmbedding(time_table_rows, base_channels, temb)
         att = set(attention_levels or [])
 
         def attn(c):
