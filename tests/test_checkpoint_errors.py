@@ -156,6 +156,8 @@ def test_non_reference_checkpoint(tmp_path):
     # malformed counts: ConfigError naming the key, not a ZeroDivisionError / TypeError
     ("n_attention_heads: 4", "n_attention_heads: 0", r"n_attention_heads is 0; expected a positive whole number"),
     ("n_layer_blocks: 1", "n_layer_blocks: two", r"n_layer_blocks is 'two'"),
+    # the manifest records the config's schedule beside the checkpoint's alphas_bar: they must agree
+    ("beta_schedule: linear", "beta_schedule: cosine", r"alphas_bar is not the config's beta schedule \(cosine"),
 ])
 def test_unsupported_options_are_named(tmp_path, old, new, match):
     _need_fixture()

@@ -356,6 +356,27 @@ def _schedule(sd: dict, ckpt: Checkpoint, T: int) -> np.ndarray:
     return ab
 
 
+def _schedule_matches_config(ab: np.ndarray, o: dict, cfg: dict, ckpt: Checkpoint) -> None:
+    """The plan runs on the checkpoint's own alphas_bar (as the reference does) and records the
+    config's beta schedule beside it: the two must describe the same schedule, else the config is
+    another run's. Unknown schedules and given_betas are not recomputed here (the buffer rules)."""
+    from ..training.train_reference import make_betas
+    s = o["sampler"]
+    if _get(cfg, "model.net.sampler.given_betas") is not None:
+        return
+    try:
+        betas = make_betas(o["n_train_steps"], s["beta_schedule"], float(s["beta_start"]), float(s["beta_end"]))
+    except (ValueError, TypeError):
+        log.info("msld import: beta_schedule %r not recomputed; the checkpoint's alphas_bar is used", s["beta_schedule"])
+        return
+    want = torch.cumprod(1.0 - betas, dim=0).numpy()
+    diff = float(np.abs(want - ab).max())
+    if diff > 1e-4:   # float rounding is ~1e-7; another schedule differs by far more
+        raise CheckpointError(f"{ckpt.path}: its alphas_bar is not the config's beta schedule ({s['beta_schedule']}, "
+                              f"{s['beta_start']} to {s['beta_end']}; max difference {diff:.3g}): is the config "
+                              "this run's own .hydra/config.yaml?")
+
+
 def _linspace_rule_matches_torch(T: int) -> None:
     """The runtime's linspace_trunc timesteps must equal the reference's torch computation."""
     from msld_sdk import _native
@@ -386,6 +407,7 @@ class ImportedModel:
             has_ema = any(k.startswith("model_ema.") for k in sd)
             self.use_ema = o["use_ema"] and has_ema
             self.alphas = _schedule(sd, ckpt, o["n_train_steps"])
+            _schedule_matches_config(self.alphas, o, self.config, ckpt)
             self.mask_decoder_cfg = _mask_decoder_shape(sd, ckpt)
             if self.mask_decoder_cfg["z_channels"] != o["latent"][0]:
                 raise CheckpointError(f"{ckpt.path}: mask decoder takes {self.mask_decoder_cfg['z_channels']} latent "
