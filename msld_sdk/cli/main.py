@@ -567,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--k", type=positive_int, nargs="+", default=None,
                    help="hypotheses, one or more (default: the plan's, 8 for the shipped ones)")
     p.add_argument("--steps", type=positive_int, nargs="+", default=None,
-                   help="sampling steps, one or more (default: the plan's, what run() uses: 6 for lidc, 4 for polyp)")
+                   help="sampling steps, one or more (default: the plan's, what run() uses)")
     p.add_argument("--solver", choices=SOLVERS, default=None,
                    help="sampler of the timed runs: ddim, or dpmpp2m (DPM-Solver++(2M), a multistep solver for fewer steps; eta 0 only; "
                         "default: the plan's, dpmpp2m for the shipped ones)")
