@@ -37,6 +37,7 @@ from ..training.training_input import reference_training_input
 from .checkpoint_reader import Checkpoint, read_checkpoint, state_dict_of
 from .model import (DecoderGraph, Denoiser, DenoiserGraph, EncoderGraph, ImageEncoder, MaskDecoder,
                     UnsupportedReferenceOption)
+from .schedule import make_betas
 
 SOURCE_REPOSITORY = "huynhspm/Generative-Model"
 SOURCE_COMMIT = "3983e93d0a95a6b858be28ab9b970cc00d032212"
@@ -360,7 +361,6 @@ def _schedule_matches_config(ab: np.ndarray, o: dict, cfg: dict, ckpt: Checkpoin
     """The plan runs on the checkpoint's own alphas_bar (as the reference does) and records the
     config's beta schedule beside it: the two must describe the same schedule, else the config is
     another run's. Unknown schedules and given_betas are not recomputed here (the buffer rules)."""
-    from ..training.train_reference import make_betas
     s = o["sampler"]
     if _get(cfg, "model.net.sampler.given_betas") is not None:
         return

@@ -30,6 +30,7 @@ from torch import nn
 from msld_sdk.evaluation.datasets import load_split
 
 from ..reference.importer import load_config, parse_reference_config
+from ..reference.schedule import make_betas
 from ..reference.model import Denoiser, ImageEncoder, MaskDecoder, MultiHeadSelfAttention
 from .data import dihedral
 
@@ -90,20 +91,6 @@ def init_reference_style(module: nn.Module) -> None:
         arg = torch.arange(rows).float()[:, None] * freq[None]
         table.weight.data.copy_(torch.stack([arg.sin(), arg.cos()], -1).reshape(rows, d))
         table.weight.requires_grad_(False)   # a frozen table in the reference (no EMA shadow)
-
-
-def make_betas(n: int, schedule: str, start: float, end: float) -> torch.Tensor:
-    if schedule == "linear":
-        return torch.linspace(start, end, n, dtype=torch.float32)
-    if schedule == "base":
-        return torch.tensor([start + t / n * (end - start) for t in range(n)], dtype=torch.float32)
-    if schedule == "scaled_linear":
-        return torch.linspace(start ** 0.5, end ** 0.5, n, dtype=torch.float32) ** 2
-    if schedule == "cosine":
-        s = 0.008
-        f = [math.cos((t / n + s) / (1 + s) * math.pi / 2) ** 2 for t in range(n + 1)]
-        return torch.tensor([min(1 - f[t + 1] / f[t], 0.999) for t in range(n)], dtype=torch.float32)
-    raise ValueError(f"beta_schedule {schedule!r} is not supported by this trainer")
 
 
 class LitEmaShadow:
