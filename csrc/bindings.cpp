@@ -3,6 +3,8 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <climits>
+#include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
@@ -42,6 +44,14 @@ struct PyCallbacks {
     py::object error;  // first Python exception raised inside a callback
 };
 
+// Keep the callback's exception with its own traceback (the frames inside the callback), so
+// that it is re-raised after the loop as if the loop were Python.
+void keep_error(PyCallbacks* cb, py::error_already_set& e) {
+    if (e.trace()) PyException_SetTraceback(e.value().ptr(), e.trace().ptr());
+    cb->error = e.value();
+}
+
+// No C++ exception may unwind through the C loop: every failure becomes "stop" plus a kept error.
 int denoise_trampoline(void* user, const float*, const float*, float*, int32_t) {
     auto* cb = static_cast<PyCallbacks*>(user);
     py::gil_scoped_acquire gil;
@@ -49,9 +59,11 @@ int denoise_trampoline(void* user, const float*, const float*, float*, int32_t) 
         cb->denoise();
         return 0;
     } catch (py::error_already_set& e) {
-        cb->error = e.value();
-        return 1;
+        keep_error(cb, e);
+    } catch (const std::exception& e) {
+        cb->error = py::reinterpret_steal<py::object>(PyObject_CallFunction(PyExc_RuntimeError, "s", e.what()));
     }
+    return 1;
 }
 
 int progress_trampoline(void* user, int32_t done, int32_t total) {
@@ -59,11 +71,34 @@ int progress_trampoline(void* user, int32_t done, int32_t total) {
     py::gil_scoped_acquire gil;
     try {
         py::object r = cb->progress(done, total);
-        return (!r.is_none() && r.cast<bool>() == false) ? 1 : 0;  // returning False cancels
+        if (r.is_none()) return 0;
+        int truth = PyObject_IsTrue(r.ptr());   // any object's truth value, as `if r:` would
+        if (truth < 0) throw py::error_already_set();
+        return truth ? 0 : 1;                   // returning a false value cancels the loop
     } catch (py::error_already_set& e) {
-        cb->error = e.value();
-        return 1;
+        keep_error(cb, e);
+    } catch (const std::exception& e) {
+        cb->error = py::reinterpret_steal<py::object>(PyObject_CallFunction(PyExc_RuntimeError, "s", e.what()));
     }
+    return 1;
+}
+
+// A timestep grid: 1-D integers (a float grid would be truncated silently, a wide one wrapped),
+// each within int32, copied out.
+std::vector<int32_t> timestep_grid(const py::object& timesteps, int steps) {
+    py::array a = py::array::ensure(timesteps);
+    if (!a || (a.dtype().kind() != 'i' && a.dtype().kind() != 'u'))
+        throw py::value_error("timesteps must be integers (a 1-D grid of whole timesteps)");
+    auto g = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+    if (!g || g.ndim() != 1 || g.size() != steps)
+        throw py::value_error("timesteps must be a 1-D array of `steps` timesteps");
+    std::vector<int32_t> out((size_t)steps);
+    for (int i = 0; i < steps; ++i) {
+        int64_t v = g.data()[i];
+        if (v < 0 || v > INT32_MAX) throw py::value_error("timesteps must be within 0 .. 2**31-1");
+        out[(size_t)i] = (int32_t)v;
+    }
+    return out;
 }
 
 }  // namespace
@@ -128,10 +163,7 @@ PYBIND11_MODULE(_native, m) {
         if (timesteps.is_none()) {
             check(msld_dpmpp2m_timesteps(T, steps, sp, grid.data()), "dpmpp2m_coefficients");
         } else {
-            auto g = timesteps.cast<py::array_t<int32_t, py::array::c_style | py::array::forcecast>>();
-            if (g.ndim() != 1 || g.size() != steps)
-                throw py::value_error("timesteps must be a 1-D array of `steps` timesteps");
-            std::copy(g.data(), g.data() + steps, grid.begin());
+            grid = timestep_grid(timesteps, steps);
         }
         for (int32_t i = 0; i < steps; ++i) {
             msld_dpmpp2m_coeffs c;
@@ -259,10 +291,7 @@ PYBIND11_MODULE(_native, m) {
         p.timesteps = nullptr;
         if (!timesteps.is_none()) {
             if (p.solver != MSLD_SOLVER_DPMPP2M) throw py::value_error("timesteps: a given grid needs solver 'dpmpp2m'");
-            auto g = timesteps.cast<py::array_t<int32_t, py::array::c_style | py::array::forcecast>>();
-            if (g.ndim() != 1 || g.size() != steps)
-                throw py::value_error("timesteps must be a 1-D array of `steps` timesteps");
-            grid.assign(g.data(), g.data() + steps);
+            grid = timestep_grid(timesteps, steps);
             p.timesteps = grid.data();
         }
         float* xp = buffer(x, x.size(), "x");

@@ -20,7 +20,9 @@ inline DdimScalars ddim_scalars(const msld_ddim_coeffs* c, float eta, float clip
     double var = (1.0 - ap) / (1.0 - at) * (1.0 - at / ap);
     // diffusers computes the scalars in float32; do the same so trajectories agree closely.
     float at_f = (float)at, ap_f = (float)ap;
-    float std_f = eta * std::sqrt((float)var);
+    // eta 0: no noise term, whatever var is (var < 0 when alpha_prev < alpha_t, an inversion step,
+    // whose sqrt would otherwise turn the eps direction into NaN and drop it)
+    float std_f = eta > 0.0f ? eta * std::sqrt((float)var) : 0.0f;
     DdimScalars s;
     s.sqrt_beta_t = std::sqrt(1.0f - at_f);
     s.sqrt_alpha_t = std::sqrt(at_f);
@@ -33,9 +35,12 @@ inline DdimScalars ddim_scalars(const msld_ddim_coeffs* c, float eta, float clip
     return s;
 }
 
-// The argument checks msld_ddim_step makes (before it looks at `noise`).
+// The argument checks msld_ddim_step makes (before it looks at `noise`): alphas in (0, 1) and
+// (0, 1], a finite eta >= 0, and with eta > 0 a step towards less noise (alpha_prev >= alpha_t:
+// the variance of the noise term is negative otherwise).
 inline bool ddim_coeffs_valid(const msld_ddim_coeffs* c, float eta) {
-    return (eta >= 0.0f) && (c->alpha_t > 0.0) && (c->alpha_t < 1.0) && (c->alpha_prev > 0.0);
+    return std::isfinite(eta) && (eta >= 0.0f) && (c->alpha_t > 0.0) && (c->alpha_t < 1.0) &&
+           (c->alpha_prev > 0.0) && (c->alpha_prev <= 1.0) && (eta == 0.0f || c->alpha_prev >= c->alpha_t);
 }
 
 // The float32 scalars of one DPM-Solver++(2M) step (the x0 terms as ddim_scalars computes them).

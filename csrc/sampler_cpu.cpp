@@ -3,7 +3,10 @@
 #include "msld.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <new>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -24,12 +27,35 @@ void parallel_for(int64_t n, int64_t min_per_thread, F&& body) {
     }
     std::vector<std::thread> pool;
     int64_t chunk = (n + threads - 1) / threads;
-    for (int64_t i = 1; i < threads; ++i) {
-        int64_t b = i * chunk, e = std::min(n, b + chunk);
-        if (b < e) pool.emplace_back([&body, b, e] { body(b, e); });
+    int64_t done_here = chunk;   // [0, done_here) runs on this thread
+    try {
+        pool.reserve((size_t)threads);
+        for (int64_t i = 1; i < threads; ++i) {
+            int64_t b = i * chunk, e = std::min(n, b + chunk);
+            if (b < e) pool.emplace_back([&body, b, e] { body(b, e); });
+        }
+    } catch (const std::exception&) {   // no thread (or no memory for one): the rest runs here
+        done_here = std::min(n, (int64_t)(pool.size() + 1) * chunk);
+        body(0, std::min(n, chunk));
+        if (done_here < n) body(done_here, n);
+        for (auto& t : pool) t.join();
+        return;
     }
-    body(0, std::min(n, chunk));
+    body(0, std::min(n, done_here));
     for (auto& t : pool) t.join();
+}
+
+// A C entry point's body: no C++ exception crosses the C surface (an allocation that fails is
+// MSLD_ERR_OUT_OF_MEMORY).
+template <class F>
+msld_status guarded(F&& body) {
+    try {
+        return body();
+    } catch (const std::bad_alloc&) {
+        return MSLD_ERR_OUT_OF_MEMORY;
+    } catch (...) {
+        return MSLD_ERR_OUT_OF_MEMORY;   // std::length_error from a vector size: also "cannot allocate"
+    }
 }
 
 // The sampling loop's update, specialised so that each body is branch-free and vectorises.
@@ -81,6 +107,7 @@ const char* msld_status_string(msld_status s) {
         case MSLD_ERR_CUDA: return "a CUDA call failed";
         case MSLD_ERR_NO_CUDA: return "built without CUDA";
         case MSLD_ERR_CANCELLED: return "cancelled by the progress callback";
+        case MSLD_ERR_OUT_OF_MEMORY: return "out of memory (a work buffer could not be allocated)";
     }
     return "unknown status";
 }
@@ -121,17 +148,19 @@ msld_status msld_ddim_coeffs_for(const float* ac, int32_t T, int32_t steps, msld
                                  int32_t i, msld_ddim_coeffs* out) {
     if (!ac || !out) return MSLD_ERR_NULL_POINTER;
     if (i < 0 || i >= steps) return MSLD_ERR_INVALID_ARG;
-    std::vector<int32_t> ts(std::max(steps, 1));
-    msld_status st = msld_ddim_timesteps(T, steps, spacing, ts.data());
-    if (st != MSLD_OK) return st;
-    int32_t t = ts[i];
-    if (t < 0 || t >= T) return MSLD_ERR_INVALID_ARG;
-    int32_t prev = t - T / steps;  // diffusers: timestep - T // num_inference_steps
-    out->timestep = t;
-    out->prev_timestep = prev;
-    out->alpha_t = ac[t];
-    out->alpha_prev = prev >= 0 ? (double)ac[prev] : 1.0;  // set_alpha_to_one
-    return MSLD_OK;
+    return guarded([&]() -> msld_status {
+        std::vector<int32_t> ts(std::max(steps, 1));
+        msld_status st = msld_ddim_timesteps(T, steps, spacing, ts.data());
+        if (st != MSLD_OK) return st;
+        int32_t t = ts[i];
+        if (t < 0 || t >= T) return MSLD_ERR_INVALID_ARG;
+        int32_t prev = t - T / steps;  // diffusers: timestep - T // num_inference_steps
+        out->timestep = t;
+        out->prev_timestep = prev;
+        out->alpha_t = ac[t];
+        out->alpha_prev = prev >= 0 ? (double)ac[prev] : 1.0;  // set_alpha_to_one
+        return MSLD_OK;
+    });
 }
 
 msld_status msld_dpmpp2m_timesteps(int32_t T, int32_t steps, msld_spacing spacing, int32_t* out) {
@@ -148,10 +177,12 @@ msld_status msld_dpmpp2m_coeffs_for(const float* ac, int32_t T, int32_t steps, m
                                     int32_t i, msld_dpmpp2m_coeffs* out) {
     if (!ac || !out) return MSLD_ERR_NULL_POINTER;
     if (i < 0 || i >= steps) return MSLD_ERR_INVALID_ARG;
-    std::vector<int32_t> ts(std::max(steps, 1));
-    msld_status st = msld_dpmpp2m_timesteps(T, steps, spacing, ts.data());
-    if (st != MSLD_OK) return st;
-    return msld_dpmpp2m_coeffs_at(ac, T, ts.data(), steps, i, out);
+    return guarded([&]() -> msld_status {
+        std::vector<int32_t> ts(std::max(steps, 1));
+        msld_status st = msld_dpmpp2m_timesteps(T, steps, spacing, ts.data());
+        if (st != MSLD_OK) return st;
+        return msld_dpmpp2m_coeffs_at(ac, T, ts.data(), steps, i, out);
+    });
 }
 
 msld_status msld_dpmpp2m_coeffs_at(const float* ac, int32_t T, const int32_t* ts, int32_t steps, int32_t i,
@@ -290,6 +321,8 @@ msld_status msld_ddim_sample(const msld_sampler_params* p, msld_denoise_fn denoi
     if (p->solver != MSLD_SOLVER_DDIM && p->solver != MSLD_SOLVER_DPMPP2M) return MSLD_ERR_INVALID_ARG;
     if (p->solver == MSLD_SOLVER_DPMPP2M && p->eta != 0.0f) return MSLD_ERR_INVALID_ARG;
     if (p->timesteps && p->solver != MSLD_SOLVER_DPMPP2M) return MSLD_ERR_INVALID_ARG;
+    if ((int64_t)p->k * p->n_images > INT32_MAX) return MSLD_ERR_INVALID_ARG;   // the batch is an int32
+    return guarded([&]() -> msld_status {
     const int64_t per_image = (int64_t)p->k * p->elems;
     const int32_t batch = p->k * p->n_images;
     const int64_t n = (int64_t)batch * p->elems;
@@ -340,6 +373,7 @@ msld_status msld_ddim_sample(const msld_sampler_params* p, msld_denoise_fn denoi
         if (progress && progress(puser, i + 1, p->steps) != 0) return MSLD_ERR_CANCELLED;
     }
     return MSLD_OK;
+    });
 }
 
 }  // extern "C"

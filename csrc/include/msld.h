@@ -24,9 +24,10 @@
 extern "C" {
 #endif
 
-#define MSLD_API_VERSION 4  /* 2: MSLD_SPACING_LINSPACE_TRUNC, msld_sampler_params.latents_given;
+#define MSLD_API_VERSION 5  /* 2: MSLD_SPACING_LINSPACE_TRUNC, msld_sampler_params.latents_given;
                                3: msld_solver, DPM-Solver++(2M), msld_sampler_params.solver;
-                               4: msld_dpmpp2m_coeffs_at, msld_sampler_params.timesteps */
+                               4: msld_dpmpp2m_coeffs_at, msld_sampler_params.timesteps;
+                               5: MSLD_ERR_OUT_OF_MEMORY; no C++ exception leaves a C entry point */
 
 typedef enum msld_status {
     MSLD_OK = 0,
@@ -35,7 +36,9 @@ typedef enum msld_status {
     MSLD_ERR_CALLBACK = 3,       /* the denoiser callback returned non-zero */
     MSLD_ERR_CUDA = 4,           /* a CUDA call failed (CUDA entry points only) */
     MSLD_ERR_NO_CUDA = 5,        /* the library was built without CUDA */
-    MSLD_ERR_CANCELLED = 6       /* the progress callback asked to stop */
+    MSLD_ERR_CANCELLED = 6,      /* the progress callback asked to stop */
+    MSLD_ERR_OUT_OF_MEMORY = 7   /* a work buffer could not be allocated (msld_ddim_sample's x0 or
+                                    noise buffer, a schedule table) */
 } msld_status;
 
 /* Human-readable text for a status code (static storage, never NULL). */
@@ -77,7 +80,9 @@ msld_status msld_ddim_coeffs_for(const float* alphas_cumprod, int32_t num_train_
  *   x  = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s * noise,
  *   s  = eta * sqrt((1-a_prev)/(1-a_t) * (1 - a_t/a_prev))
  * `noise` may be NULL when eta == 0. clip <= 0 disables clipping.
- * x0_out, if not NULL, receives the (clipped) x0 prediction. */
+ * x0_out, if not NULL, receives the (clipped) x0 prediction.
+ * MSLD_ERR_INVALID_ARG unless 0 < a_t < 1, 0 < a_prev <= 1, eta finite and >= 0, and, when
+ * eta > 0, a_prev >= a_t (s^2 < 0 otherwise; with eta 0 a step to more noise is allowed). */
 msld_status msld_ddim_step(float* x, const float* eps, const float* noise, size_t n,
                            const msld_ddim_coeffs* c, float eta, float clip, float* x0_out);
 
@@ -176,7 +181,10 @@ typedef struct msld_sampler_params {
  * the final latents; eps is scratch of the same size; t is scratch of n_images*k floats. The
  * loop draws the initial noise itself (unless p->latents_given: then it starts from what x
  * holds) and calls `denoise` once per step with all n_images*k latents in one batch.
- * DPM-Solver++(2M) allocates one more buffer of x's size (the previous step's x0). */
+ * DPM-Solver++(2M) allocates one more buffer of x's size (the previous step's x0), DDIM with
+ * eta > 0 one for the noise: MSLD_ERR_OUT_OF_MEMORY when that fails. k * n_images must fit an
+ * int32. Both callbacks run on the calling thread; element-wise work may use up to
+ * std::thread::hardware_concurrency() threads per step (large buffers only). */
 msld_status msld_ddim_sample(const msld_sampler_params* p, msld_denoise_fn denoise, void* denoise_user,
                              msld_progress_fn progress, void* progress_user,
                              float* x, float* eps, float* t);

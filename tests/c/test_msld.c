@@ -68,6 +68,20 @@ int main(void) {
     CHECK(msld_ddim_step(x, eps, NULL, 4, &c, 1.0f, 0.0f, NULL) == MSLD_ERR_NULL_POINTER, "eta>0 needs noise");
     msld_ddim_coeffs bad = {500, 450, 1.5, 0.36};
     CHECK(msld_ddim_step(x, eps, NULL, 4, &bad, 0.0f, 0.0f, NULL) == MSLD_ERR_INVALID_ARG, "alpha > 1 rejected");
+    /* a step to more noise (a_prev < a_t, an inversion): eta 0 keeps the eps term, eta > 0 is refused */
+    {
+        float xi[1] = {1.0f}, ei[1] = {0.5f}, nz[1] = {0.0f};
+        msld_ddim_coeffs inv = {100, 200, 0.5, 0.3};
+        float want = sqrtf(0.3f) * ((1.0f - sqrtf(0.5f) * 0.5f) / sqrtf(0.5f)) + sqrtf(0.7f) * 0.5f;
+        CHECK(msld_ddim_step(xi, ei, NULL, 1, &inv, 0.0f, 0.0f, NULL) == MSLD_OK && fabsf(xi[0] - want) < 1e-5f,
+              "eta 0 step towards more noise keeps its eps direction");
+        CHECK(msld_ddim_step(xi, ei, nz, 1, &inv, 0.5f, 0.0f, NULL) == MSLD_ERR_INVALID_ARG,
+              "eta > 0 with a_prev < a_t rejected");
+        msld_ddim_coeffs over = {500, 450, 0.25, 1.5};
+        CHECK(msld_ddim_step(xi, ei, NULL, 1, &over, 0.0f, 0.0f, NULL) == MSLD_ERR_INVALID_ARG, "a_prev > 1 rejected");
+        CHECK(msld_ddim_step(xi, ei, nz, 1, &c, INFINITY, 0.0f, NULL) == MSLD_ERR_INVALID_ARG, "eta inf rejected");
+    }
+    CHECK(strcmp(msld_status_string(MSLD_ERR_OUT_OF_MEMORY), "unknown status") != 0, "out-of-memory has a text");
 
     /* the loop's specialised update bodies equal the general per-element update bit for bit */
     {
@@ -118,6 +132,16 @@ int main(void) {
               st.calls == 2, "progress callback cancels");
     p.eta = 1.0f;
     CHECK(msld_ddim_sample(&p, toy_denoise, &st, NULL, NULL, lx, le, lt) == MSLD_OK, "loop with eta=1 ok");
+    /* k * n_images beyond int32: refused before anything is allocated or called */
+    {
+        msld_sampler_params big = p;
+        big.k = 65536;
+        big.n_images = 32768;
+        big.eta = 0.0f;
+        st.calls = 0;
+        CHECK(msld_ddim_sample(&big, toy_denoise, &st, NULL, NULL, lx, le, lt) == MSLD_ERR_INVALID_ARG &&
+                  st.calls == 0, "k * n_images over int32 rejected");
+    }
     /* DPM-Solver++(2M) through the same loop: one denoiser call per step, eta > 0 refused */
     p.solver = MSLD_SOLVER_DPMPP2M;
     CHECK(msld_ddim_sample(&p, toy_denoise, &st, NULL, NULL, lx, le, lt) == MSLD_ERR_INVALID_ARG,
