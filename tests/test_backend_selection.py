@@ -165,6 +165,24 @@ def test_matching_set_found_then_backend_failure_handled(tiny_plan, tmp_path, si
     assert "using ONNX Runtime on the CPU (TensorRT not used: " in recs[0].getMessage()
 
 
+def test_a_gpu_failure_while_starting_tensorrt_falls_back_or_names_it(tiny_plan, tmp_path, situation, caplog,
+                                                                     monkeypatch):
+    """Not only BackendUnavailableError: a CUDA error (cuda-python raises RuntimeError) while the
+    backend starts makes auto fall back with its warning, and an explicit request name it."""
+    from msld_sdk.backends import tensorrt_backend
+    plan = fake_engine_plan(tiny_plan, tmp_path / "e.plan")
+    situation(gpu=("8.6",), flavours={"tensorrt_rtx": RTX_VERSION}, cuda_python=True)
+
+    def broken(*a, **k):
+        raise RuntimeError("cudaMalloc failed: out of memory")
+    monkeypatch.setattr(tensorrt_backend, "TensorRTBackend", broken)
+    with pytest.raises(BackendUnavailableError, match="failed to start: RuntimeError: cudaMalloc failed"):
+        select_backend(plan, "tensorrt")
+    with caplog.at_level(logging.INFO, logger="msld_sdk"):
+        assert isinstance(select_backend(plan, "auto"), OnnxRuntimeBackend)
+    assert "TensorRT not used: the TensorRT backend failed to start: RuntimeError: cudaMalloc" in caplog.text
+
+
 def test_malformed_engine_entries_are_ignored(tiny_plan, tmp_path):
     out = tmp_path / "m.plan"
     add_blobs(tiny_plan, {}, {"engines": [{"key": "x"}, "junk"]}, out)

@@ -179,11 +179,15 @@ def select_backend(plan: Plan, backend: str = "auto", threads: int | None = None
             try:
                 from .tensorrt_backend import TensorRTBackend
                 b = TensorRTBackend(plan, chk.entry)
-            except BackendUnavailableError as e:
+            except Exception as e:   # a driver or CUDA failure too (cuda-python raises RuntimeError)
+                if not isinstance(e, BackendUnavailableError):
+                    e = BackendUnavailableError(f"the TensorRT backend failed to start: {type(e).__name__}: {e}")
                 if backend == "tensorrt":
-                    raise
+                    raise e
                 log.warning("msld_sdk: using ONNX Runtime on the CPU (TensorRT not used: %s)", e)
                 return _onnxruntime(plan, threads)
+            if threads is not None:
+                log.info("msld_sdk: threads=%s applies to ONNX Runtime only; TensorRT runs on the GPU", threads)
             log.info("msld_sdk: using %s on the GPU (compute capability %s, engine set %s)%s",
                      b.flavour.display, chk.gpu_cc, chk.entry["key"],
                      " as requested" if backend == "tensorrt" else "")

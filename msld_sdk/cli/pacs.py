@@ -100,7 +100,7 @@ def cmd_listen(a) -> int:
     from ..clinical.dicom_node import Node
     from ..segmenter import Segmenter
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", force=True)
-    logging.getLogger("msld_sdk").setLevel(logging.INFO)
+    logging.getLogger("msld_sdk").setLevel(logging.DEBUG if a.verbose else logging.INFO)   # -v: every detail
     seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, progress=False, precision=a.precision)
     node = Node(seg, a.dest, a.work, ae_title=a.ae_title, host=a.host, port=a.port, settle_s=a.settle,
                 center=a.center, slices=a.slices, k=a.k, steps=a.steps, seed=a.seed, eta=a.eta, views=a.views,
