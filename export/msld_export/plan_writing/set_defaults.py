@@ -46,5 +46,8 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":   # errors as one line (exit 1, or 2 for usage), as msld's own commands
+    import sys
+
+    from msld_sdk.cli.options import run_command
+    raise SystemExit(run_command("python -m msld_export.plan_writing.set_defaults", main, sys.argv[1:]))
