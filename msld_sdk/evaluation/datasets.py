@@ -122,10 +122,12 @@ def cvc_split(root, fold: str | None = None) -> dict[str, list[int]]:
       the N folds every frame is validated once, by a model that saw none of its sequence.
 
     Each inner edge of the validation block is moved to the largest change between consecutive
-    frames within +-5 % of the frames (a sequence boundary: for the default split, frames
-    428 | 429, whose masks do not overlap at all). As a second safeguard, should that change
-    ever fall inside a sequence, the ``CVC_GUARD_FRAMES`` frames on each side of the block are in
-    neither split ("guard"): a sequence of up to 26 frames cannot then reach both.
+    frames within +-5 % of the frames, meant to land on a sequence boundary (for the default
+    split it does: frames 428 | 429, whose masks do not overlap at all; it need not: the 4/5 |
+    5/5 fold edge, 410 | 411, falls inside a sequence, by the data set's published ranges).
+    The safeguard that holds either way: the ``CVC_GUARD_FRAMES`` frames on each side of the
+    block are in neither split ("guard"), so a sequence of up to 26 frames (the longest is 26)
+    cannot reach both.
     """
     frames = cvc_frames(root)
     n = len(frames)
