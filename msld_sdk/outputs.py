@@ -164,7 +164,9 @@ def _volume(seg, path, d: Path, roi, slices, run_kw: dict, npz, nifti: str, dico
         log.warning("msld_sdk: %s: no NIfTI outputs: nibabel is not installed (pip install nibabel, or the "
                     "[volume] extra); the other outputs are written", path)
     if npz is not None:
-        extra = {} if npz == "arrays" else dict(slices=np.array(vr.slices), affine=vol.affine, seed=vr.seed)
+        extra = {} if npz == "arrays" else dict(slices=np.array(vr.slices), seed=vr.seed)
+        if npz != "arrays" and vol.regular:   # an irregular series has no one affine: `positions` below
+            extra["affine"] = vol.affine
         if npz != "arrays" and vol.positions is not None:
             extra["positions"] = vol.positions      # each slice's true ImagePositionPatient (LPS mm)
         with atomic_path(d / "result.npz") as tmp:

@@ -222,7 +222,7 @@ def _positions(folder):
 
 SUFFIX = (". Fix the series (remove duplicates, add the missing slices), or pass accept_irregular=True (CLI: "
           "--accept-irregular-slices) to segment every slice at its true position (result.npz and DICOM SEG keep "
-          "the positions; no NIfTI, whose affine cannot hold them)")
+          "the positions, a SEG only if no two slices share one; no NIfTI, whose affine cannot hold them)")
 
 
 def test_missing_slice_is_refused_naming_it(series, tmp_path):
@@ -274,7 +274,56 @@ def test_uneven_positions_refused_or_accepted_with_the_true_positions(lidc, seri
     w = segment_and_write(lidc, d, tmp_path / "out", volume=True, roi=(120, 90), slices=(5, 8), k=1, steps=1,
                           seed=0, npz="geometry", nifti="if_installed", accept_irregular=True)
     assert w.files == ["result.npz"]
-    np.testing.assert_array_equal(np.load(tmp_path / "out" / "result.npz")["positions"], vol.positions)
+    npz = np.load(tmp_path / "out" / "result.npz")
+    np.testing.assert_array_equal(npz["positions"], vol.positions)
+    assert "affine" not in npz.files   # no one affine holds these slices: an even-step one would mislocate them
+
+
+def test_mixed_pixel_spacing_is_refused_even_when_irregular_slices_are_accepted(series, tmp_path):
+    from msld_sdk.clinical.volume import load_series
+    d = _copy_series(series, tmp_path / "spacing")
+    _rewrite(d / "IM0003.dcm", PixelSpacing=[0.9, 0.9])
+    for accept in (False, True):
+        with pytest.raises(InputError, match=r"slice 3 \(IM0003.dcm\) has PixelSpacing \[0.9, 0.9\], .* \[0.7, 0.7\]; "
+                                             "one series must share one pixel grid"):
+            load_series(d, accept_irregular=accept)
+
+
+def test_slices_without_positions_give_no_made_up_geometry(lidc, series, tmp_path, caplog):
+    """Ordered by InstanceNumber with a warning, as before; but a NIfTI affine or a SEG would have
+    to invent the positions: both are refused by name, and `msld segment` writes result.npz."""
+    import pydicom
+    from msld_sdk.clinical.dicom_seg import write_dicom_seg
+    from msld_sdk.clinical.volume import load_series, save_nifti_outputs, segment_volume
+    from msld_sdk.outputs import segment_and_write
+    d = _copy_series(series, tmp_path / "nopos")
+    for f in d.iterdir():
+        ds = pydicom.dcmread(str(f))
+        del ds.ImagePositionPatient
+        ds.save_as(str(f), enforce_file_format=True)
+    with caplog.at_level(logging.WARNING, logger="msld_sdk"):
+        vol = load_series(d)
+    assert not vol.regular and vol.positions is None and "ordered by InstanceNumber" in caplog.text
+    vr = segment_volume(lidc, vol, roi=(120, 90), slices=(3, 5), k=1, steps=1, seed=0)
+    with pytest.raises(InputError, match="without ImagePositionPatient: their positions, and so a NIfTI affine"):
+        save_nifti_outputs(tmp_path / "nii", vr, vol)
+    with pytest.raises(InputError, match="a DICOM SEG needs every slice's position"):
+        write_dicom_seg(tmp_path / "seg.dcm", vr, vol, lidc.plan.manifest)
+    w = segment_and_write(lidc, d, tmp_path / "out", volume=True, roi=(120, 90), slices=(3, 5), k=1, steps=1,
+                          seed=0, npz="geometry", nifti="if_installed")
+    assert w.files == ["result.npz"] and "affine" not in np.load(tmp_path / "out" / "result.npz").files
+
+
+def test_duplicate_positions_accepted_give_a_clear_seg_refusal(lidc, series, tmp_path):
+    from msld_sdk.clinical.dicom_seg import write_dicom_seg
+    from msld_sdk.clinical.volume import load_series, segment_volume
+    d = _copy_series(series, tmp_path / "dup")
+    import pydicom
+    _rewrite(d / "IM0004.dcm", ImagePositionPatient=list(pydicom.dcmread(str(d / "IM0003.dcm")).ImagePositionPatient))
+    vol = load_series(d, accept_irregular=True)
+    vr = segment_volume(lidc, vol, roi=(120, 90), slices=(3, 5), k=1, steps=1, seed=0)
+    with pytest.raises(InputError, match="two slices share one position .* a DICOM SEG cannot hold"):
+        write_dicom_seg(tmp_path / "seg.dcm", vr, vol, lidc.plan.manifest)
 
 
 def test_mixed_orientation_is_refused(series, tmp_path):

@@ -144,6 +144,32 @@ def test_cli_series_to_dicom_seg_round_trip(lidc, series, tmp_path):
           f"{len(frac.PerFrameFunctionalGroupsSequence)} fractional frames, all equal to the result")
 
 
+def test_dicom_seg_inside_the_output_folder_is_refused(series, tmp_path, capsys):
+    """-o is replaced whole when the run ends: a SEG written inside it was deleted after "written"."""
+    folder, _, _ = series
+    x, y, _ = NODULE
+    out = tmp_path / "o"
+    assert main(["segment", str(folder), "--center", str(x), str(y), "--slices", "2", "3", "--dicom-seg",
+                 str(out / "seg.dcm"), "-k", "1", "--steps", "1", "-o", str(out), "-q"]) == 2
+    assert "lies inside -o" in capsys.readouterr().err and not out.exists()
+
+
+def test_nifti_headers_name_scanner_coordinates_in_mm(lidc, series, tmp_path):
+    """sform and qform codes 1 (scanner) and mm units, so that viewers place the masks; the qform
+    equals the sform for this (unsheared) series."""
+    nib = pytest.importorskip("nibabel")
+    from msld_sdk.clinical.volume import save_nifti_outputs
+    folder, _, _ = series
+    vol = load_series(folder)
+    vr = segment_volume(lidc, vol, roi=NODULE[:2], slices=(3, 4), k=1, steps=1, seed=0)
+    for f in save_nifti_outputs(tmp_path / "n", vr, vol):
+        img = nib.load(str(f))
+        assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 1
+        assert img.header.get_xyzt_units()[0] == "mm"
+        np.testing.assert_allclose(img.get_qform(), vol.affine, atol=1e-4)
+        np.testing.assert_allclose(img.get_sform(), vol.affine, atol=1e-6)
+
+
 def test_plan_with_a_pixel_spacing_cuts_the_same_millimetres(tiny_crop_plan, series, tmp_path):
     """A plan whose crops were 32 px at 1.4 mm: on this 0.7 mm series the window is 64 px."""
     import shutil
@@ -187,3 +213,29 @@ def test_volume_result_records_its_settings_and_a_missing_nifti_is_logged(lidc, 
     assert not any(f.endswith(".nii.gz") for f in w.files) and "result.npz" in w.files
     assert "no NIfTI outputs: nibabel is not installed" in caplog.text
 
+
+
+def test_a_tilted_series_keeps_its_shear_in_the_sform_only_and_says_so(lidc, tmp_path, caplog):
+    """A gantry tilt (each slice shifted along y as z grows) is a regular, sheared grid: the sform
+    holds it exactly, a qform cannot (left unset, code 0), and a warning names the consequence."""
+    import logging
+
+    import pydicom
+    nib = pytest.importorskip("nibabel")
+    from msld_sdk.clinical.volume import save_nifti_outputs
+    folder = tmp_path / "tilt"
+    write_series(folder, phantom(n_slices=4, nodule=NODULE))
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(str(f))
+        p = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [p[0], ORIGIN[1] + 0.5 * (p[2] - ORIGIN[2]), p[2]]   # ~11 degrees
+        ds.save_as(str(f), enforce_file_format=True)
+    vol = load_series(folder)
+    assert vol.regular
+    vr = segment_volume(lidc, vol, roi=NODULE[:2], slices=(1, 2), k=1, steps=1, seed=0)
+    with caplog.at_level(logging.WARNING, logger="msld_sdk"):
+        files = save_nifti_outputs(tmp_path / "n", vr, vol)
+    assert "tilted (sheared) slice geometry" in caplog.text
+    img = nib.load(str(files[0]))
+    assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 0
+    np.testing.assert_allclose(img.get_sform(), vol.affine, atol=1e-6)

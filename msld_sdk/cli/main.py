@@ -106,6 +106,9 @@ def cmd_segment(a) -> int:
     out = check_output_folder(a.out, a.images, a.overwrite)
     if a.dicom_seg:
         from ..clinical.dicom_seg import mean_path
+        if Path(a.dicom_seg).resolve().is_relative_to(out.resolve()):   # -o is replaced whole at the end
+            raise UsageError(f"--dicom-seg {a.dicom_seg} lies inside -o {a.out}, which is replaced whole when the run "
+                             "ends, so the SEG would be lost: give a path outside it (e.g. beside it)")
         for f in (a.dicom_seg, mean_path(a.dicom_seg)):
             check_output_file(f, a.images, a.overwrite, what="--dicom-seg")
     seg = Segmenter(a.plan, backend=a.backend, threads=a.threads, progress=not a.quiet, precision=a.precision)

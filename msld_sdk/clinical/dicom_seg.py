@@ -50,6 +50,13 @@ def write_dicom_seg(out: str | Path, result, volume, manifest: dict, series_uid:
     if volume.source != "dicom" or not volume.datasets:
         raise InputError("DICOM SEG output needs a DICOM series as input (it references the source instances); "
                          "this input is " + volume.source)
+    if volume.positions is None:
+        raise InputError(f"{volume.path}: slices without ImagePositionPatient: a DICOM SEG needs every slice's "
+                         "position; give a complete series")
+    if len({tuple(np.round(p, 3)) for p in volume.positions}) < len(volume.positions):
+        raise InputError(f"{volume.path}: two slices share one position (accepted with accept_irregular); a DICOM "
+                         "SEG cannot hold two frames at one position: remove the duplicate slices, or use "
+                         "result.npz")
     model = manifest.get("model", {}).get("name", "model")
     algo = hd.AlgorithmIdentificationSequence(
         name=f"MedSegLatDiff {model}", family=codes.cid7162.ArtificialIntelligence, version=__version__,

@@ -177,13 +177,21 @@ def load_series(folder_or_files, series_uid: str | None = None, accept_irregular
         log.warning("msld_sdk: %s: slices without ImagePositionPatient; ordered by InstanceNumber", where)
         slices.sort(key=lambda d: int(d.get("InstanceNumber", 0)))
     first = slices[0]
+    ps0 = np.asarray(first.get("PixelSpacing", [1.0, 1.0]), float)
+    for z, d in enumerate(slices):   # one in-plane grid for the whole volume: no override can fix another
+        ps = np.asarray(d.get("PixelSpacing", [1.0, 1.0]), float)
+        if np.abs(ps - ps0).max() > 1e-4 * max(1.0, float(ps0.max())):
+            raise InputError(f"{where}: {_name(d, z)} has PixelSpacing {ps.round(4).tolist()}, {_name(first, 0)} "
+                             f"{ps0.round(4).tolist()}; one series must share one pixel grid (its masks would be "
+                             "mis-scaled): give the slices of one reconstruction")
     problems = geometry_problems(slices, normal)
     if problems and not accept_irregular:
         more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
         raise SeriesGeometryError(f"{where}: the slices do not form a regular grid: {'; '.join(problems[:5])}{more}. Fix the "
                          "series (remove duplicates, add the missing slices), or pass accept_irregular=True (CLI: "
                          "--accept-irregular-slices) to segment every slice at its true position (result.npz "
-                         "and DICOM SEG keep the positions; no NIfTI, whose affine cannot hold them)")
+                         "and DICOM SEG keep the positions, a SEG only if no two slices share one; no NIfTI, "
+                         "whose affine cannot hold them)")
     if problems:
         log.warning("msld_sdk: %s: irregular slice geometry accepted, true positions kept: %s", where,
                     "; ".join(problems))
@@ -209,8 +217,9 @@ def load_series(folder_or_files, series_uid: str | None = None, accept_irregular
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps          # DICOM LPS -> NIfTI RAS
     positions = (np.asarray([np.asarray(d.ImagePositionPatient, float) for d in slices])
                  if all("ImagePositionPatient" in d for d in slices) else None)
+    # without positions the grid is unknown: the affine above is made up, so no NIfTI or SEG geometry
     return Volume(hu, affine, "dicom", where, slices, modality=modalities[0] or None, positions=positions,
-                  regular=not problems)
+                  regular=not problems and positions is not None)
 
 
 def load_nifti(path) -> Volume:
@@ -299,16 +308,28 @@ def save_nifti_outputs(d, vr: VolumeResult, vol: Volume) -> list[Path]:
     """``mean``, ``confidence``, ``consensus`` and ``masks`` (4-D, last axis = hypothesis) as
     NIfTI in the volume's geometry (its affine; axes x, y, z)."""
     nib = require("nibabel", "writing NIfTI outputs")
+    if vol.source == "dicom" and vol.positions is None:
+        raise InputError(f"{vol.path}: slices without ImagePositionPatient: their positions, and so a NIfTI "
+                         "affine, are unknown; use result.npz (masks by slice) or give a complete series")
     if not vol.regular:
         raise InputError(f"{vol.path}: irregular slice positions (accepted with accept_irregular) cannot be held by "
                          "a NIfTI affine; use result.npz (it keeps every slice's position) or DICOM SEG")
     d = Path(d)
     d.mkdir(parents=True, exist_ok=True)
+    axes = vol.affine[:3, :3] / np.linalg.norm(vol.affine[:3, :3], axis=0)
+    orthogonal = bool(np.abs(axes.T @ axes - np.eye(3)).max() < 1e-4)
+    if not orthogonal:   # a gantry tilt: a qform cannot hold the shear, and some viewers read only the qform
+        log.warning("msld_sdk: %s: tilted (sheared) slice geometry: the NIfTI's sform holds it, its qform is left "
+                    "unset (code 0); viewers that ignore the sform misplace the masks, DICOM SEG does not",
+                    vol.path)
     xyz = lambda a: np.ascontiguousarray(a.transpose(2, 1, 0))
     files = []
     for name, a in (("mean", vr.mean), ("confidence", vr.confidence), ("consensus", vr.consensus.astype(np.uint8)),
                     ("masks", np.stack([xyz(m) for m in vr.masks.astype(np.uint8)], axis=-1))):
         img = nib.Nifti1Image(a if name == "masks" else xyz(a), vol.affine)
+        img.set_sform(vol.affine, code=1)                       # scanner coordinates, as the source's
+        img.set_qform(vol.affine if orthogonal else None, code=1 if orthogonal else 0)
+        img.header.set_xyzt_units("mm")
         files.append(d / f"{name}.nii.gz")
         with atomic_path(files[-1]) as tmp:
             nib.save(img, str(tmp))
