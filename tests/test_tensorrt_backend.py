@@ -410,3 +410,62 @@ def test_gpu_graph_replay_equals_step_by_step(gpu_plan, eta, caplog):  # pragma:
     assert b.last_loop_mode == "steps"
     np.testing.assert_allclose(other, other_steps, rtol=0, atol=1e-6)
     assert not np.allclose(other, first)
+
+
+# ---- the device loop's own code on the CPU (tests/trt_fake.py) --------------------------------------
+def test_device_loop_code_equals_the_host_and_native_loops_on_fake_cuda(monkeypatch):
+    """TensorRTBackend.sample's device path (step by step, then captured and replayed) with host
+    memory for device memory, a toy engine and the native CPU functions for the CUDA kernels:
+    bit for bit the CPU-driven loop (host_sample) and the native loop, over solvers, eta, clip,
+    images, k, engine batch maxima that split a batch, a cond row per hypothesis, given initial
+    latents and the t dtype. Real TensorRT and CUDA are the GPU tests' business."""
+    import itertools
+    from collections import Counter
+
+    import trt_fake
+    from msld_sdk.backends import tensorrt_backend as tb
+    from msld_sdk.sampling import SampleOptions, Schedule
+    monkeypatch.setattr(tb, "_native", trt_fake.fake_native)
+    rng = np.random.default_rng(0)
+    ac = np.cumprod(1 - np.linspace(1e-4, 0.02, 100)).astype(np.float32)
+    modes = Counter()
+    for solver, eta, clip, n, k, maxb, per_h, init, tdt in itertools.product(
+            ["ddim", "dpmpp2m"], [0.0, 1.0], [0.0, 1.0], [1, 3], [1, 3], [32, 4], [False, True], [False, True],
+            [np.float32, np.int64]):
+        if solver == "dpmpp2m" and eta:
+            continue
+        sched = Schedule(ac, "trailing", clip=clip)
+        opts = SampleOptions(k=k, steps=5, seed=2**63 + 11, eta=eta, solver=solver)
+        b = trt_fake.make_backend(max_batch=maxb, t_dtype=tdt)
+        cond = rng.standard_normal((n * k if per_h else n, 2, 4, 4)).astype(np.float32)
+        x0 = rng.standard_normal((n * k, 2, 4, 4)).astype(np.float32) if init else None
+        ref = host_sample(b, cond, n, opts, sched, x0, per_h)
+        for _ in range(3):   # first call step by step, then graph replays
+            got = b.sample(cond, n, opts, sched, x0, per_h)
+            modes[b.last_loop_mode] += 1
+            np.testing.assert_array_equal(got, ref)
+        if not per_h:
+            x = np.zeros((n * k, 2, 4, 4), np.float32) if x0 is None else x0.copy()
+            eps, t, ck = np.zeros_like(x), np.zeros(n * k, np.float32), np.repeat(cond, k, 0)
+
+            def den():
+                eps[...] = trt_fake.toy_denoiser(x, t.astype(tdt), ck)
+            _native.ddim_sample(den, ac, 5, "trailing", eta, clip, opts.seed, k, n, x, eps, t, solver=solver,
+                                latents_given=init)
+            np.testing.assert_array_equal(x, ref)
+    assert modes["graph"] > 0 and modes["steps"] > 0 and set(modes) <= {"graph", "steps"}
+
+
+def test_device_loop_refuses_initial_latents_of_the_wrong_shape(monkeypatch):
+    """Too few rows left the last rows of x from the previous call; another latent shape copied
+    past the device buffer. Both refused, as the CPU-driven loop refuses them."""
+    import trt_fake
+    from msld_sdk.backends import tensorrt_backend as tb
+    from msld_sdk.sampling import SampleOptions, Schedule
+    monkeypatch.setattr(tb, "_native", trt_fake.fake_native)
+    ac = np.cumprod(1 - np.linspace(1e-4, 0.02, 100)).astype(np.float32)
+    b = trt_fake.make_backend()
+    cond, opts = np.ones((2, 2, 4, 4), np.float32), SampleOptions(k=3, steps=4, seed=5)
+    for bad in (np.zeros((5, 2, 4, 4), np.float32), np.zeros((6, 2, 8, 8), np.float32)):
+        with pytest.raises(ValueError, match=r"initial_latents has shape .*, expected \(6, 2, 4, 4\)"):
+            b.sample(cond, 2, opts, Schedule(ac, "trailing"), bad)

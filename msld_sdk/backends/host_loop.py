@@ -38,12 +38,18 @@ class DenoiserBuffers:
         return self
 
 
-def check_sample_args(cond: np.ndarray, n_images: int, options: SampleOptions, cond_per_hypothesis: bool) -> None:
-    """The checks every backend's ``sample`` makes on its arguments."""
+def check_sample_args(cond: np.ndarray, n_images: int, options: SampleOptions, cond_per_hypothesis: bool,
+                      initial_latents=None, latent_shape=None) -> None:
+    """The checks every backend's ``sample`` makes on its arguments (``initial_latents`` against
+    (n_images * k, *latent_shape) when both are given)."""
     rows = n_images * options.k if cond_per_hypothesis else n_images
     if cond.shape[0] != rows:
         raise ValueError(f"cond holds {cond.shape[0]} rows, expected {rows} "
                          f"({'one per hypothesis' if cond_per_hypothesis else 'one per image'})")
+    if initial_latents is not None and latent_shape is not None:
+        want = (n_images * options.k, *tuple(latent_shape))
+        if tuple(np.shape(initial_latents)) != want:
+            raise ValueError(f"initial_latents has shape {tuple(np.shape(initial_latents))}, expected {want}")
     if options.solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {options.solver!r}")
     if options.solver != "ddim" and options.eta != 0.0:

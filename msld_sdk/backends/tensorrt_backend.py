@@ -316,7 +316,7 @@ class TensorRTBackend:
         ``progress(steps, steps)`` is called once at the end and ``timings`` is left as it is;
         the CPU-driven fallback behaves as ``host_loop.host_sample``."""
         cond = np.ascontiguousarray(cond, dtype=np.float32)
-        check_sample_args(cond, n_images, options, cond_per_hypothesis)
+        check_sample_args(cond, n_images, options, cond_per_hypothesis, initial_latents, self.latent_shape)
         k = options.k
         den = self.parts["denoiser"]
         group = den.max_batch // k  # whole images per denoiser batch
