@@ -127,3 +127,6 @@ def test_segment_ray_and_the_result_take_a_timestep_grid(tiny_plan, tmp_path):
     s = run_items([str(img)], tmp_path / "ray", plan=tiny_plan, k=3, solver="dpmpp2m", timesteps=grid, use_ray=False)
     assert len(s["done"]) == 1
     assert json.loads((tmp_path / "ray" / "job.json").read_text())["timesteps"] == grid
+    s = run_items([str(img)], tmp_path / "ray2", plan=tiny_plan, k=3, steps=3, solver="dpmpp2m", timesteps="spacing",
+                  use_ray=False)   # the plan's rule, spelled out
+    assert len(s["done"]) == 1 and json.loads((tmp_path / "ray2" / "job.json").read_text())["timesteps"] == "spacing"

@@ -74,9 +74,8 @@ def clinical_route(a):
 
 def cmd_segment_ray(a) -> int:
     from ..clinical.batch_ray import JOB, run_items
-    from ..writing import OutputFolder, check_output_folder
-
     from ..outputs import expand_inputs
+    from ..writing import OutputFolder, check_output_folder
 
     check_segment_options(a, expand_inputs(a.images))
     seed = 0 if a.seed is None else a.seed

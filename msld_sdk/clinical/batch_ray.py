@@ -129,8 +129,8 @@ def run_items(inputs, out, plan=None, k=None, steps=None, seed: int = 0, eta: fl
         params["threshold"] = float(threshold)
     if solver is not None:  # only when given, so that jobs written before solvers existed still resume
         params["solver"] = str(solver)
-    if timesteps is not None:
-        params["timesteps"] = [int(t) for t in timesteps]
+    if timesteps is not None:   # a grid, or "spacing" (the plan's rule)
+        params["timesteps"] = timesteps if isinstance(timesteps, str) else [int(t) for t in timesteps]
     if allow_modality:      # the input checks' overrides, likewise only when given
         params["allow_modality"] = allow_modality if isinstance(allow_modality, str) else True
     if accept_irregular:

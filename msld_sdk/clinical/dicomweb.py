@@ -298,7 +298,7 @@ def seg_params(seg, roi, slices, k, steps, seed, eta, views, solver=None, thresh
         params["solver"] = o.solver
     if threshold is not None:
         params["threshold"] = o.threshold
-    if timesteps is not None:
+    if timesteps is not None and o.timesteps is not None:   # a grid ("spacing": the plan's rule, as before)
         params["timesteps"] = [int(t) for t in o.timesteps]
     return params
 
