@@ -134,6 +134,8 @@ def _normalise_array(a: np.ndarray) -> np.ndarray:
     elif np.issubdtype(a.dtype, np.integer):
         a = _integers_to_unit(a)
     elif np.issubdtype(a.dtype, np.floating):
+        if a.dtype.itemsize < 4:       # float16: to float32 first, as before (float64 keeps its range below)
+            a = a.astype(np.float32)
         if not np.isfinite(a).all():   # checked in the input's own precision (float64 beyond float32's range is finite)
             bad = int((~np.isfinite(a)).sum())
             raise InputError(f"image contains {bad} NaN or infinite value(s); clean or mask them first")

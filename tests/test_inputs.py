@@ -94,6 +94,12 @@ def test_float64_beyond_float32_range_is_finite_and_rescaled(seg, caplog):
     assert any("rescaling by min/max" in r.getMessage() for r in caplog.records)
 
 
+def test_float16_images_are_rescaled_in_float32_as_before():
+    img = np.linspace(-3, 5, 64 * 64, dtype=np.float32).reshape(64, 64).astype(np.float16)
+    want = (img.astype(np.float32) - np.float32(-3)) / np.float32(8)
+    np.testing.assert_array_equal(load_image(img)[..., 0], want.astype(np.float32))
+
+
 @pytest.mark.parametrize("threads", [-1, 0, 1.5, "2", True])
 def test_bad_thread_counts_are_refused(tiny_plan, threads):
     with pytest.raises(InputError, match="threads must be a positive whole number"):
