@@ -25,6 +25,13 @@ MAX_SEED = 2**64 - 1
 # "dpmpp2m": DPM-Solver++(2M), deterministic (eta 0 only).
 
 
+def check_seed(seed) -> int:
+    """A seed as the noise keys take it: an integer from 0 to MAX_SEED, else ``InputError``."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise InputError(f"seed must be an integer from 0 to 2**64-1, got {seed!r}")
+    return int(seed)
+
+
 def default_eta(defaults: dict, solver: str | None = None) -> float:
     """A run's eta when none is given: the plan's ``defaults.eta`` for DDIM, 0 for dpmpp2m (which
     is deterministic by definition). ``solver`` None: the plan's default solver."""
@@ -98,8 +105,7 @@ class SampleOptions:
             timesteps = check_grid(d["timesteps"], T, what="the plan's defaults.timesteps")
         if seed is None:
             seed = secrets.randbits(63)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
-            raise InputError(f"seed must be an integer from 0 to 2**64-1, got {seed!r}")
+        seed = check_seed(seed)
         return cls(k=int(k), steps=int(steps), seed=int(seed), eta=float(eta), threshold=float(threshold),
                    views=views, solver=solver, timesteps=timesteps)
 

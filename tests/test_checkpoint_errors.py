@@ -150,9 +150,9 @@ def test_non_reference_checkpoint(tmp_path):
     ("img_dims:\n    - 1", "img_dims:\n    - ${model.net.image_embedder.d_embed}", None),
     ("d_cond_image: 1", "d_cond_image: ${model.net.nothing.here}", "names nothing"),
     # refused by name, not silently replaced by 50 steps
-    ("n_infer_steps: 50", "n_infer_steps: 0", r"n_infer_steps=0; expected a whole number of DDIM steps"),
-    ("n_infer_steps: 50", "n_infer_steps: 2000", r"n_infer_steps=2000"),
-    ("n_infer_steps: 50", "n_infer_steps: fifty", r"n_infer_steps='fifty'"),
+    ("n_infer_steps: 50", "n_infer_steps: 0", r"n_infer_steps is 0; expected a whole number from 1 to 1000 \(DDIM steps"),
+    ("n_infer_steps: 50", "n_infer_steps: 2000", r"n_infer_steps is 2000; expected a whole number from 1 to 1000"),
+    ("n_infer_steps: 50", "n_infer_steps: fifty", r"n_infer_steps is 'fifty'; expected a whole number from 1 to"),
     # malformed counts: ConfigError naming the key, not a ZeroDivisionError / TypeError
     ("n_attention_heads: 4", "n_attention_heads: 0", r"n_attention_heads is 0; expected a positive whole number"),
     ("n_layer_blocks: 1", "n_layer_blocks: two", r"n_layer_blocks is 'two'"),

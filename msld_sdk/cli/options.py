@@ -46,8 +46,9 @@ non_negative_int = _number(int, 0, "a non-negative integer")
 
 def seed_int(text: str) -> int:
     """A seed: an integer from 0 to 2**64-1 (``msld_sdk.sampling.MAX_SEED``)."""
+    from ..sampling import MAX_SEED
     v = non_negative_int(text)
-    if v > 2**64 - 1:
+    if v > MAX_SEED:
         raise argparse.ArgumentTypeError(f"must be at most 2**64-1, not {text}")
     return v
 

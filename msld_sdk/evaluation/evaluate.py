@@ -23,7 +23,7 @@ from typing import Iterable
 
 import numpy as np
 
-from ..errors import InputError
+from ..sampling import check_seed
 from ..input_checks import collect_warnings
 from . import metrics
 
@@ -65,8 +65,7 @@ SEED_SCHEME = "per image: numpy SeedSequence([seed, index]).generate_state(1, ui
 
 def image_seed(seed: int, index: int) -> int:
     """The sampling seed of the ``index``-th image of a split evaluated with ``seed``."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= 2**64 - 1:
-        raise InputError(f"seed must be an integer from 0 to 2**64-1, got {seed!r}")
+    seed = check_seed(seed)
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
 
 

@@ -106,11 +106,13 @@ def _get(cfg: dict, dotted: str, default: Any = None) -> Any:
     return _resolve(cfg, cur)
 
 
-def _count(cfg: dict, dotted: str, default: int) -> int:
-    """A positive whole number from the config (a layer, head or channel count), else ConfigError."""
+def _count(cfg: dict, dotted: str, default: int, upto: int | None = None, why: str = "") -> int:
+    """A whole number >= 1 (and <= ``upto``) from the config: a count of layers, heads, channels or
+    steps; else ConfigError naming the key, the value and the range (``why`` says where it is from)."""
     v = _get(cfg, dotted, default)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ConfigError(f"config {dotted} is {v!r}; expected a positive whole number")
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1 or (upto is not None and v > upto):
+        want = "a positive whole number" if upto is None else f"a whole number from 1 to {upto}"
+        raise ConfigError(f"config {dotted} is {v!r}; expected {want}{f' ({why})' if why else ''}")
     return v
 
 
@@ -157,19 +159,13 @@ def parse_reference_config(cfg: dict) -> dict:
     pos = lambda v: v >= 1  # noqa: E731
     img_dims = _need(cfg, n + ".img_dims", list, lambda v: len(v) == 3 and all(isinstance(x, int) and x > 0 for x in v)
                      and v[1] == v[2])
-    T = _get(cfg, n + ".n_train_steps", 1000)
+    # the reference's TimeEmbedder has TIME_TABLE_ROWS rows whatever T is (UNetDiffusion does not pass
+    # n_steps), so T above it would index past the table
+    T = _count(cfg, n + ".n_train_steps", 1000, TIME_TABLE_ROWS, "the rows of the reference's time-embedding table")
     T_s = _get(cfg, s + ".n_train_steps", T)
     if T != T_s:
         raise UnsupportedReferenceOption(f"model and sampler disagree on n_train_steps ({T} vs {T_s})")
-    # the reference's TimeEmbedder has TIME_TABLE_ROWS rows whatever T is (UNetDiffusion does not pass
-    # n_steps), so T above it would index past the table
-    if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= TIME_TABLE_ROWS:
-        raise ConfigError(f"config {n}.n_train_steps={T!r}; expected a whole number from 1 to {TIME_TABLE_ROWS} "
-                          f"(the rows of the reference's time-embedding table)")
-    steps = _get(cfg, s + ".n_infer_steps", 50)
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
-        raise ConfigError(f"config {s}.n_infer_steps={steps!r}; expected a whole number of DDIM steps from 1 to "
-                          f"n_train_steps ({T}), as the reference's sampler requires")
+    steps = _count(cfg, s + ".n_infer_steps", 50, T, "DDIM steps up to n_train_steps, as the reference's sampler requires")
     img_ch = _need(cfg, e + ".img_channels", int, lambda v: v in (1, 3))
     size = _need(cfg, "data.image_size", int, lambda v: v in (128, 256))
     mult_e = _get(cfg, e + ".channel_multipliers", [1, 2, 4])
@@ -198,8 +194,7 @@ def parse_reference_config(cfg: dict) -> dict:
     return {
         "image_size": size, "image_channels": img_ch, "latent": img_dims, "n_train_steps": T,
         "denoiser": dict(in_channels=lat_ch, out_channels=lat_ch,
-                         base_channels=_need(cfg, d + ".base_channels", int, pos) if _get(cfg, d + ".base_channels")
-                         is not None else 64,
+                         base_channels=_count(cfg, d + ".base_channels", 64),
                          channel_multipliers=mult_d, n_layer_blocks=_count(cfg, d + ".n_layer_blocks", 1),
                          attention_levels=levels, n_attention_heads=_count(cfg, d + ".n_attention_heads", 4),
                          n_attention_layers=_count(cfg, d + ".n_attention_layers", 1), d_cond_image=d_embed,
