@@ -31,10 +31,11 @@ def read_metadata(path: str | Path) -> tuple[ModelConfig, dict]:
         raise CheckpointError(f"{path}: no such checkpoint file")
     with open(path, "rb") as f:
         zip_file = f.read(2) == b"PK"
-    if zip_file:   # torch.save's format: what the reference implementation (Lightning) writes
-        raise CheckpointError(f"{path}: a PyTorch/Lightning checkpoint, not a safetensors checkpoint of "
-                              "msld_export.training.train; a run of the MedSegLatDiff reference code is deployed "
-                              "with msld import CKPT --config .hydra/config.yaml --out P.plan")
+    if zip_file:   # torch.save's format (what the reference's Lightning writes), or an msld plan
+        raise CheckpointError(f"{path}: a zip file (a PyTorch/Lightning checkpoint or an msld plan), not a "
+                              "safetensors checkpoint of msld_export.training.train; a run of the MedSegLatDiff "
+                              "reference code is deployed with msld import CKPT --config .hydra/config.yaml --out "
+                              "P.plan, and a plan is used as it is")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
